@@ -122,16 +122,12 @@ def _next_power_of_two(n: int) -> int:
 
 
 def atom_bucket(num_atoms: int) -> int:
-    """Padded atom count: 8, 16, 32, then steps of 1.5x / 1.33x (48, 64, 96, ...).
+    """Padded atom count: the next power of two, at least 8.
 
-    Padding only costs on the neighbour axis (queries are chunked), so waste stays
-    below 1.5x while a few hundred structures compile a handful of shapes.
+    Padding only costs on the neighbour axis (queries are chunked), so a factor
+    up to 2 is cheap, and a few hundred real structures compile about ten shapes.
     """
-    if num_atoms <= 32:
-        return max(8, _next_power_of_two(num_atoms))
-    power = _next_power_of_two(num_atoms)
-    three_quarters = 3 * power // 4
-    return three_quarters if num_atoms <= three_quarters else power
+    return max(8, _next_power_of_two(num_atoms))
 
 
 def image_bucket(num_images: int) -> int:
@@ -156,110 +152,172 @@ def step_table(counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 # Device side: one structure, then vmapped over a padded batch.
 
 
-def _knn_chunk(lattice, frac, atom_mask, frac_radius, steps, step_mask, query_index, *, k):
-    """k-NN of a chunk of query atoms of one structure.
+def _knn_block(lattice, frac, frac_radius, steps, step_mask, num_real, block, *, k, window):
+    """k-NN of one block of query atoms against its window of candidate atoms.
 
-    Coordinates are handled as separate x/y/z planes with the atom axis minor:
-    XLA on CPU vectorises that layout about 10x better than a trailing axis of 3.
+    Atoms are sorted along one axis on the host, so the atoms that can lie
+    within the radius of a block of consecutive queries form one cyclic run of
+    the sorted order: the block's window (start, count). Coordinates are
+    handled as separate x/y/z planes with the atom axis minor: XLA on CPU
+    vectorises that layout far better than a trailing axis of 3.
 
     Args:
       lattice: (3, 3) float32 rows are cell vectors.
-      frac: (3, N) float32 fractional positions, one row per axis.
-      atom_mask: (N,) bool, real atoms.
+      frac: (3, N) float32 fractional positions in [0, 1), one row per axis.
       frac_radius: (3,) float32, R_a = radius / h_a (slightly inflated).
       steps: (M, 3) int32 offsets added to the first admissible translation.
       step_mask: (M,) bool, real offsets.
-      query_index: (Q,) int32 atom indices of the queries.
+      num_real: () int32, real atoms (the rest of N is padding).
+      block: (query_index (Q,) int32, window start () int32, count () int32).
+      window: W, the static window length (>= every count).
     Returns:
-      distances (Q, k) float32 ascending, neighbour motif indices (Q, k) int32.
+      distances (Q, k) float32 ascending, neighbour atom indices (Q, k) int32.
     """
-    num_atoms, num_steps = frac.shape[1], steps.shape[0]
-    # u_a: fractional offset of the first admissible image of every neighbour.
+    query_index, start, count = block
+    slot = jnp.arange(window, dtype=jnp.int32)
+    neighbour = (start + slot) % num_real  # (W,)
+    neighbour_mask = slot < count
+    near = frac[:, neighbour]  # (3, W)
+    # Fractional offset of the first admissible image of every neighbour.
     first_image = []
     for a in range(3):
-        delta = frac[a][None, :] - frac[a][query_index][:, None]  # (Q, N)
+        delta = near[a][None, :] - frac[a][query_index][:, None]  # (Q, W)
         delta = delta - jnp.round(delta)
         first_image.append(delta + jnp.ceil(-frac_radius[a] - delta))
     offsets = steps.astype(lattice.dtype) @ lattice  # (M, 3) Cartesian
     d2 = 0.0
     for c in range(3):
-        base = sum(first_image[a] * lattice[a, c] for a in range(3))  # (Q, N)
-        v = base[:, None, :] + offsets[None, :, c, None]  # (Q, M, N)
+        base = sum(first_image[a] * lattice[a, c] for a in range(3))  # (Q, W)
+        v = base[:, None, :] + offsets[None, :, c, None]  # (Q, M, W)
         d2 = d2 + v * v
     # The atom itself is its own image at translation 0: for j == i, delta is
     # exactly 0, so that is the step -ceil(-R) (integer logic, no float test).
     self_step = jnp.all(steps == -jnp.ceil(-frac_radius).astype(steps.dtype), axis=-1)
-    is_self = jnp.arange(num_atoms)[None, :] == query_index[:, None]  # (Q, N)
+    is_self = neighbour[None, :] == query_index[:, None]  # (Q, W)
     is_self = is_self[:, None, :] & self_step[None, :, None]
-    valid = atom_mask[None, None, :] & step_mask[None, :, None] & ~is_self
-    d2 = jnp.where(valid, d2, jnp.inf).reshape(-1, num_steps * num_atoms)
+    valid = neighbour_mask[None, None, :] & step_mask[None, :, None] & ~is_self
+    d2 = jnp.where(valid, d2, jnp.inf).reshape(-1, steps.shape[0] * window)
     neg_d2, flat = jax.lax.top_k(-d2, k)
-    return jnp.sqrt(-neg_d2), (flat % num_atoms).astype(jnp.int32)
+    return jnp.sqrt(-neg_d2), neighbour[flat % window]
 
 
 def _knn_structure(
-    lattice, frac, atom_mask, frac_radius, steps, step_mask, radius, *, k, query_chunk
+    lattice,
+    frac,
+    num_real,
+    frac_radius,
+    steps,
+    step_mask,
+    radius,
+    window_start,
+    window_count,
+    *,
+    k,
+    window,
 ):
     """k-NN for every atom of one padded structure; see knn_padded for shapes."""
-    num_atoms = frac.shape[0]
-    chunk = min(query_chunk, num_atoms)
-    queries = jnp.arange(num_atoms, dtype=jnp.int32).reshape(-1, chunk)
+    num_atoms, num_blocks = frac.shape[0], window_start.shape[0]
+    queries = jnp.arange(num_atoms, dtype=jnp.int32).reshape(num_blocks, -1)
     run = functools.partial(
-        _knn_chunk, lattice, frac.T, atom_mask, frac_radius, steps, step_mask, k=k
+        _knn_block, lattice, frac.T, frac_radius, steps, step_mask, num_real, k=k, window=window
     )
-    dist, idx = jax.lax.map(run, queries)
+    dist, idx = jax.lax.map(run, (queries, window_start, window_count))
     dist = dist.reshape(num_atoms, k)
     idx = idx.reshape(num_atoms, k)
-    kth = jnp.where(atom_mask, dist[:, -1], 0.0)
+    kth = jnp.where(jnp.arange(num_atoms) < num_real, dist[:, -1], 0.0)
     exact = jnp.all(kth <= radius)
     return dist, idx, exact
 
 
-@functools.partial(jax.jit, static_argnames=("k", "query_chunk"))
+@functools.partial(jax.jit, static_argnames=("k", "window"))
 def knn_padded(
-    lattice, frac, atom_mask, frac_radius, steps, step_mask, radius, *, k: int, query_chunk: int
+    lattice,
+    frac,
+    num_real,
+    frac_radius,
+    steps,
+    step_mask,
+    radius,
+    window_start,
+    window_count,
+    *,
+    k: int,
+    window: int,
 ):
     """Exact periodic k-NN for a padded batch of structures (jit + vmap).
 
+    Atoms must be sorted along one axis and blocks of queries given windows of
+    candidate atoms that cover the radius (see `_plan`); `_plan` and `_pack`
+    prepare all of this, and `featurize_arrays` is the interface to call.
+
     Args:
       lattice: (B, 3, 3) float32, rows are cell vectors (angstrom).
-      frac: (B, N, 3) float32 fractional positions.
-      atom_mask: (B, N) bool, True for real atoms.
+      frac: (B, N, 3) float32 fractional positions in [0, 1), padded.
+      num_real: (B,) int32 real atoms per structure (the first num_real rows).
       frac_radius: (B, 3) float32 search radius over each interplanar spacing.
       steps: (B, M, 3) int32 image offsets (see step_table).
       step_mask: (B, M) bool.
       radius: (B,) float32 search radius in angstrom.
+      window_start: (B, N // Q) int32 first candidate of each block of Q queries.
+      window_count: (B, N // Q) int32 candidates of each block (<= window).
       k: number of neighbours (static).
-      query_chunk: query atoms per inner step (static, divides N or exceeds it).
+      window: W, the candidate window length (static).
     Returns:
-      distances (B, N, k) float32 ascending, indices (B, N, k) int32 motif index
+      distances (B, N, k) float32 ascending, indices (B, N, k) int32 atom index
       of each neighbour, exact (B,) bool: True when every k-th distance <= radius,
       which proves the result exact. Rows of padded atoms are meaningless.
     """
-    fn = functools.partial(_knn_structure, k=k, query_chunk=query_chunk)
-    return jax.vmap(fn)(lattice, frac, atom_mask, frac_radius, steps, step_mask, radius)
+    fn = functools.partial(_knn_structure, k=k, window=window)
+    return jax.vmap(fn)(
+        lattice, frac, num_real, frac_radius, steps, step_mask, radius, window_start, window_count
+    )
 
 
 # ----------------------------------------------------------------------------
 # Host wrapper: plan, bucket, batch, retry.
 
+QUERY_BLOCK = 32  # queries per window; smaller blocks give narrower windows
+
 
 @dataclasses.dataclass
 class _Job:
+    """One structure planned for a device call (atoms sorted along `axis`)."""
+
     index: int  # position in the caller's list
     lattice: np.ndarray  # (3, 3) float64
-    frac: np.ndarray  # (N, 3) float64
+    frac: np.ndarray  # (N, 3) float64, caller's order
     radius: float
     counts: np.ndarray  # (3,) images per axis
+    order: np.ndarray  # (N,) caller's atom index of each sorted position
+    window_start: np.ndarray  # (blocks,) into the sorted order
+    window_count: np.ndarray  # (blocks,)
 
     @property
-    def key(self) -> tuple[int, int]:
-        return atom_bucket(len(self.frac)), image_bucket(int(np.prod(self.counts)))
+    def key(self) -> tuple[int, int, int]:
+        """(atoms, window, images) bucket: jobs with equal keys share a compilation."""
+        atoms = atom_bucket(len(self.frac))
+        return (
+            atoms,
+            window_bucket(int(self.window_count.max()), atoms),
+            image_bucket(int(np.prod(self.counts))),
+        )
+
+
+def window_bucket(count: int, atoms: int) -> int:
+    """Window length: a quarter, half or all of the padded atoms.
+
+    Coarse on purpose: finer steps save little work but add compilations.
+    """
+    for fraction in (4, 2):
+        if count <= atoms // fraction:
+            return atoms // fraction
+    return atoms
 
 
 def _plan(index, lattice, frac, k, radius=None) -> _Job:
     lattice = np.asarray(lattice, np.float64)
     frac = np.asarray(frac, np.float64)
+    frac = frac - np.floor(frac)
     if radius is None:
         radius = initial_radius(lattice, len(frac), k)
         # Enough images that the candidate count can reach k (matters for N << k).
@@ -267,64 +325,108 @@ def _plan(index, lattice, frac, k, radius=None) -> _Job:
         while np.prod(counts) * len(frac) < k + 1:
             radius *= 1.5
             counts = images_per_axis(lattice, radius)
-    return _Job(index, lattice, frac, float(radius), images_per_axis(lattice, radius))
+    frac_radius = radius * (1.0 + _BOX_SLACK) / interplanar_spacings(lattice)
+    axis = int(np.argmin(frac_radius))
+    order = np.argsort(frac[:, axis], kind="stable")
+    start, count = _windows(
+        frac[order, axis], frac_radius[axis], min(QUERY_BLOCK, atom_bucket(len(frac)))
+    )
+    return _Job(
+        index, lattice, frac, float(radius), images_per_axis(lattice, radius), order, start, count
+    )
 
 
-def _query_chunk(atoms: int, images: int, budget: int) -> int:
-    """Largest power-of-two chunk of queries that divides atoms and fits the budget."""
-    chunk = 1
-    while atoms % (chunk * 2) == 0 and chunk * 2 * atoms * images <= budget:
-        chunk *= 2
-    return chunk
+def _windows(x: np.ndarray, reach: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cyclic runs of sorted coordinates within reach of each block of queries.
+
+    Args:
+      x: (N,) sorted fractional coordinates in [0, 1) along the window axis.
+      reach: R_a along that axis; any neighbour within the radius differs by at
+        most this much (cyclically), so the run holds every candidate.
+      block: queries per block.
+    Returns:
+      start (blocks,) index into x, count (blocks,) <= N, for
+      blocks = ceil(padded N / block); blocks of padding only get empty runs.
+    """
+    n = len(x)
+    blocks = atom_bucket(n) // block
+    first = np.minimum(np.arange(blocks) * block, n - 1)
+    last = np.minimum(first + block - 1, n - 1)
+    lo, hi = x[first] - reach, x[last] + reach
+    tiled = np.concatenate([x - 1.0, x, x + 1.0])
+    start = np.searchsorted(tiled, lo, "left")
+    count = np.searchsorted(tiled, hi, "right") - start
+    covers_all = hi - lo >= 1.0
+    start = np.where(covers_all, 0, start % n)
+    count = np.where(covers_all, n, np.minimum(count, n))
+    count[np.arange(blocks) * block >= n] = 0
+    return start.astype(np.int32), count.astype(np.int32)
 
 
-def _batch_size(atoms: int, images: int, chunk: int, budget: int, jobs: int, multiple: int) -> int:
+def _batch_size(atoms: int, window: int, images: int, budget: int, jobs: int, multiple: int) -> int:
     """Structures per call: fill the budget, never more than the jobs waiting."""
-    per_structure = chunk * atoms * images
+    per_structure = min(QUERY_BLOCK, atoms) * window * images  # one block at a time
     size = max(1, budget // per_structure)
     size = min(size, _next_power_of_two(jobs))
     return max(multiple, -(-size // multiple) * multiple)
 
 
 def _run_group(
-    jobs: list[_Job], atoms: int, images: int, k: int, budget: int, sharding
+    jobs: list[_Job], key: tuple[int, int, int], k: int, budget: int, sharding
 ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Featurise jobs that share a (atoms, images) bucket; returns per job."""
-    chunk = _query_chunk(atoms, images, budget)
+    """Featurise jobs that share a bucket key; returns rows in caller order per job."""
+    atoms, window, images = key
     multiple = 1 if sharding is None else sharding.mesh.size
-    size = _batch_size(atoms, images, chunk, budget, len(jobs), multiple)
+    size = _batch_size(atoms, window, images, budget, len(jobs), multiple)
     out = []
-    for start in range(0, len(jobs), size):
-        batch = jobs[start : start + size]
+    for begin in range(0, len(jobs), size):
+        batch = jobs[begin : begin + size]
         arrays = _pack(batch, size, atoms, images)
         if sharding is not None:
             arrays = jax.device_put(arrays, sharding)
-        dist, idx, exact = knn_padded(*arrays, k=k, query_chunk=chunk)
+        dist, idx, exact = knn_padded(*arrays, k=k, window=window)
         dist, idx, exact = np.asarray(dist), np.asarray(idx), np.asarray(exact)
         for b, job in enumerate(batch):
             n = len(job.frac)
-            out.append((dist[b, :n], idx[b, :n], bool(exact[b])))
+            rows = np.empty((n, k), np.float32)
+            neighbours = np.empty((n, k), np.int32)
+            rows[job.order] = dist[b, :n]
+            neighbours[job.order] = job.order[idx[b, :n]]
+            out.append((rows, neighbours, bool(exact[b])))
     return out
 
 
 def _pack(batch: list[_Job], size: int, atoms: int, images: int):
     lattice = np.tile(np.eye(3, dtype=np.float32), (size, 1, 1))
     frac = np.zeros((size, atoms, 3), np.float32)
-    atom_mask = np.zeros((size, atoms), bool)
+    num_real = np.ones((size,), np.int32)  # padding structures: one atom, no queries
     frac_radius = np.zeros((size, 3), np.float32)
     steps = np.zeros((size, images, 3), np.int32)
     step_mask = np.zeros((size, images), bool)
     radius = np.zeros((size,), np.float32)
+    blocks = atoms // min(QUERY_BLOCK, atoms)
+    window_start = np.zeros((size, blocks), np.int32)
+    window_count = np.zeros((size, blocks), np.int32)
     for b, job in enumerate(batch):
         n = len(job.frac)
         lattice[b] = job.lattice
-        # Wrap on the host in float64 so float32 keeps full resolution in [0, 1).
-        frac[b, :n] = job.frac - np.floor(job.frac)
-        atom_mask[b, :n] = True
+        frac[b, :n] = job.frac[job.order]  # wrapped on the host in float64
+        num_real[b] = n
         frac_radius[b] = job.radius * (1 + _BOX_SLACK) / interplanar_spacings(job.lattice)
         steps[b], step_mask[b] = step_table(job.counts, images)
         radius[b] = job.radius
-    return lattice, frac, atom_mask, frac_radius, steps, step_mask, radius
+        window_start[b], window_count[b] = job.window_start, job.window_count
+    return (
+        lattice,
+        frac,
+        num_real,
+        frac_radius,
+        steps,
+        step_mask,
+        radius,
+        window_start,
+        window_count,
+    )
 
 
 def featurize_arrays(
@@ -359,14 +461,12 @@ def featurize_arrays(
         pending.append(_plan(i, lattice, frac, k))
     results: list[Neighbours | None] = [None] * len(pending)
     while pending:
-        groups: dict[tuple[int, int], list[_Job]] = {}
+        groups: dict[tuple[int, int, int], list[_Job]] = {}
         for job in pending:
             groups.setdefault(job.key, []).append(job)
         retry = []
-        for (atoms, images), jobs in sorted(groups.items()):
-            for job, (dist, idx, exact) in zip(
-                jobs, _run_group(jobs, atoms, images, k, budget, sharding)
-            ):
+        for key, jobs in sorted(groups.items()):
+            for job, (dist, idx, exact) in zip(jobs, _run_group(jobs, key, k, budget, sharding)):
                 if exact:
                     results[job.index] = Neighbours(dist, idx, job.radius)
                     if progress is not None:

@@ -1,0 +1,308 @@
+"""cryknn.featurize against a brute-force float64 oracle, amd, and itself."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cryknn import featurize
+from cryknn import structures
+from tests.oracle import brute_force_knn, cell_from_parameters
+
+TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
+SHARED_COD = Path(__file__).resolve().parents[2] / "shared" / "data" / "cod"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_cell(rng, lengths=(2.0, 12.0), angles=(20.0, 160.0), min_shape=0.05):
+    """A random triclinic cell; min_shape bounds volume / (a b c) away from 0."""
+    while True:
+        params = [*rng.uniform(*lengths, 3), *rng.uniform(*angles, 3)]
+        try:
+            lattice = cell_from_parameters(*params)
+        except ValueError:
+            continue
+        if abs(np.linalg.det(lattice)) > min_shape * np.prod(params[:3]):
+            return lattice
+
+
+def assert_matches_oracle(lattice, frac, k, queries=None):
+    (result,) = featurize.featurize_arrays([lattice], [frac], k)
+    expected, _ = brute_force_knn(lattice, frac, k, queries)
+    got = result.distances if queries is None else result.distances[queries]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    assert np.all(np.diff(result.distances, axis=1) >= 0)
+    assert_neighbours_are_real(lattice, frac, result, queries)
+    return result
+
+
+def assert_neighbours_are_real(lattice, frac, result, queries=None):
+    """Each (distance, index) pair is the distance to some image of that atom."""
+    lattice = np.asarray(lattice, np.float64)
+    cart = (np.asarray(frac, np.float64) % 1.0) @ lattice
+    rows = range(len(frac)) if queries is None else queries
+    spacing = featurize.interplanar_spacings(lattice)
+    for i in rows:
+        for d, j in zip(result.distances[i], result.indices[i]):
+            reach = np.ceil(d / spacing).astype(int) + 1
+            grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach],
+                                        indexing="ij"), -1).reshape(-1, 3)
+            images = cart[j] + grid @ lattice - cart[i]
+            assert np.min(np.abs(np.linalg.norm(images, axis=1) - d)) < TOLERANCE
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_skewed_triclinic_cells(seed, k):
+    rng = np.random.default_rng(seed)
+    lattice = random_cell(rng)
+    frac = rng.random((int(rng.integers(1, 30)), 3))
+    assert_matches_oracle(lattice, frac, k)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_thin_cells(seed):
+    rng = np.random.default_rng(100 + seed)
+    a = rng.uniform(1.5, 3.0)
+    lattice = cell_from_parameters(a, a * rng.uniform(0.8, 1.2), a * rng.uniform(20, 40),
+                                   *rng.uniform(60, 120, 3))
+    if seed % 2:  # the long axis first
+        lattice = lattice[[2, 0, 1]]
+    frac = rng.random((int(rng.integers(1, 8)), 3))
+    assert_matches_oracle(lattice, frac, k=12)
+
+
+@pytest.mark.parametrize("k", [1, 6, 100])
+def test_one_atom_cells(k):
+    rng = np.random.default_rng(k)
+    for _ in range(3):
+        assert_matches_oracle(random_cell(rng, lengths=(0.8, 6.0)), rng.random((1, 3)), k)
+
+
+def test_k_far_above_atoms_per_cell():
+    rng = np.random.default_rng(7)
+    lattice = cell_from_parameters(3.1, 4.0, 5.2, 70, 100, 110)
+    result = assert_matches_oracle(lattice, rng.random((2, 3)), k=100)
+    assert result.distances.shape == (2, 100)
+
+
+def test_simple_cubic_shells():
+    (result,) = featurize.featurize_arrays([np.eye(3) * 2.0], [np.zeros((1, 3))], 26)
+    expected = np.array([2.0] * 6 + [2.0 * np.sqrt(2)] * 12 + [2.0 * np.sqrt(3)] * 8)
+    np.testing.assert_allclose(result.distances[0], expected, atol=TOLERANCE)
+    assert set(result.indices[0]) == {0}
+
+
+def test_self_excluded_once_and_overlapping_sites_kept():
+    lattice = np.diag([5.0, 6.0, 7.0])
+    frac = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.6, 0.6, 0.6]])
+    result = assert_matches_oracle(lattice, frac, k=3)
+    assert result.distances[0, 0] == 0.0 and result.indices[0, 0] == 1
+    assert result.distances[1, 0] == 0.0 and result.indices[1, 0] == 0
+    assert result.distances[2, 0] > 0.0
+
+
+def test_coordinates_outside_unit_cell_are_wrapped():
+    rng = np.random.default_rng(3)
+    lattice = random_cell(rng)
+    frac = rng.random((5, 3))
+    shifted = frac + rng.integers(-3, 4, frac.shape)
+    a, b = featurize.featurize_arrays([lattice, lattice], [frac, shifted], 8)
+    np.testing.assert_allclose(a.distances, b.distances, atol=TOLERANCE)
+
+
+def test_large_cell_high_k_bounded_memory():
+    # A 2,000-atom cell at k = 100 runs in chunks; spot-check rows vs the oracle.
+    rng = np.random.default_rng(11)
+    lattice = cell_from_parameters(28.0, 30.0, 26.0, 80, 95, 105)
+    frac = rng.random((2000, 3))
+    assert_matches_oracle(lattice, frac, k=100, queries=[0, 777, 1999])
+
+
+def _rows_multiset(distances):
+    rows = np.round(np.asarray(distances, np.float64), 3)
+    return sorted(map(tuple, rows))
+
+
+def test_invariance_supercell_permutation_and_reduced_basis():
+    rng = np.random.default_rng(5)
+    lattice = random_cell(rng, angles=(60, 120))
+    frac = rng.random((6, 3))
+    k = 10
+    supercell = np.diag([2, 1, 1]) @ lattice
+    super_frac = np.concatenate([frac * [0.5, 1, 1], frac * [0.5, 1, 1] + [0.5, 0, 0]])
+    permutation = rng.permutation(len(frac))
+    # Same lattice, another basis: b' = b + a, c' = c - 2a (unimodular change).
+    change = np.array([[1, 0, 0], [1, 1, 0], [-2, 0, 1]])
+    other_lattice = change @ lattice
+    other_frac = frac @ lattice @ np.linalg.inv(other_lattice)
+    base, sup, perm, other = featurize.featurize_arrays(
+        [lattice, supercell, lattice, other_lattice],
+        [frac, super_frac, frac[permutation], other_frac], k)
+    rows = _rows_multiset(base.distances)
+    assert _rows_multiset(sup.distances) == sorted(rows + rows)
+    assert _rows_multiset(perm.distances) == rows
+    assert _rows_multiset(other.distances) == rows
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(featurize.FeaturizeError, match="k must be"):
+        featurize.featurize_arrays([np.eye(3)], [np.zeros((1, 3))], 0)
+    with pytest.raises(featurize.FeaturizeError, match="degenerate"):
+        featurize.featurize_arrays([np.diag([1.0, 1.0, 0.0])], [np.zeros((1, 3))], 3)
+    with pytest.raises(featurize.FeaturizeError, match="NaN"):
+        featurize.featurize_arrays([np.eye(3)], [np.full((1, 3), np.nan)], 3)
+
+
+# ----------------------------------------------------------------------------
+# Real structures.
+
+
+def core_mof_sample(count, max_atoms=None):
+    out = []
+    for item in structures.iter_core_mof("2019-ASR"):
+        if isinstance(item, structures.Structure):
+            if max_atoms is None or item.num_atoms <= max_atoms:
+                out.append(item)
+        if len(out) == count:
+            return out
+    return out
+
+
+@pytest.mark.parametrize("k", [5, 20])
+def test_real_core_mof_structures_match_oracle(k):
+    for s in core_mof_sample(6, max_atoms=150):
+        assert_matches_oracle(s.lattice, s.frac, k)
+
+
+def test_real_molecular_crystals_match_oracle():
+    crystals = [s for s in structures.read_pyxtal_db() if s.num_atoms <= 120][:8]
+    assert crystals
+    for s in crystals:
+        assert_matches_oracle(s.lattice, s.frac, 10)
+
+
+@pytest.mark.skipif(not SHARED_COD.is_dir(), reason="../shared/data/cod not present")
+def test_real_cod_structures_match_oracle():
+    read = []
+    for item in structures.iter_structures([SHARED_COD]):
+        if isinstance(item, structures.Structure) and 1 < item.num_atoms <= 150:
+            read.append(item)
+        if len(read) == 10:
+            break
+    for s in read:
+        assert_matches_oracle(s.lattice, s.frac, 8)
+
+
+def test_matches_amd_on_real_structures():
+    pytest.importorskip("amd")
+    # The routine amd's PDD uses; amd exports no public per-point k-NN.
+    from amd._nearest_neighbors import nearest_neighbors
+    sample = core_mof_sample(12) + structures.read_pyxtal_db()[:12]
+    k = 12
+    results = featurize.featurize(sample, k)
+    for s, result in zip(sample, results):
+        cart = s.frac % 1.0 @ s.lattice
+        # amd counts the query point itself as its own first neighbour.
+        expected = nearest_neighbors(cart, s.lattice, cart, k + 1)[:, 1:]
+        np.testing.assert_allclose(result.distances, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_assorted_real_structures_compile_a_handful_of_times():
+    sample = core_mof_sample(200)
+    sizes = {s.num_atoms for s in sample}
+    assert len(sizes) > 50  # assorted sizes
+    featurize.knn_padded.clear_cache()
+    featurize.featurize(sample, 5)
+    compiles = featurize.knn_padded._cache_size()
+    # One per (atoms, window, images) bucket in use: about 15 here, against
+    # ~150 distinct atom counts that would each compile without buckets.
+    assert compiles <= 20, compiles
+
+
+def test_sharded_path_matches_single_device(tmp_path):
+    script = textwrap.dedent("""
+        import numpy as np
+        import jax
+        from cryknn import featurize
+        from tests.oracle import cell_from_parameters
+        assert jax.device_count() == 8
+        rng = np.random.default_rng(0)
+        lattices = [cell_from_parameters(*rng.uniform(4, 9, 3), *rng.uniform(70, 110, 3))
+                    for _ in range(11)]
+        fracs = [rng.random((int(rng.integers(1, 40)), 3)) for _ in lattices]
+        sharded = featurize.featurize_arrays(lattices, fracs, 7,
+                                             sharding=featurize.data_parallel_sharding())
+        single = featurize.featurize_arrays(lattices, fracs, 7)
+        for a, b in zip(sharded, single):
+            np.testing.assert_allclose(a.distances, b.distances, atol=1e-6)
+            np.testing.assert_array_equal(a.indices, b.indices)
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK" in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+
+NACL_CIF = """\
+data_nacl
+_cell_length_a 5.64
+_cell_length_b 5.64
+_cell_length_c 5.64
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_space_group_name_H-M_alt 'F m -3 m'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+Na1 Na 0 0 0
+Cl1 Cl 0.5 0.5 0.5
+"""
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cryknn.featurize", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_writes_rows_and_reports_skips(tmp_path):
+    folder = tmp_path / "cifs" / "nested"
+    folder.mkdir(parents=True)
+    (folder / "nacl.cif").write_text(NACL_CIF)
+    (folder / "broken.cif").write_text("data_x\n_cell_length_a 'unterminated\n")
+    out = tmp_path / "f.npz"
+    proc = run_cli("--k=6", f"--out={out}", str(tmp_path / "cifs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 skipped" in proc.stdout
+    data = np.load(out, allow_pickle=False)
+    assert data["distances"].shape == (8, 6) and data["distances"].dtype == np.float32
+    np.testing.assert_allclose(data["distances"], 2.82, atol=1e-4)  # a / 2, six times
+    assert set(data["structure_id"]) == {"nacl:nacl"}
+    assert sorted(set(data["atomic_number"])) == [11, 17]
+    assert len(data["site_label"]) == 8
+
+
+@pytest.mark.parametrize("args", [["--k=0", "--out=x.npz", "."], ["--k=3", "."],
+                                  ["--k=3", "--out=x.npz", "/no/such/dir"]])
+def test_cli_bad_arguments_exit_nonzero_with_one_line(args):
+    proc = run_cli(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
