@@ -41,9 +41,9 @@ import numpy as np
 
 from cryknn import structures as structures_lib
 
-# Work per device call, counted in candidate (query, neighbour, image) triples.
-# 2**22 triples keep the temporaries of one call to roughly 100-200 MB.
-DEFAULT_CALL_BUDGET = 2**22
+# Work per device call, counted in candidate (query, neighbour, image) triples;
+# one inner step holds at most this many, about 200 MB of temporaries at 2**23.
+DEFAULT_CALL_BUDGET = 2**23
 # Radius safety factor over the density estimate; a miss costs one retry.
 RADIUS_SAFETY = 1.25
 # Relative inflation of the enumeration box so float rounding never drops a
@@ -363,11 +363,16 @@ def _windows(x: np.ndarray, reach: float, block: int) -> tuple[np.ndarray, np.nd
     return start.astype(np.int32), count.astype(np.int32)
 
 
-def _batch_size(atoms: int, window: int, images: int, budget: int, jobs: int, multiple: int) -> int:
-    """Structures per call: fill the budget, never more than the jobs waiting."""
-    per_structure = min(QUERY_BLOCK, atoms) * window * images  # one block at a time
+def _batch_size(atoms: int, window: int, images: int, budget: int, jobs: int,
+                multiple: int) -> int:
+    """Structures per call: about `budget` triples in all, a power of two.
+
+    Counting whole structures (not one block) keeps large cells to one or two per
+    call, so a half-empty last batch never pads with many large dummy cells.
+    """
+    per_structure = atoms * window * images
     size = max(1, budget // per_structure)
-    size = min(size, _next_power_of_two(jobs))
+    size = min(_next_power_of_two(size + 1) // 2, _next_power_of_two(jobs))
     return max(multiple, -(-size // multiple) * multiple)
 
 
