@@ -60,25 +60,48 @@ def atomic_number(sym: str, *, isotopes_as_hydrogen: bool = True) -> int:
     return z
 
 
-_TYPE_SYMBOL = re.compile(r"^([A-Za-z]{1,2})")
+_LEADING_LETTERS = re.compile(r"^([A-Za-z]+)")
+
+# Type symbols / labels that name no atom: dummy atoms, ring centroids, lone pairs,
+# SHELX Q peaks and unknowns (compared case-insensitively with the leading letters).
+# Without this list 'Du1' would fall back to 'D' (deuterium) and 'Cg1' to carbon.
+DUMMY_SYMBOLS = ("du", "dum", "dummy", "cg", "cnt", "cent", "lp", "q", "x", "xx")
+
+
+def _element_letters(type_symbol: str) -> str:
+    """The element symbol a CIF type symbol or site label starts with.
+
+    'Cu2+' -> 'Cu', 'O1' -> 'O', 'Ow3' -> 'O', 'Cl1A' -> 'Cl', 'D12' -> 'D'.
+    The two leading letters win when they name an element, else the first letter.
+    """
+    match = _LEADING_LETTERS.match(type_symbol.strip())
+    if not match:
+        raise UnknownElementError(f"no element symbol in {type_symbol!r}")
+    letters = match.group(1)
+    if letters.lower() in DUMMY_SYMBOLS:
+        raise UnknownElementError(f"{type_symbol!r} is a dummy or unknown atom type")
+    for candidate in dict.fromkeys((letters[:2], letters[:1])):
+        if candidate.lower() in _Z_BY_SYMBOL or candidate.upper() in HYDROGEN_ISOTOPES:
+            return candidate
+    raise UnknownElementError(f"unknown element symbol {type_symbol!r}")
 
 
 def element_from_type_symbol(type_symbol: str, *, isotopes_as_hydrogen: bool = True) -> int:
     """Atomic number from a CIF _atom_type_symbol / site label such as 'Cu2+', 'O1', 'Fe3'.
 
     Tries the two leading letters, then one ('Co1' is Co, 'Cl' is Cl, 'C12' is C,
-    'Os' is Os). Raises UnknownElementError for X, ?, Du and the like.
+    'Os' is Os, 'Ow1' is O). Raises UnknownElementError for X, ?, Q, Du, Cg and the
+    like (see DUMMY_SYMBOLS), and for D / T when isotopes_as_hydrogen is False.
     """
-    match = _TYPE_SYMBOL.match(type_symbol.strip())
-    if not match:
-        raise UnknownElementError(f"no element symbol in {type_symbol!r}")
-    letters = match.group(1)
-    for candidate in (letters, letters[0]):
-        try:
-            return atomic_number(candidate, isotopes_as_hydrogen=isotopes_as_hydrogen)
-        except UnknownElementError:
-            continue
-    raise UnknownElementError(f"unknown element symbol {type_symbol!r}")
+    return atomic_number(_element_letters(type_symbol), isotopes_as_hydrogen=isotopes_as_hydrogen)
+
+
+def is_hydrogen_isotope(type_symbol: str) -> bool:
+    """True for type symbols / labels naming deuterium or tritium ('D', 'D1', 'T2')."""
+    try:
+        return _element_letters(type_symbol).upper() in HYDROGEN_ISOTOPES
+    except UnknownElementError:
+        return False
 
 
 def parse_element_list(text: str) -> list[int]:
