@@ -583,20 +583,10 @@ def summarize_build(dataset_dir: str, top: int = 12) -> str:
         files = len({s[0] for s in skips})
         lines.append(f"skipped: {len(skips)} blocks or files in {files} files"
                      f" (report: {os.path.join(dataset_dir, SKIPPED_CSV)})")
-        counts = collections.Counter(_reason_kind(s[2]) for s in skips)
-        for reason, n in counts.most_common(top):
-            lines.append(f"  {n:7d}  {reason}")
-        if len(counts) > top:
-            lines.append(f"  {sum(n for _, n in counts.most_common()[top:]):7d}  "
-                         f"({len(counts) - top} other reasons)")
+        from cryknn import structures as structures_lib
+
+        lines.extend(structures_lib.summarize_skips((s[2] for s in skips), top))
     return "\n".join(lines)
-
-
-def _reason_kind(reason: str) -> str:
-    """A skip reason without its specifics (quoted values, numbers), for counting."""
-    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
-    kind = re.sub(r"\d+(\.\d+)?", "N", kind)
-    return kind[:120]
 
 
 def read_skips(dataset_dir: str) -> list[tuple[str, str, str]] | None:

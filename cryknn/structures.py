@@ -79,6 +79,27 @@ class Skip:
 DISORDER_POLICIES = ("majority", "drop", "all")
 
 
+def skip_reason_kind(reason: str) -> str:
+    """A skip reason without its specifics (quoted values, numbers), for counting."""
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
+    kind = re.sub(r"\d+(\.\d+)?", "N", kind)
+    return kind[:120]
+
+
+def summarize_skips(reasons: Iterable[str], top: int = 12) -> list[str]:
+    """Console lines counting skips per kind of reason, most common first."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        kind = skip_reason_kind(reason)
+        counts[kind] = counts.get(kind, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    lines = [f"  {n:7d}  {kind}" for kind, n in ranked[:top]]
+    if len(ranked) > top:
+        rest = sum(n for _, n in ranked[top:])
+        lines.append(f"  {rest:7d}  ({len(ranked) - top} other reasons)")
+    return lines
+
+
 class DataNotFoundError(FileNotFoundError):
     """An embedded data set (a core-mof archive, pyxtal's database) is not installed."""
 
