@@ -1,0 +1,162 @@
+"""Metrics and reports: confusion matrix, per-element P/R/F1, figures, misclassified sites.
+
+Metrics are computed from a confusion matrix plus a top-3 hit count, so the per-process
+parts of a multi-host evaluation simply add up.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def confusion_counts(y_true: np.ndarray, probs: np.ndarray, num_classes: int,
+                     top: int = 3) -> tuple[np.ndarray, int]:
+    """((C, C) int64 confusion matrix [true, predicted], number of atoms with the true class
+    among the `top` most probable). y_true: (A,) int, probs: (A, C)."""
+    y_true = np.asarray(y_true)
+    pred = np.argmax(probs, axis=-1)
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (y_true, pred), 1)
+    top = min(top, num_classes)
+    top_idx = np.argpartition(-probs, top - 1, axis=-1)[:, :top]
+    hits = int(np.sum(np.any(top_idx == y_true[:, None], axis=-1)))
+    return cm, hits
+
+
+def metrics_from_confusion(cm: np.ndarray, top3_hits: int, symbols: Sequence[str],
+                           most_confused: int = 10) -> dict:
+    """Accuracy, balanced accuracy (mean recall over classes present), top-3 accuracy,
+    per-element precision/recall/F1/support and the most confused (true, predicted) pairs."""
+    cm = np.asarray(cm, np.int64)
+    total = int(cm.sum())
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm)
+    recall = np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(tp)), where=denom > 0)
+    present = support > 0
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = []
+    for flat in np.argsort(-off, axis=None, kind="stable")[:most_confused]:
+        t, p = np.unravel_index(flat, off.shape)
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": symbols[t], "predicted": symbols[p], "count": int(off[t, p]),
+                      "fraction_of_true": float(off[t, p] / support[t])})
+    return {
+        "num_atoms": total,
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "top3_accuracy": float(top3_hits / total) if total else 0.0,
+        "per_element": {
+            s: {"precision": float(precision[i]), "recall": float(recall[i]),
+                "f1": float(f1[i]), "support": int(support[i])}
+            for i, s in enumerate(symbols)
+        },
+        "most_confused": pairs,
+    }
+
+
+def majority_baseline(train_counts: np.ndarray, cm: np.ndarray) -> dict:
+    """Metrics of always predicting the most common training class (top-3: the three most
+    common), on the split whose confusion matrix is `cm` (only its row sums are used)."""
+    train_counts = np.asarray(train_counts)
+    support = np.asarray(cm).sum(axis=1)
+    total = int(support.sum())
+    order = np.argsort(-train_counts, kind="stable")
+    majority = int(order[0])
+    present = support > 0
+    recall = np.zeros(len(support))
+    recall[majority] = 1.0
+    return {
+        "predicted_class_index": majority,
+        "accuracy": float(support[majority] / total) if total else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "top3_accuracy": float(support[order[:3]].sum() / total) if total else 0.0,
+    }
+
+
+def plot_confusion(cm: np.ndarray, symbols: Sequence[str], path: str, title: str = "") -> None:
+    """Row-normalised confusion matrix (rows: true element, columns: predicted) as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(symbols)
+    size = max(5.0, 0.38 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), symbols, rotation=90 if n > 30 else 0)
+    ax.set_yticks(range(n), symbols)
+    ax.set_xlabel("predicted element")
+    ax.set_ylabel("true element")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.01:
+                    ax.text(j, i, f"{norm[i, j]:.2f}".lstrip("0"), ha="center", va="center",
+                            fontsize=6, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix (row-normalised: recall on the diagonal)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(history: Sequence[dict], path: str) -> None:
+    """Training loss/accuracy and validation accuracy/balanced accuracy per epoch, as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-",
+             label="train (class-weighted, selected atoms)")
+    if history and "validation_loss" in history[0]:
+        ax1.plot(epochs, [h["validation_loss"] for h in history], "o-",
+                 label="validation (unweighted, all atoms)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    for key, label in (("train_accuracy", "train accuracy (selected atoms)"),
+                       ("validation_accuracy", "validation accuracy"),
+                       ("validation_balanced_accuracy", "validation balanced accuracy")):
+        if history and key in history[0]:
+            ax2.plot(epochs, [h[key] for h in history], "o-", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_misclassifications(path: str, structure_ids: np.ndarray, site_labels: np.ndarray,
+                             y_true: np.ndarray, probs: np.ndarray,
+                             symbols: Sequence[str]) -> int:
+    """CSV of every wrongly predicted atom: structure_id, site_label, true_element,
+    predicted_element, probability (of the predicted element). Returns the row count."""
+    pred = np.argmax(probs, axis=-1)
+    wrong = np.flatnonzero(pred != y_true)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["structure_id", "site_label", "true_element", "predicted_element",
+                    "probability"])
+        for i in wrong:
+            label = site_labels[i]
+            w.writerow([structure_ids[i],
+                        label.decode("utf-8") if isinstance(label, bytes) else label,
+                        symbols[y_true[i]], symbols[pred[i]], f"{probs[i, pred[i]]:.4f}"])
+    return len(wrong)
