@@ -221,9 +221,9 @@ def test_assorted_real_structures_compile_a_handful_of_times():
     featurize.knn_padded.clear_cache()
     featurize.featurize(sample, 5)
     compiles = featurize.knn_padded._cache_size()
-    # One per (atoms, window, images) bucket in use: about 15 here, against
-    # ~150 distinct atom counts that would each compile without buckets.
-    assert compiles <= 20, compiles
+    # One per (atoms, window, images) bucket in use: 19 here, against 121
+    # distinct atom counts that would each compile without buckets.
+    assert compiles <= 24, compiles
 
 
 def test_sharded_path_matches_single_device(tmp_path):
