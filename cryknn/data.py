@@ -27,7 +27,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -220,23 +219,14 @@ def iter_archive_members(archive: str, limit: int | None = None, *, label: str |
                          ) -> Iterator[tuple[str, bytes, str]]:
     """Streams (member stem, bytes, source) of the `*.cif` members of a tar archive.
 
-    Same members, order and `limit` as `cryknn.structures.iter_core_mof`: regular files
-    named *.cif (any case), in archive order; source is `<label>!<member>`, label defaulting
-    to the archive's file name. Stream mode, headers dropped as it goes: memory stays flat.
+    The members of `cryknn.structures.iter_tar_cifs` (so the same as `iter_core_mof`);
+    source is `<label>!<member>`, label defaulting to the archive's file name.
     """
+    from cryknn import structures as structures_lib
+
     label = label or os.path.basename(archive)
-    count = 0
-    with tarfile.open(archive, mode="r|*") as tar:
-        while limit is None or count < limit:
-            member = tar.next()
-            if member is None:
-                break
-            if member.isfile() and member.name.lower().endswith(".cif"):
-                handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                count += 1
-                yield file_stem(member.name), data, f"{label}!{member.name}"
-            tar.members.clear()
+    for member, data in structures_lib.iter_tar_cifs(archive, limit):
+        yield file_stem(member), data, f"{label}!{member}"
 
 
 def iter_cif_files(root: str, limit: int | None = None) -> Iterator[str]:

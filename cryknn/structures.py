@@ -1009,18 +1009,28 @@ def iter_core_mof(version: str = "2019-ASR", options: ReadOptions = ReadOptions(
       DataNotFoundError: core-mof is not installed or has no such archive.
     """
     archive = core_mof_archive(version)
+    for member, data in iter_tar_cifs(archive, limit):
+        yield from _iter_text(data, PurePosixPath(member).stem, f"{archive.name}!{member}",
+                              options)
+
+
+def iter_tar_cifs(archive: str | os.PathLike, limit: int | None = None
+                  ) -> Iterator[tuple[str, bytes]]:
+    """Streams (member name, bytes) of the regular `*.cif` members of a tar archive.
+
+    Any compression tarfile detects; archive order; at most `limit` members. Stream
+    mode with headers dropped as it goes, so memory stays flat on large archives.
+    """
     count = 0
-    with tarfile.open(archive, mode="r|xz") as tar:
+    with tarfile.open(archive, mode="r|*") as tar:
         while limit is None or count < limit:
             member = tar.next()
             if member is None:
                 break
             if member.isfile() and member.name.lower().endswith(".cif"):
                 handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
                 count += 1
-                yield from _iter_text(data, PurePosixPath(member.name).stem,
-                                      f"{archive.name}!{member.name}", options)
+                yield member.name, handle.read() if handle is not None else b""
             tar.members.clear()  # stream mode keeps every header otherwise
 
 
