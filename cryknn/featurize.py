@@ -555,21 +555,40 @@ def _chunks(items: Iterable, size: int):
         yield chunk
 
 
-def main(argv: Sequence[str]) -> int:
-    paths = argv[1:]
+def _check_arguments(paths: Sequence[str]) -> str | None:
+    """The first problem with the command line, as one readable line (None: fine)."""
     if FLAGS.k < 1:
-        raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
+        return f"--k must be >= 1, got {FLAGS.k}"
     if not FLAGS.out:
-        raise app.UsageError("--out=FILE.npz is required")
+        return "--out=FILE.npz is required"
     if not paths:
-        raise app.UsageError("give one or more CIF files or folders")
+        return "give one or more CIF files or folders"
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise app.UsageError(f"no such file or folder: {missing[0]}")
+        return f"no such file or folder: {missing[0]}"
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+    if not os.access(out_dir, os.W_OK):
+        return f"cannot write --out into {out_dir}"
+    return None
+
+
+def main(argv: Sequence[str]) -> int:
+    paths = argv[1:]
+    problem = _check_arguments(paths)
+    if problem:
+        print(f"cryknn.featurize: error: {problem}", file=sys.stderr)
+        return 2
     enable_compilation_cache()
     files = list(structures_lib.iter_cif_paths(paths))
     skips: list[structures_lib.Skip] = []
-    rows = {"distances": [], "structure_id": [], "site_label": [], "atomic_number": []}
+    # Each list starts with an empty array so concatenation works with no rows.
+    rows = {
+        "distances": [np.zeros((0, FLAGS.k), np.float32)],
+        "structure_id": [np.zeros((0,), object)],
+        "site_label": [np.zeros((0,), object)],
+        "atomic_number": [np.zeros((0,), np.int32)],
+    }
+    num_structures = 0
     start = time.perf_counter()
     bar = _progress_bar(len(files), "file")
     for chunk in _chunks(files, FLAGS.chunk_structures):
@@ -591,22 +610,11 @@ def main(argv: Sequence[str]) -> int:
             rows["structure_id"].append(np.full(s.num_atoms, s.id, dtype=object))
             rows["site_label"].append(np.asarray(s.labels, dtype=object))
             rows["atomic_number"].append(np.asarray(s.numbers, np.int32))
+        num_structures += len(ok)
     bar.close()
-    num_structures = len(rows["structure_id"])
-    out = {
-        "distances": np.concatenate(rows["distances"])
-        if rows["distances"]
-        else np.zeros((0, FLAGS.k), np.float32),
-        "structure_id": np.concatenate(rows["structure_id"]).astype(str)
-        if rows["structure_id"]
-        else np.zeros((0,), str),
-        "site_label": np.concatenate(rows["site_label"]).astype(str)
-        if rows["site_label"]
-        else np.zeros((0,), str),
-        "atomic_number": np.concatenate(rows["atomic_number"])
-        if rows["atomic_number"]
-        else np.zeros((0,), np.int32),
-    }
+    out = {name: np.concatenate(parts) for name, parts in rows.items()}
+    for name in ("structure_id", "site_label"):
+        out[name] = out[name].astype(str)  # fixed-width strings: no pickle needed to load
     np.savez_compressed(FLAGS.out, **out)
     seconds = time.perf_counter() - start
     print(

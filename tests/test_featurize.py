@@ -300,8 +300,10 @@ def test_cli_writes_rows_and_reports_skips(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--k=0", "--out=x.npz", "."], ["--k=3", "."],
-                                  ["--k=3", "--out=x.npz", "/no/such/dir"]])
+                                  ["--k=3", "--out=x.npz", "/no/such/dir"],
+                                  ["--k=3", "--out=/no/such/dir/x.npz", "."]])
 def test_cli_bad_arguments_exit_nonzero_with_one_line(args):
     proc = run_cli(*args)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # absl: the error plus a --help hint
