@@ -1,0 +1,216 @@
+"""Which elements are confused with which, per k, from the k sweep's workdirs.
+
+Each sweep run wrote misclassifications.csv (every wrongly predicted test atom: structure id,
+site label, true and predicted element, probability) and metrics.json (per-element test
+support). Together they give the full test confusion matrix: off-diagonal cells are counts of
+(true, predicted) rows in the CSV, the diagonal is support minus the row's errors. Seeds are
+summed.
+
+    python experiments/confusions.py [--name=core_mof] [--workroot=/tmp/cryknn_experiments/k_sweep]
+        [--top=8] [--examples=3] [--max_k=10]
+
+Writes <workroot>/<name>/confusions.md (most confused pairs per k with the most confident
+wrong sites as examples) and docs/figures/confusions_<name>.png (row-normalised confusion
+matrices for k = 1..max_k, the change from the smallest to the largest k, and per-element
+recall against k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def read_misclassifications(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["probability"] = float(r["probability"])
+    return rows
+
+
+def confusion_matrix(rows: Iterable[dict], support: dict[str, int],
+                     symbols: Sequence[str]) -> np.ndarray:
+    """(C, C) int64 [true, predicted] from misclassified rows and per-element support."""
+    index = {s: i for i, s in enumerate(symbols)}
+    cm = np.zeros((len(symbols), len(symbols)), np.int64)
+    for r in rows:
+        cm[index[r["true_element"]], index[r["predicted_element"]]] += 1
+    for s, i in index.items():
+        errors = cm[i].sum()
+        if errors > support.get(s, 0):
+            raise ValueError(f"{s}: {errors} misclassified but support {support.get(s, 0)}")
+        cm[i, i] = support.get(s, 0) - errors
+    return cm
+
+
+def row_normalise(cm: np.ndarray) -> np.ndarray:
+    cm = np.asarray(cm, np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+
+
+def top_pairs(cm: np.ndarray, symbols: Sequence[str], n: int) -> list[dict]:
+    """The n largest off-diagonal cells: true, predicted, count, fraction of the true row."""
+    off = np.asarray(cm).copy()
+    np.fill_diagonal(off, 0)
+    support = np.asarray(cm).sum(axis=1)
+    out = []
+    for flat in np.argsort(-off, axis=None, kind="stable")[:n]:
+        t, p = np.unravel_index(flat, off.shape)
+        if off[t, p] == 0:
+            break
+        out.append({"true": symbols[t], "predicted": symbols[p], "count": int(off[t, p]),
+                    "fraction_of_true": float(off[t, p] / max(support[t], 1))})
+    return out
+
+
+def examples(rows: Sequence[dict], true: str, predicted: str, n: int) -> list[dict]:
+    """The n most confident wrong predictions of true as predicted (distinct structures)."""
+    hits = sorted((r for r in rows if r["true_element"] == true
+                   and r["predicted_element"] == predicted),
+                  key=lambda r: -r["probability"])
+    out, seen = [], set()
+    for r in hits:
+        if r["structure_id"] in seen:
+            continue
+        seen.add(r["structure_id"])
+        out.append(r)
+        if len(out) == n:
+            break
+    return out
+
+
+def collect(root: Path, max_k: int | None = None) -> dict[int, dict]:
+    """k -> {'symbols', 'cm' (summed over seeds), 'rows' (seed 0's, or the first seed's)}."""
+    runs: dict[int, list[Path]] = {}
+    for d in sorted(root.glob("k*_s*")):
+        m = re.fullmatch(r"k(\d+)_s(\d+)", d.name)
+        if m and (d / "metrics.json").exists() and (d / "misclassifications.csv").exists():
+            runs.setdefault(int(m.group(1)), []).append(d)
+    out = {}
+    for k in sorted(runs):
+        if max_k is not None and k > max_k:
+            continue
+        total, symbols, first_rows = None, None, None
+        for d in sorted(runs[k], key=lambda p: int(p.name.split("_s")[1])):
+            metrics = common.load_json(d / "metrics.json")
+            syms = list(metrics["elements"])
+            if symbols is None:
+                symbols = syms
+            elif syms != symbols:
+                raise ValueError(f"{d}: elements differ from the other seeds of k={k}")
+            support = {s: v["support"] for s, v in metrics["test"]["per_element"].items()}
+            rows = read_misclassifications(d / "misclassifications.csv")
+            cm = confusion_matrix(rows, support, symbols)
+            total = cm if total is None else total + cm
+            if first_rows is None:
+                first_rows = rows
+        out[k] = {"symbols": symbols, "cm": total, "rows": first_rows, "seeds": len(runs[k])}
+    return out
+
+
+def report(data: dict[int, dict], top: int, n_examples: int) -> str:
+    parts = []
+    for k, d in data.items():
+        pairs = top_pairs(d["cm"], d["symbols"], top)
+        lines = [f"#### k = {k} ({d['seeds']} seeds; examples from the first seed)", "",
+                 "| true | predicted | atoms per run | share of true | most confident examples "
+                 "(structure id, site, p) |", "|---|---|---|---|---|"]
+        for pair in pairs:
+            ex = examples(d["rows"], pair["true"], pair["predicted"], n_examples)
+            ex_text = "; ".join(f"`{e['structure_id']}` {e['site_label']} ({e['probability']:.2f})"
+                                for e in ex)
+            lines.append(f"| {pair['true']} | {pair['predicted']} | "
+                         f"{pair['count'] / d['seeds']:.0f} | "
+                         f"{pair['fraction_of_true']:.3f} | {ex_text} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(data: dict[int, dict], title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(data)
+    symbols = data[ks[0]]["symbols"]
+    n_panels = len(ks) + 2
+    cols = 4
+    rows = -(-n_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.9 * rows), squeeze=False)
+    axes = axes.ravel()
+    n = len(symbols)
+    for ax, k in zip(axes, ks):
+        if data[k]["symbols"] != symbols:
+            raise ValueError("element lists differ between k; rerun the sweep with --elements")
+        norm = row_normalise(data[k]["cm"])
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        bal = np.mean(np.diag(norm)[data[k]["cm"].sum(axis=1) > 0])
+        ax.set_title(f"k = {k} (balanced acc. {bal:.3f})", fontsize=10)
+        ax.set_xticks(range(n), symbols, fontsize=6, rotation=90)
+        ax.set_yticks(range(n), symbols, fontsize=6)
+    ax = axes[len(ks)]
+    diff = row_normalise(data[ks[-1]]["cm"]) - row_normalise(data[ks[0]]["cm"])
+    lim = max(np.abs(diff).max(), 1e-6)
+    im = ax.imshow(diff, cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_title(f"k = {ks[-1]} minus k = {ks[0]} (blue: more)", fontsize=10)
+    ax.set_xticks(range(n), symbols, fontsize=6, rotation=90)
+    ax.set_yticks(range(n), symbols, fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax = axes[len(ks) + 1]
+    recall = np.array([np.diag(row_normalise(data[k]["cm"])) for k in ks])  # (K, C)
+    order = np.argsort(-data[ks[0]]["cm"].sum(axis=1))
+    present = data[ks[0]]["cm"].sum(axis=1) > 0
+    for j, c in enumerate(c for c in order if present[c]):  # no test atoms: no recall
+        ax.plot(ks, recall[:, c], "o-" if j < 10 else ".--", ms=3, lw=1,
+                label=symbols[c], color=plt.cm.tab20(j % 20))
+    ax.set_xlabel("k")
+    ax.set_ylabel("test recall")
+    ax.set_title("per-element recall against k", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    fig.suptitle(title + " (rows: true element, columns: predicted; row-normalised)",
+                 fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", default="core_mof")
+    p.add_argument("--workroot", default=str(common.SCRATCH / "k_sweep"))
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--examples", type=int, default=3)
+    p.add_argument("--max_k", type=int, default=10)
+    p.add_argument("--out_dir", default=str(common.FIGURES))
+    args = p.parse_args(argv)
+    root = Path(args.workroot) / args.name
+    data = collect(root, args.max_k)
+    if not data:
+        print(f"no finished k-sweep runs under {root}", file=sys.stderr)
+        return 1
+    md = report(data, args.top, args.examples)
+    (root / "confusions.md").write_text(md)
+    fig = Path(args.out_dir) / f"confusions_{args.name}.png"
+    plot(data, f"{args.name}: test confusion matrices, k = {min(data)}..{max(data)}", fig)
+    print(md)
+    print(f"wrote {root}/confusions.md, {fig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

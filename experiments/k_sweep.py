@@ -1,0 +1,247 @@
+"""Accuracy versus k: train the same model on the same data with the same budget for every k.
+
+For each k in --ks and each seed in --seeds this calls `train.train_and_evaluate` (one
+workdir per run under --workroot, so an interrupted sweep resumes: finished runs are read
+back from their metrics.json) and collects test accuracy, balanced accuracy and top-3
+accuracy, validation balanced accuracy, parameter count and training time. The seed changes
+the initialisation, the batch order and which training atoms the per-element cap keeps.
+
+The features are computed once at the largest k (and cached beside the dataset); every
+smaller k reads the first k columns, so all runs see the same atoms.
+
+Best k: the smallest k whose mean *validation* balanced accuracy (over seeds) is within one
+standard deviation (over seeds) of the best mean (`common.best_k_one_sd`); the test split is
+only reported, never used to choose.
+
+    python experiments/k_sweep.py [--name=core_mof] [--dataset=crystal_structures/core_mof_2019_asr]
+        [--data_dir=DIR] [--ks=1,2,3,4,5,6,7,8,9,10,12,16,20] [--seeds=0,1,2]
+        [--max_per_element=4000] [--epochs=8] [--num_elements=20] [--model=mlp]
+        [--workroot=/tmp/cryknn_experiments/k_sweep] [--plot_only]
+
+Writes <workroot>/<name>/k<k>_s<seed>/ (the usual workdir: metrics.json,
+misclassifications.csv, confusion_matrix.png, ...), <workroot>/<name>/sweep.json (all runs
+and the best-k decision), <workroot>/<name>/sweep.md (the table) and
+docs/figures/k_sweep_<name>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+DEFAULT_KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20)
+METRICS = ("accuracy", "balanced_accuracy", "top3_accuracy")
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_record(k: int, seed: int, metrics: dict) -> dict:
+    """One sweep row from a run's metrics.json."""
+    test, val, timing = metrics["test"], metrics["validation"], metrics.get("timing", {})
+    history = metrics.get("history") or []
+    return {
+        "k": k, "seed": seed,
+        **{f"test_{m}": test[m] for m in METRICS},
+        **{f"validation_{m}": val[m] for m in METRICS},
+        "num_params": metrics["num_params"],
+        "train_s": timing.get("train_s"),
+        "total_s": timing.get("total_s"),
+        "steps": history[-1]["step"] if history else None,
+        "majority_accuracy": metrics["majority_baseline"]["accuracy"],
+        "majority_balanced_accuracy": metrics["majority_baseline"]["balanced_accuracy"],
+        "elements": metrics.get("elements"),
+    }
+
+
+def aggregate(records: Sequence[dict]) -> list[dict]:
+    """Per-k mean and standard deviation (over seeds) of every numeric column."""
+    by_k: dict[int, list[dict]] = {}
+    for r in records:
+        by_k.setdefault(r["k"], []).append(r)
+    rows = []
+    for k in sorted(by_k):
+        runs = by_k[k]
+        row = {"k": k, "seeds": len(runs)}
+        for key in ("test_accuracy", "test_balanced_accuracy", "test_top3_accuracy",
+                    "validation_balanced_accuracy", "num_params", "train_s", "total_s"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[f"{key}_mean"], row[f"{key}_std"] = common.mean_std(values)
+        rows.append(row)
+    return rows
+
+
+def choose_k(records: Sequence[dict], key: str = "validation_balanced_accuracy") -> dict:
+    per_k: dict[int, list[float]] = {}
+    for r in records:
+        per_k.setdefault(r["k"], []).append(r[key])
+    decision = common.best_k_one_sd(per_k)
+    decision["criterion"] = (f"smallest k whose mean {key.replace('_', ' ')} over seeds is "
+                             f"within one standard deviation (over seeds) of the best mean")
+    return decision
+
+
+def plot(rows: Sequence[dict], records: Sequence[dict], decision: dict, title: str,
+         path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = np.array([r["k"] for r in rows])
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for i, (m, label) in enumerate((("test_accuracy", "accuracy"),
+                                    ("test_balanced_accuracy", "balanced accuracy"),
+                                    ("test_top3_accuracy", "top-3 accuracy"))):
+        mean = np.array([r[f"{m}_mean"] for r in rows])
+        std = np.array([r[f"{m}_std"] for r in rows])
+        ax.errorbar(ks, mean, yerr=std, fmt="o-", color=f"C{i}", capsize=3, label=label)
+        ax.fill_between(ks, mean - std, mean + std, color=f"C{i}", alpha=0.15)
+        ax.plot([r["k"] for r in records], [r[m] for r in records], ".", color=f"C{i}",
+                alpha=0.5, ms=4)
+    maj = np.mean([r["majority_accuracy"] for r in records])
+    ax.axhline(maj, color="grey", ls=":", label=f"majority-class accuracy ({maj:.2f})")
+    ax.axvline(decision["chosen_k"], color="k", ls="--", lw=1,
+               label=f"chosen k = {decision['chosen_k']}")
+    ax.set_xlabel("k (nearest-neighbour distances per atom)")
+    ax.set_ylabel("test split")
+    ax.set_title("test metrics: mean +- std over seeds (dots: single runs)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    ax.plot(ks, [r["num_params_mean"] for r in rows], "o-", color="C3")
+    ax.set_xlabel("k")
+    ax.set_ylabel("parameters", color="C3")
+    ax2 = ax.twinx()
+    t = np.array([r["train_s_mean"] for r in rows])
+    ts = np.array([r["train_s_std"] for r in rows])
+    ax2.errorbar(ks, t, yerr=ts, fmt="s--", color="C4", capsize=3)
+    ax2.set_ylabel("training time per run (s)", color="C4")
+    ax.set_title("cost: parameters and training seconds (same steps for every k)", fontsize=10)
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    mean = np.array([r["validation_balanced_accuracy_mean"] for r in rows])
+    std = np.array([r["validation_balanced_accuracy_std"] for r in rows])
+    ax.errorbar(ks, mean, yerr=std, fmt="o-", color="C1", capsize=3,
+                label="validation balanced accuracy")
+    ax.axhline(decision["threshold"], color="k", ls=":", lw=1,
+               label=f"best mean - 1 std ({decision['threshold']:.3f})")
+    ax.axvline(decision["chosen_k"], color="k", ls="--", lw=1,
+               label=f"chosen k = {decision['chosen_k']}")
+    ax.set_xlabel("k")
+    ax.set_title("best-k criterion (validation split)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+TABLE = (("k", "k"), ("seeds", "seeds"),
+         ("test_accuracy_mean", "accuracy"), ("test_accuracy_std", "+-"),
+         ("test_balanced_accuracy_mean", "balanced acc."), ("test_balanced_accuracy_std", "+-"),
+         ("test_top3_accuracy_mean", "top-3"), ("test_top3_accuracy_std", "+-"),
+         ("validation_balanced_accuracy_mean", "val. balanced"),
+         ("validation_balanced_accuracy_std", "+-"),
+         ("num_params_mean", "params"), ("train_s_mean", "train s"), ("total_s_mean", "run s"))
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["num_params_mean"] = int(r["num_params_mean"])
+        for key in ("train_s_mean", "total_s_mean"):
+            r[key] = f"{r[key]:.0f}"
+        out.append(r)
+    return common.markdown_table(out, [c for c, _ in TABLE], [h for _, h in TABLE])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", default="core_mof", help="names the output folder and figure")
+    p.add_argument("--dataset", default="crystal_structures/core_mof_2019_asr")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--max_per_element", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--num_elements", type=int, default=20)
+    p.add_argument("--elements", default=None)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--workroot", default=str(common.SCRATCH / "k_sweep"))
+    p.add_argument("--out_dir", default=str(common.FIGURES))
+    p.add_argument("--plot_only", action="store_true", help="only collect finished runs")
+    args = p.parse_args(argv)
+    ks, seeds = parse_ints(args.ks), parse_ints(args.seeds)
+    root = Path(args.workroot) / args.name
+    root.mkdir(parents=True, exist_ok=True)
+
+    records = []
+    t_sweep = time.time()
+    if not args.plot_only:
+        # Featurise once at the largest k: the cache serves every smaller k (first columns).
+        from cryknn import input_pipeline
+
+        for split in ("train", "validation", "test"):
+            input_pipeline.load_features(args.dataset, split, max(ks), data_dir=args.data_dir,
+                                         log=print)
+    for k in ks:
+        for seed in seeds:
+            workdir = root / f"k{k}_s{seed}"
+            metrics = common.load_json(workdir / "metrics.json")
+            if metrics is None and not args.plot_only:
+                from cryknn import train
+
+                config = train.Config(
+                    dataset=args.dataset, data_dir=args.data_dir, k=k, seed=seed,
+                    num_elements=args.num_elements, elements=args.elements,
+                    max_per_element=args.max_per_element, epochs=args.epochs,
+                    model=args.model, batch_size=args.batch_size, log_every=10**9)
+                print(f"--- k={k} seed={seed}: {workdir}", flush=True)
+                metrics = train.train_and_evaluate(config, str(workdir))
+            if metrics is not None:
+                records.append(run_record(k, seed, metrics))
+    if not records:
+        print("no finished runs", file=sys.stderr)
+        return 1
+    rows = aggregate(records)
+    decision = choose_k(records)
+    flags = {key: getattr(args, key) for key in ("dataset", "max_per_element", "epochs",
+                                                 "num_elements", "elements", "model",
+                                                 "batch_size")}
+    common.write_json(root / "sweep.json", {
+        "flags": flags, "runs": records, "per_k": rows, "decision": decision,
+        "seconds_this_invocation": time.time() - t_sweep,
+        "runs_total_seconds": sum(r["total_s"] or 0 for r in records)})
+    md = table_markdown(rows)
+    (root / "sweep.md").write_text(md + "\n")
+    title = (f"{args.name}: {args.model}, {len(records[0]['elements'] or [])} elements, "
+             f"<= {args.max_per_element} training atoms per element, {args.epochs} epochs "
+             f"(same steps for every k), {len(seeds)} seeds")
+    fig = Path(args.out_dir) / f"k_sweep_{args.name}.png"
+    plot(rows, records, decision, title, fig)
+    print(md)
+    print(f"best mean validation balanced accuracy at k={decision['best_k']} "
+          f"({decision['best_mean']:.4f} +- {decision['best_std']:.4f}); chosen k = "
+          f"{decision['chosen_k']} ({decision['criterion']})")
+    print(f"wrote {root}/sweep.json, {root}/sweep.md, {fig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
