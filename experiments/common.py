@@ -7,6 +7,7 @@ Everything here is pure Python/numpy (no JAX, no TFDS) so tests can import it ch
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -201,3 +202,16 @@ def best_k_one_sd(per_k: dict[int, Sequence[float]]) -> dict:
     chosen = min(k for k, (m, _) in stats.items() if m >= threshold)
     return {"best_k": best_k, "best_mean": best_mean, "best_std": best_std,
             "threshold": threshold, "chosen_k": chosen, "chosen_mean": stats[chosen][0]}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the training experiments: data, elements, budget and seeds."""
+    parser.add_argument("--name", default="core_mof", help="names the output folder and figure")
+    parser.add_argument("--dataset", default="crystal_structures/core_mof_2019_asr")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max_per_element", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--num_elements", type=int, default=20)
+    parser.add_argument("--elements", default=None)
+    parser.add_argument("--model", default="mlp")

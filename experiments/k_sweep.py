@@ -172,16 +172,8 @@ def table_markdown(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--name", default="core_mof", help="names the output folder and figure")
-    p.add_argument("--dataset", default="crystal_structures/core_mof_2019_asr")
-    p.add_argument("--data_dir", default=None)
+    common.add_run_arguments(p)
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--max_per_element", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--num_elements", type=int, default=20)
-    p.add_argument("--elements", default=None)
-    p.add_argument("--model", default="mlp")
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--workroot", default=str(common.SCRATCH / "k_sweep"))
     p.add_argument("--out_dir", default=str(common.FIGURES))

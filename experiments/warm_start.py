@@ -216,17 +216,9 @@ def table_markdown(results: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--name", default="core_mof")
-    p.add_argument("--dataset", default="crystal_structures/core_mof_2019_asr")
-    p.add_argument("--data_dir", default=None)
+    common.add_run_arguments(p)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--k_new", default="6,10")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--max_per_element", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--num_elements", type=int, default=20)
-    p.add_argument("--elements", default=None)
-    p.add_argument("--model", default="mlp")
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--warm_lr_scales", default="1,0.1",
                    help="warm runs: peak learning rate = the scratch run's times each of these")
