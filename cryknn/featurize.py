@@ -16,9 +16,12 @@ Why it is exact on any cell (no minimum-image shortcut):
   Otherwise the k-th distance found is still a true upper bound (all candidates
   are real points), so one retry with that radius is guaranteed to succeed.
 
-Shapes are static for jit: atom counts are padded to buckets (`atom_bucket`),
-image counts per atom pair to powers of two, and query atoms are processed in
-chunks so memory stays bounded for large cells and large k.
+Only atoms that can be within the radius are examined: atoms are sorted along
+the axis with the narrowest reach, and each block of 32 consecutive queries looks
+at the cyclic run of atoms within reach of it (its window), often a quarter of
+the cell. Shapes are static for jit: atom counts, window lengths and image counts
+are padded to a few buckets, and blocks run one after another so memory stays
+bounded for large cells and large k.
 
 Arithmetic is float32 with coordinates relative to the query atom (the wrapped
 fractional difference), which keeps the error near 1e-6 angstrom.
@@ -102,9 +105,8 @@ def validate_cell(lattice: np.ndarray, frac: np.ndarray) -> None:
 def initial_radius(lattice: np.ndarray, num_atoms: int, k: int) -> float:
     """Radius (angstrom) expected to hold k neighbours, from the mean atom density.
 
-    A sphere of this radius holds RADIUS_SAFETY**3 * (k + 1) atoms on average. It
-    is also at least half the shortest interplanar spacing's worth of images so
-    that tiny-k, few-atom cells see enough candidates.
+    A sphere of this radius holds RADIUS_SAFETY**3 * (k + 1) atoms on average
+    (`_plan` grows it further when the image box holds fewer than k + 1 points).
     """
     volume = abs(np.linalg.det(lattice))
     r = (3.0 * (k + 1) * volume / (4.0 * math.pi * num_atoms)) ** (1.0 / 3.0)
