@@ -115,7 +115,11 @@ def initial_radius(lattice: np.ndarray, num_atoms: int, k: int) -> float:
 
 def images_per_axis(lattice: np.ndarray, radius: float) -> np.ndarray:
     """(3,) int: how many consecutive translations per axis cover the radius."""
-    frac_radius = radius * (1.0 + _BOX_SLACK) / interplanar_spacings(lattice)
+    return _image_counts(radius * (1.0 + _BOX_SLACK) / interplanar_spacings(lattice))
+
+
+def _image_counts(frac_radius: np.ndarray) -> np.ndarray:
+    """(3,) int: floor(2 R_a) + 1 consecutive translations per axis."""
     return np.floor(2.0 * frac_radius).astype(np.int64) + 1
 
 
@@ -139,8 +143,13 @@ def image_bucket(num_images: int) -> int:
 def step_table(counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """All integer offsets in [0, S_1) x [0, S_2) x [0, S_3), padded to size.
 
-    Returns (steps (size, 3) int32, mask (size,) bool).
+    Returns (steps (size, 3) int32, mask (size,) bool); cached, do not modify.
     """
+    return _step_table(tuple(int(c) for c in counts), size)
+
+
+@functools.lru_cache(maxsize=256)
+def _step_table(counts: tuple[int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
     grid = np.stack(np.meshgrid(*(np.arange(c) for c in counts), indexing="ij"), -1)
     grid = grid.reshape(-1, 3)
     steps = np.zeros((size, 3), np.int32)
@@ -289,6 +298,7 @@ class _Job:
     lattice: np.ndarray  # (3, 3) float64
     frac: np.ndarray  # (N, 3) float64, caller's order
     radius: float
+    frac_radius: np.ndarray  # (3,) radius over each interplanar spacing, inflated
     counts: np.ndarray  # (3,) images per axis
     order: np.ndarray  # (N,) caller's atom index of each sorted position
     window_start: np.ndarray  # (blocks,) into the sorted order
@@ -320,21 +330,28 @@ def _plan(index, lattice, frac, k, radius=None) -> _Job:
     lattice = np.asarray(lattice, np.float64)
     frac = np.asarray(frac, np.float64)
     frac = frac - np.floor(frac)
+    spacings = interplanar_spacings(lattice)
     if radius is None:
         radius = initial_radius(lattice, len(frac), k)
         # Enough images that the candidate count can reach k (matters for N << k).
-        counts = images_per_axis(lattice, radius)
-        while np.prod(counts) * len(frac) < k + 1:
+        while np.prod(_image_counts(radius * (1.0 + _BOX_SLACK) / spacings)) * len(frac) < k + 1:
             radius *= 1.5
-            counts = images_per_axis(lattice, radius)
-    frac_radius = radius * (1.0 + _BOX_SLACK) / interplanar_spacings(lattice)
+    frac_radius = radius * (1.0 + _BOX_SLACK) / spacings
     axis = int(np.argmin(frac_radius))
     order = np.argsort(frac[:, axis], kind="stable")
     start, count = _windows(
         frac[order, axis], frac_radius[axis], min(QUERY_BLOCK, atom_bucket(len(frac)))
     )
     return _Job(
-        index, lattice, frac, float(radius), images_per_axis(lattice, radius), order, start, count
+        index,
+        lattice,
+        frac,
+        float(radius),
+        frac_radius,
+        _image_counts(frac_radius),
+        order,
+        start,
+        count,
     )
 
 
@@ -418,7 +435,7 @@ def _pack(batch: list[_Job], size: int, atoms: int, images: int):
         lattice[b] = job.lattice
         frac[b, :n] = job.frac[job.order]  # wrapped on the host in float64
         num_real[b] = n
-        frac_radius[b] = job.radius * (1 + _BOX_SLACK) / interplanar_spacings(job.lattice)
+        frac_radius[b] = job.frac_radius
         steps[b], step_mask[b] = step_table(job.counts, images)
         radius[b] = job.radius
         window_start[b], window_count[b] = job.window_start, job.window_count
