@@ -41,15 +41,6 @@ def metrics_from_confusion(cm: np.ndarray, top3_hits: int, symbols: Sequence[str
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(tp)), where=denom > 0)
     present = support > 0
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    pairs = []
-    for flat in np.argsort(-off, axis=None, kind="stable")[:most_confused]:
-        t, p = np.unravel_index(flat, off.shape)
-        if off[t, p] == 0:
-            break
-        pairs.append({"true": symbols[t], "predicted": symbols[p], "count": int(off[t, p]),
-                      "fraction_of_true": float(off[t, p] / support[t])})
     return {
         "num_atoms": total,
         "accuracy": float(tp.sum() / total) if total else 0.0,
@@ -60,8 +51,23 @@ def metrics_from_confusion(cm: np.ndarray, top3_hits: int, symbols: Sequence[str
                 "f1": float(f1[i]), "support": int(support[i])}
             for i, s in enumerate(symbols)
         },
-        "most_confused": pairs,
+        "most_confused": most_confused_pairs(cm, symbols, most_confused),
     }
+
+
+def most_confused_pairs(cm: np.ndarray, symbols: Sequence[str], n: int) -> list[dict]:
+    """The n largest off-diagonal cells: true, predicted, count, fraction of the true row."""
+    off = np.asarray(cm).copy()
+    np.fill_diagonal(off, 0)
+    support = np.asarray(cm).sum(axis=1)
+    pairs = []
+    for flat in np.argsort(-off, axis=None, kind="stable")[:n]:
+        t, p = np.unravel_index(flat, off.shape)
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": symbols[t], "predicted": symbols[p], "count": int(off[t, p]),
+                      "fraction_of_true": float(off[t, p] / support[t])})
+    return pairs
 
 
 def majority_baseline(train_counts: np.ndarray, cm: np.ndarray) -> dict:

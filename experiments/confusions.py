@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from cryknn.evaluate import most_confused_pairs as top_pairs  # noqa: E402
 
 
 def read_misclassifications(path: str | Path) -> list[dict]:
@@ -57,21 +58,6 @@ def row_normalise(cm: np.ndarray) -> np.ndarray:
     cm = np.asarray(cm, np.float64)
     rows = cm.sum(axis=1, keepdims=True)
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-
-
-def top_pairs(cm: np.ndarray, symbols: Sequence[str], n: int) -> list[dict]:
-    """The n largest off-diagonal cells: true, predicted, count, fraction of the true row."""
-    off = np.asarray(cm).copy()
-    np.fill_diagonal(off, 0)
-    support = np.asarray(cm).sum(axis=1)
-    out = []
-    for flat in np.argsort(-off, axis=None, kind="stable")[:n]:
-        t, p = np.unravel_index(flat, off.shape)
-        if off[t, p] == 0:
-            break
-        out.append({"true": symbols[t], "predicted": symbols[p], "count": int(off[t, p]),
-                    "fraction_of_true": float(off[t, p] / max(support[t], 1))})
-    return out
 
 
 def examples(rows: Sequence[dict], true: str, predicted: str, n: int) -> list[dict]:
