@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from cryknn import errors
+
 # Index i holds the symbol of Z = i + 1.
 SYMBOLS: tuple[str, ...] = (
     "H", "He",
@@ -32,14 +34,10 @@ _Z_BY_SYMBOL = {s.lower(): z for z, s in enumerate(SYMBOLS, start=1)}
 HYDROGEN_ISOTOPES = ("D", "T")
 
 
-class UnknownElementError(ValueError):
-    """A type symbol that names no element (X, ?, Q, dummy atoms, typos)."""
-
-
 def symbol(z: int) -> str:
     """Element symbol of atomic number z (1..118)."""
     if not 1 <= int(z) <= NUM_ELEMENTS:
-        raise UnknownElementError(f"atomic number {z} is outside 1..{NUM_ELEMENTS}")
+        raise errors.UnknownElementError(f"atomic number {z} is outside 1..{NUM_ELEMENTS}")
     return SYMBOLS[int(z) - 1]
 
 
@@ -53,10 +51,10 @@ def atomic_number(sym: str, *, isotopes_as_hydrogen: bool = True) -> int:
     if key in HYDROGEN_ISOTOPES or key.upper() in HYDROGEN_ISOTOPES:
         if isotopes_as_hydrogen:
             return 1
-        raise UnknownElementError(f"hydrogen isotope {sym!r} (isotopes_as_hydrogen is off)")
+        raise errors.UnknownElementError(f"hydrogen isotope {sym!r} (isotopes_as_hydrogen is off)")
     z = _Z_BY_SYMBOL.get(key.lower())
     if z is None:
-        raise UnknownElementError(f"unknown element symbol {sym!r}")
+        raise errors.UnknownElementError(f"unknown element symbol {sym!r}")
     return z
 
 
@@ -76,14 +74,14 @@ def _element_letters(type_symbol: str) -> str:
     """
     match = _LEADING_LETTERS.match(type_symbol.strip())
     if not match:
-        raise UnknownElementError(f"no element symbol in {type_symbol!r}")
+        raise errors.UnknownElementError(f"no element symbol in {type_symbol!r}")
     letters = match.group(1)
     if letters.lower() in DUMMY_SYMBOLS:
-        raise UnknownElementError(f"{type_symbol!r} is a dummy or unknown atom type")
+        raise errors.UnknownElementError(f"{type_symbol!r} is a dummy or unknown atom type")
     for candidate in dict.fromkeys((letters[:2], letters[:1])):
         if candidate.lower() in _Z_BY_SYMBOL or candidate.upper() in HYDROGEN_ISOTOPES:
             return candidate
-    raise UnknownElementError(f"unknown element symbol {type_symbol!r}")
+    raise errors.UnknownElementError(f"unknown element symbol {type_symbol!r}")
 
 
 def element_from_type_symbol(type_symbol: str, *, isotopes_as_hydrogen: bool = True) -> int:
@@ -100,7 +98,7 @@ def is_hydrogen_isotope(type_symbol: str) -> bool:
     """True for type symbols / labels naming deuterium or tritium ('D', 'D1', 'T2')."""
     try:
         return _element_letters(type_symbol).upper() in HYDROGEN_ISOTOPES
-    except UnknownElementError:
+    except errors.UnknownElementError:
         return False
 
 
@@ -108,11 +106,11 @@ def parse_element_list(text: str) -> list[int]:
     """'C,N,O' -> [6, 7, 8]; raises UnknownElementError naming the bad symbol."""
     symbols = [s.strip() for s in text.split(",") if s.strip()]
     if not symbols:
-        raise UnknownElementError("empty element list")
+        raise errors.UnknownElementError("empty element list")
     out = []
     for s in symbols:
         z = atomic_number(s, isotopes_as_hydrogen=False)
         if z in out:
-            raise UnknownElementError(f"element {s!r} listed twice")
+            raise errors.UnknownElementError(f"element {s!r} listed twice")
         out.append(z)
     return out

@@ -1,16 +1,18 @@
 """Metrics and reports: confusion matrix, per-element P/R/F1, figures, misclassified sites.
 
 Metrics are computed from a confusion matrix plus a top-3 hit count, so the per-process
-parts of a multi-host evaluation simply add up.
+parts of a multi-host evaluation simply add up (`split_metrics`, `monitor_metrics`).
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from typing import Sequence
 
 import numpy as np
+
+from cryknn import parallel
+from cryknn import util
 
 
 def confusion_counts(y_true: np.ndarray, probs: np.ndarray, num_classes: int,
@@ -52,7 +54,47 @@ def metrics_from_confusion(cm: np.ndarray, top3_hits: int, symbols: Sequence[str
             for i, s in enumerate(symbols)
         },
         "most_confused": most_confused_pairs(cm, symbols, most_confused),
+        "confusion_matrix": {"elements": list(symbols), "counts": cm.tolist(),
+                             "rows": "true element", "columns": "predicted element"},
     }
+
+
+def split_metrics(probs: np.ndarray, labels: np.ndarray, symbols: Sequence[str]
+                  ) -> tuple[dict, np.ndarray]:
+    """Metrics over every process's atoms of a split, and its (C, C) confusion matrix.
+
+    probs: (A, C) this process's probabilities; labels: (A,) int class indices.
+    """
+    num_classes = len(symbols)
+    cm, hits = confusion_counts(labels, probs, num_classes)
+    p_true = probs[np.arange(len(labels)), labels] if len(labels) else np.zeros(0)
+    nll = parallel.global_sum(np.array([-np.log(np.maximum(p_true, 1e-12)).sum()]))[0]
+    cm, hits = parallel.global_sum(cm), int(parallel.global_sum(np.array([hits]))[0])
+    metrics = metrics_from_confusion(cm, hits, symbols)
+    metrics["loss"] = float(nll / max(cm.sum(), 1))  # unweighted cross-entropy
+    return metrics, cm
+
+
+def monitor_metrics(probs: np.ndarray, labels: np.ndarray, support: np.ndarray) -> dict:
+    """Loss, accuracy and balanced accuracy of a full split, estimated from a per-class
+    capped subset of it: per-class recall and cross-entropy are re-weighted by the full
+    split's class counts `support` (C,), so the estimates are unbiased for the full split.
+
+    probs: (A, C) this process's probabilities of the subset; labels: (A,) class indices.
+    """
+    num_classes = len(support)
+    cm, _ = confusion_counts(labels, probs, num_classes)
+    p_true = probs[np.arange(len(labels)), labels]
+    nll = np.bincount(labels, weights=-np.log(np.maximum(p_true, 1e-12)), minlength=num_classes)
+    cm, nll = parallel.global_sum(cm), parallel.global_sum(nll)
+    n = cm.sum(axis=1)
+    present = n > 0
+    recall = np.divide(np.diag(cm), n, out=np.zeros(num_classes), where=present)
+    freq = support / max(support.sum(), 1)
+    return {"loss": float(np.sum(freq * np.divide(nll, n, out=np.zeros(num_classes),
+                                                   where=present))),
+            "accuracy": float(np.sum(freq * recall)),
+            "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0}
 
 
 def most_confused_pairs(cm: np.ndarray, symbols: Sequence[str], n: int) -> list[dict]:
@@ -115,7 +157,8 @@ def plot_confusion(cm: np.ndarray, symbols: Sequence[str], path: str, title: str
     ax.set_title(title or "confusion matrix (row-normalised: recall on the diagonal)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with util.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -144,7 +187,8 @@ def plot_curves(history: Sequence[dict], path: str) -> None:
     ax2.set_ylim(0, 1)
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with util.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -155,8 +199,7 @@ def write_misclassifications(path: str, structure_ids: np.ndarray, site_labels: 
     predicted_element, probability (of the predicted element). Returns the row count."""
     pred = np.argmax(probs, axis=-1)
     wrong = np.flatnonzero(pred != y_true)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with util.atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["structure_id", "site_label", "true_element", "predicted_element",
                     "probability"])

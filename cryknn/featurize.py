@@ -1,650 +1,185 @@
-"""Exact periodic k-nearest-neighbour distances, jit-compiled and vmapped in JAX.
+"""Exact periodic k-NN distances of every atom of CIF files, as one .npz.
 
-For every atom of a crystal (lattice + motif) we want the k smallest distances to
-all *other* points of the infinite periodic set {p_j + t : t in the lattice}.
+  python -m cryknn.featurize --k=K --out=FILE.npz PATH [PATH ...]
+  cryknn featurize --k=K --out=FILE.npz PATH [PATH ...]
 
-Why it is exact on any cell (no minimum-image shortcut):
-  Let h_a be the interplanar spacing of axis a (cell volume over the area of the
-  opposite face). A Cartesian vector v has fractional coordinate u_a with
-  |u_a| <= |v| / h_a. So every neighbour within a radius r of atom i has
-  |delta_a + t_a| <= R_a = r / h_a, where delta = frac_j - frac_i wrapped into
-  [-1/2, 1/2] and t is its integer lattice translation. The admissible t_a form an
-  interval of length 2 R_a, i.e. at most S_a = floor(2 R_a) + 1 consecutive
-  integers starting at t0_a = ceil(-R_a - delta_a). Enumerating those
-  S_1 * S_2 * S_3 images per atom pair finds *every* point within r; if the k-th
-  distance found is <= r, no unseen point can be closer and the result is exact.
-  Otherwise the k-th distance found is still a true upper bound (all candidates
-  are real points), so one retry with that radius is guaranteed to succeed.
-
-Only atoms that can be within the radius are examined: atoms are sorted along
-the axis with the narrowest reach, and each block of 32 consecutive queries looks
-at the cyclic run of atoms within reach of it (its window), often a quarter of
-the cell. Shapes are static for jit: atom counts, window lengths and image counts
-are padded to a few buckets, and blocks run one after another so memory stays
-bounded for large cells and large k.
-
-Arithmetic is float32 with coordinates relative to the query atom (the wrapped
-fractional difference), which keeps the error near 1e-6 angstrom.
+PATHs are CIF files or folders (searched recursively for *.cif). The .npz holds one row
+per unit-cell atom: distances (A, k) float32, neighbour_index (A, k) int32 (the row of each
+neighbour's motif atom in this file), structure_id, site_label and atomic_number; then
+the tool prints what was skipped and why, file by file. The reader's policies are flags
+(--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 import os
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
-from absl import app, flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cryknn import command
+from cryknn import errors
 from cryknn import structures as structures_lib
+from cryknn import util
 
-# Work per device call, counted in candidate (query, neighbour, image) triples;
-# one inner step holds at most this many, about 200 MB of temporaries at 2**23.
-DEFAULT_CALL_BUDGET = 2**23
-# Radius safety factor over the density estimate; a miss costs one retry.
-RADIUS_SAFETY = 1.25
-# Relative inflation of the enumeration box so float rounding never drops a
-# candidate that sits on the radius boundary.
-_BOX_SLACK = 1e-5
+USAGE = """\
+usage: python -m cryknn.featurize --k=K --out=FILE.npz PATH [PATH ...]
 
+Exact periodic k-nearest-neighbour distances of every atom in CIF files or folders
+(searched recursively), written as one .npz row per unit-cell atom."""
+MAX_LISTED_SKIPS = 20
 
-class FeaturizeError(ValueError):
-    """Input that cannot be featurised (bad lattice, k < 1, NaN coordinates)."""
 
+def define_flags() -> None:
+    from absl import flags
 
-@dataclasses.dataclass(frozen=True)
-class Neighbours:
-    """k-NN of every atom of one structure.
+    flags.DEFINE_integer("k", 5, "Neighbours per atom (>= 1).")
+    flags.DEFINE_string("out", None, "Output file; must end in .npz.")
+    flags.DEFINE_integer("chunk_structures", 512,
+                         "Structures read before each featurisation pass (bounds memory).")
+    command.define_dataclass_flags(structures_lib.ReadOptions)
 
-    Attributes:
-      distances: (N, k) float32, ascending, angstrom; the atom itself is excluded
-        once, distinct sites that overlap it count (distance 0).
-      indices: (N, k) int32 motif index of each neighbour (look up its element).
-      radius: the radius (angstrom) under which the result was proven exact.
-    """
 
-    distances: np.ndarray
-    indices: np.ndarray
-    radius: float
-
-
-# ----------------------------------------------------------------------------
-# Host-side geometry: radius and image plan (float64, cheap, per structure).
-
-
-def interplanar_spacings(lattice: np.ndarray) -> np.ndarray:
-    """(3,) distances between lattice planes parallel to (b,c), (c,a), (a,b).
-
-    lattice: (3, 3) rows are cell vectors. h_a = 1 / |column a of inv(lattice)|.
-    """
-    inverse = np.linalg.inv(np.asarray(lattice, np.float64))
-    return 1.0 / np.linalg.norm(inverse, axis=0)
-
-
-def validate_cell(lattice: np.ndarray, frac: np.ndarray) -> None:
-    """Raise FeaturizeError for a singular lattice or non-finite coordinates."""
-    lattice = np.asarray(lattice, np.float64)
-    if lattice.shape != (3, 3) or not np.all(np.isfinite(lattice)):
-        raise FeaturizeError(f"lattice must be a finite 3x3 matrix, got {lattice!r}")
-    volume = abs(np.linalg.det(lattice))
-    if not volume > 1e-6 * np.prod(np.linalg.norm(lattice, axis=1)):
-        raise FeaturizeError(f"degenerate lattice (volume {volume:.3g} A^3)")
-    frac = np.asarray(frac)
-    if frac.ndim != 2 or frac.shape[1] != 3 or frac.shape[0] < 1:
-        raise FeaturizeError(f"positions must be (N>=1, 3), got shape {frac.shape}")
-    if not np.all(np.isfinite(frac)):
-        raise FeaturizeError("positions contain NaN or infinite coordinates")
-
-
-def initial_radius(lattice: np.ndarray, num_atoms: int, k: int) -> float:
-    """Radius (angstrom) expected to hold k neighbours, from the mean atom density.
-
-    A sphere of this radius holds RADIUS_SAFETY**3 * (k + 1) atoms on average
-    (`_plan` grows it further when the image box holds fewer than k + 1 points).
-    """
-    volume = abs(np.linalg.det(lattice))
-    r = (3.0 * (k + 1) * volume / (4.0 * math.pi * num_atoms)) ** (1.0 / 3.0)
-    return RADIUS_SAFETY * r
-
-
-def images_per_axis(lattice: np.ndarray, radius: float) -> np.ndarray:
-    """(3,) int: how many consecutive translations per axis cover the radius."""
-    return _image_counts(radius * (1.0 + _BOX_SLACK) / interplanar_spacings(lattice))
-
-
-def _image_counts(frac_radius: np.ndarray) -> np.ndarray:
-    """(3,) int: floor(2 R_a) + 1 consecutive translations per axis."""
-    return np.floor(2.0 * frac_radius).astype(np.int64) + 1
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def atom_bucket(num_atoms: int) -> int:
-    """Padded atom count: the next power of two, at least 8.
-
-    Padding only costs on the neighbour axis (queries are chunked), so a factor
-    up to 2 is cheap, and a few hundred real structures compile about ten shapes.
-    """
-    return max(8, _next_power_of_two(num_atoms))
-
-
-def image_bucket(num_images: int) -> int:
-    return _next_power_of_two(num_images)
-
-
-def step_table(counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All integer offsets in [0, S_1) x [0, S_2) x [0, S_3), padded to size.
-
-    Returns (steps (size, 3) int32, mask (size,) bool); cached, do not modify.
-    """
-    return _step_table(tuple(int(c) for c in counts), size)
-
-
-@functools.lru_cache(maxsize=256)
-def _step_table(counts: tuple[int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
-    grid = np.stack(np.meshgrid(*(np.arange(c) for c in counts), indexing="ij"), -1)
-    grid = grid.reshape(-1, 3)
-    steps = np.zeros((size, 3), np.int32)
-    steps[: len(grid)] = grid
-    mask = np.zeros((size,), bool)
-    mask[: len(grid)] = True
-    return steps, mask
-
-
-# ----------------------------------------------------------------------------
-# Device side: one structure, then vmapped over a padded batch.
-
-
-def _knn_block(lattice, frac, frac_radius, steps, step_mask, num_real, block, *, k, window):
-    """k-NN of one block of query atoms against its window of candidate atoms.
-
-    Atoms are sorted along one axis on the host, so the atoms that can lie
-    within the radius of a block of consecutive queries form one cyclic run of
-    the sorted order: the block's window (start, count). Coordinates are
-    handled as separate x/y/z planes with the atom axis minor: XLA on CPU
-    vectorises that layout far better than a trailing axis of 3.
-
-    Args:
-      lattice: (3, 3) float32 rows are cell vectors.
-      frac: (3, N) float32 fractional positions in [0, 1), one row per axis.
-      frac_radius: (3,) float32, R_a = radius / h_a (slightly inflated).
-      steps: (M, 3) int32 offsets added to the first admissible translation.
-      step_mask: (M,) bool, real offsets.
-      num_real: () int32, real atoms (the rest of N is padding).
-      block: (query_index (Q,) int32, window start () int32, count () int32).
-      window: W, the static window length (>= every count).
-    Returns:
-      distances (Q, k) float32 ascending, neighbour atom indices (Q, k) int32.
-    """
-    query_index, start, count = block
-    slot = jnp.arange(window, dtype=jnp.int32)
-    neighbour = (start + slot) % num_real  # (W,)
-    neighbour_mask = slot < count
-    near = frac[:, neighbour]  # (3, W)
-    # Fractional offset of the first admissible image of every neighbour.
-    first_image = []
-    for a in range(3):
-        delta = near[a][None, :] - frac[a][query_index][:, None]  # (Q, W)
-        delta = delta - jnp.round(delta)
-        first_image.append(delta + jnp.ceil(-frac_radius[a] - delta))
-    offsets = steps.astype(lattice.dtype) @ lattice  # (M, 3) Cartesian
-    d2 = 0.0
-    for c in range(3):
-        base = sum(first_image[a] * lattice[a, c] for a in range(3))  # (Q, W)
-        v = base[:, None, :] + offsets[None, :, c, None]  # (Q, M, W)
-        d2 = d2 + v * v
-    # The atom itself is its own image at translation 0: for j == i, delta is
-    # exactly 0, so that is the step -ceil(-R) (integer logic, no float test).
-    self_step = jnp.all(steps == -jnp.ceil(-frac_radius).astype(steps.dtype), axis=-1)
-    is_self = neighbour[None, :] == query_index[:, None]  # (Q, W)
-    is_self = is_self[:, None, :] & self_step[None, :, None]
-    valid = neighbour_mask[None, None, :] & step_mask[None, :, None] & ~is_self
-    d2 = jnp.where(valid, d2, jnp.inf).reshape(-1, steps.shape[0] * window)
-    neg_d2, flat = jax.lax.top_k(-d2, k)
-    return jnp.sqrt(-neg_d2), neighbour[flat % window]
-
-
-def _knn_structure(
-    lattice,
-    frac,
-    num_real,
-    frac_radius,
-    steps,
-    step_mask,
-    radius,
-    window_start,
-    window_count,
-    *,
-    k,
-    window,
-):
-    """k-NN for every atom of one padded structure; see knn_padded for shapes."""
-    num_atoms, num_blocks = frac.shape[0], window_start.shape[0]
-    queries = jnp.arange(num_atoms, dtype=jnp.int32).reshape(num_blocks, -1)
-    run = functools.partial(
-        _knn_block, lattice, frac.T, frac_radius, steps, step_mask, num_real, k=k, window=window
-    )
-    dist, idx = jax.lax.map(run, (queries, window_start, window_count))
-    dist = dist.reshape(num_atoms, k)
-    idx = idx.reshape(num_atoms, k)
-    kth = jnp.where(jnp.arange(num_atoms) < num_real, dist[:, -1], 0.0)
-    exact = jnp.all(kth <= radius)
-    return dist, idx, exact
-
-
-@functools.partial(jax.jit, static_argnames=("k", "window"))
-def knn_padded(
-    lattice,
-    frac,
-    num_real,
-    frac_radius,
-    steps,
-    step_mask,
-    radius,
-    window_start,
-    window_count,
-    *,
-    k: int,
-    window: int,
-):
-    """Exact periodic k-NN for a padded batch of structures (jit + vmap).
-
-    Atoms must be sorted along one axis and blocks of queries given windows of
-    candidate atoms that cover the radius (see `_plan`); `_plan` and `_pack`
-    prepare all of this, and `featurize_arrays` is the interface to call.
-
-    Args:
-      lattice: (B, 3, 3) float32, rows are cell vectors (angstrom).
-      frac: (B, N, 3) float32 fractional positions in [0, 1), padded.
-      num_real: (B,) int32 real atoms per structure (the first num_real rows).
-      frac_radius: (B, 3) float32 search radius over each interplanar spacing.
-      steps: (B, M, 3) int32 image offsets (see step_table).
-      step_mask: (B, M) bool.
-      radius: (B,) float32 search radius in angstrom.
-      window_start: (B, N // Q) int32 first candidate of each block of Q queries.
-      window_count: (B, N // Q) int32 candidates of each block (<= window).
-      k: number of neighbours (static).
-      window: W, the candidate window length (static).
-    Returns:
-      distances (B, N, k) float32 ascending, indices (B, N, k) int32 atom index
-      of each neighbour, exact (B,) bool: True when every k-th distance <= radius,
-      which proves the result exact. Rows of padded atoms are meaningless.
-    """
-    fn = functools.partial(_knn_structure, k=k, window=window)
-    return jax.vmap(fn)(
-        lattice, frac, num_real, frac_radius, steps, step_mask, radius, window_start, window_count
-    )
-
-
-# ----------------------------------------------------------------------------
-# Host wrapper: plan, bucket, batch, retry.
-
-QUERY_BLOCK = 32  # queries per window; smaller blocks give narrower windows
-
-
-@dataclasses.dataclass
-class _Job:
-    """One structure planned for a device call (atoms sorted along `axis`)."""
-
-    index: int  # position in the caller's list
-    lattice: np.ndarray  # (3, 3) float64
-    frac: np.ndarray  # (N, 3) float64, caller's order
-    radius: float
-    frac_radius: np.ndarray  # (3,) radius over each interplanar spacing, inflated
-    counts: np.ndarray  # (3,) images per axis
-    order: np.ndarray  # (N,) caller's atom index of each sorted position
-    window_start: np.ndarray  # (blocks,) into the sorted order
-    window_count: np.ndarray  # (blocks,)
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        """(atoms, window, images) bucket: jobs with equal keys share a compilation."""
-        atoms = atom_bucket(len(self.frac))
-        return (
-            atoms,
-            window_bucket(int(self.window_count.max()), atoms),
-            image_bucket(int(np.prod(self.counts))),
-        )
-
-
-def window_bucket(count: int, atoms: int) -> int:
-    """Window length: a quarter, half or all of the padded atoms.
-
-    Coarse on purpose: finer steps save little work but add compilations.
-    """
-    for fraction in (4, 2):
-        if count <= atoms // fraction:
-            return atoms // fraction
-    return atoms
-
-
-def _plan(index, lattice, frac, k, radius=None) -> _Job:
-    lattice = np.asarray(lattice, np.float64)
-    frac = np.asarray(frac, np.float64)
-    frac = frac - np.floor(frac)
-    spacings = interplanar_spacings(lattice)
-    if radius is None:
-        radius = initial_radius(lattice, len(frac), k)
-        # Enough images that the candidate count can reach k (matters for N << k).
-        while np.prod(_image_counts(radius * (1.0 + _BOX_SLACK) / spacings)) * len(frac) < k + 1:
-            radius *= 1.5
-    frac_radius = radius * (1.0 + _BOX_SLACK) / spacings
-    axis = int(np.argmin(frac_radius))
-    order = np.argsort(frac[:, axis], kind="stable")
-    start, count = _windows(
-        frac[order, axis], frac_radius[axis], min(QUERY_BLOCK, atom_bucket(len(frac)))
-    )
-    return _Job(
-        index,
-        lattice,
-        frac,
-        float(radius),
-        frac_radius,
-        _image_counts(frac_radius),
-        order,
-        start,
-        count,
-    )
-
-
-def _windows(x: np.ndarray, reach: float, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cyclic runs of sorted coordinates within reach of each block of queries.
-
-    Args:
-      x: (N,) sorted fractional coordinates in [0, 1) along the window axis.
-      reach: R_a along that axis; any neighbour within the radius differs by at
-        most this much (cyclically), so the run holds every candidate.
-      block: queries per block.
-    Returns:
-      start (blocks,) index into x, count (blocks,) <= N, for
-      blocks = ceil(padded N / block); blocks of padding only get empty runs.
-    """
-    n = len(x)
-    blocks = atom_bucket(n) // block
-    first = np.minimum(np.arange(blocks) * block, n - 1)
-    last = np.minimum(first + block - 1, n - 1)
-    lo, hi = x[first] - reach, x[last] + reach
-    tiled = np.concatenate([x - 1.0, x, x + 1.0])
-    start = np.searchsorted(tiled, lo, "left")
-    count = np.searchsorted(tiled, hi, "right") - start
-    covers_all = hi - lo >= 1.0
-    start = np.where(covers_all, 0, start % n)
-    count = np.where(covers_all, n, np.minimum(count, n))
-    count[np.arange(blocks) * block >= n] = 0
-    return start.astype(np.int32), count.astype(np.int32)
-
-
-def _batch_size(atoms: int, window: int, images: int, budget: int, jobs: int, multiple: int) -> int:
-    """Structures per call: about `budget` triples in all, a power of two.
-
-    Counting whole structures (not one block) keeps large cells to one or two per
-    call, so a half-empty last batch never pads with many large dummy cells.
-    """
-    per_structure = atoms * window * images
-    size = max(1, budget // per_structure)
-    size = min(_next_power_of_two(size + 1) // 2, _next_power_of_two(jobs))
-    return max(multiple, -(-size // multiple) * multiple)
-
-
-def _run_group(
-    jobs: list[_Job], key: tuple[int, int, int], k: int, budget: int, sharding
-) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Featurise jobs that share a bucket key; returns rows in caller order per job."""
-    atoms, window, images = key
-    multiple = 1 if sharding is None else sharding.mesh.size
-    size = _batch_size(atoms, window, images, budget, len(jobs), multiple)
-    out = []
-    for begin in range(0, len(jobs), size):
-        batch = jobs[begin : begin + size]
-        arrays = _pack(batch, size, atoms, images)
-        if sharding is not None:
-            arrays = jax.device_put(arrays, sharding)
-        dist, idx, exact = knn_padded(*arrays, k=k, window=window)
-        dist, idx, exact = np.asarray(dist), np.asarray(idx), np.asarray(exact)
-        for b, job in enumerate(batch):
-            n = len(job.frac)
-            rows = np.empty((n, k), np.float32)
-            neighbours = np.empty((n, k), np.int32)
-            rows[job.order] = dist[b, :n]
-            neighbours[job.order] = job.order[idx[b, :n]]
-            out.append((rows, neighbours, bool(exact[b])))
-    return out
-
-
-def _pack(batch: list[_Job], size: int, atoms: int, images: int):
-    lattice = np.tile(np.eye(3, dtype=np.float32), (size, 1, 1))
-    frac = np.zeros((size, atoms, 3), np.float32)
-    num_real = np.ones((size,), np.int32)  # padding structures: one atom, no queries
-    frac_radius = np.zeros((size, 3), np.float32)
-    steps = np.zeros((size, images, 3), np.int32)
-    step_mask = np.zeros((size, images), bool)
-    radius = np.zeros((size,), np.float32)
-    blocks = atoms // min(QUERY_BLOCK, atoms)
-    window_start = np.zeros((size, blocks), np.int32)
-    window_count = np.zeros((size, blocks), np.int32)
-    for b, job in enumerate(batch):
-        n = len(job.frac)
-        lattice[b] = job.lattice
-        frac[b, :n] = job.frac[job.order]  # wrapped on the host in float64
-        num_real[b] = n
-        frac_radius[b] = job.frac_radius
-        steps[b], step_mask[b] = step_table(job.counts, images)
-        radius[b] = job.radius
-        window_start[b], window_count[b] = job.window_start, job.window_count
-    return (
-        lattice,
-        frac,
-        num_real,
-        frac_radius,
-        steps,
-        step_mask,
-        radius,
-        window_start,
-        window_count,
-    )
-
-
-def featurize_arrays(
-    lattices: Sequence[np.ndarray],
-    fracs: Sequence[np.ndarray],
-    k: int,
-    *,
-    budget: int = DEFAULT_CALL_BUDGET,
-    sharding: jax.sharding.NamedSharding | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[Neighbours]:
-    """Exact k-NN for any list of cells; results in input order.
-
-    Args:
-      lattices: per structure (3, 3) rows are cell vectors (angstrom).
-      fracs: per structure (N, 3) fractional positions.
-      k: neighbours per atom (>= 1; may exceed the atoms per cell).
-      budget: candidate triples per device call (memory bound).
-      sharding: optional NamedSharding over a 1-D mesh; batches are split over
-        its devices along the structure axis.
-      progress: called with the number of atoms finished after each group.
-    Returns:
-      One Neighbours per structure, each proven exact.
-    """
+def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -> None:
+    """Raise ConfigError (one line) for the first unusable argument."""
     if k < 1:
-        raise FeaturizeError(f"k must be >= 1, got {k}")
-    if len(lattices) != len(fracs):
-        raise FeaturizeError("lattices and fracs differ in length")
-    pending = []
-    for i, (lattice, frac) in enumerate(zip(lattices, fracs)):
-        validate_cell(lattice, frac)
-        pending.append(_plan(i, lattice, frac, k))
-    results: list[Neighbours | None] = [None] * len(pending)
-    while pending:
-        groups: dict[tuple[int, int, int], list[_Job]] = {}
-        for job in pending:
-            groups.setdefault(job.key, []).append(job)
-        retry = []
-        for key, jobs in sorted(groups.items()):
-            for job, (dist, idx, exact) in zip(jobs, _run_group(jobs, key, k, budget, sharding)):
-                if exact:
-                    results[job.index] = Neighbours(dist, idx, job.radius)
-                    if progress is not None:
-                        progress(len(job.frac))
-                else:
-                    retry.append(_retry(job, dist, k))
-        pending = retry
-    return results  # type: ignore[return-value]
-
-
-def _retry(job: _Job, dist: np.ndarray, k: int) -> _Job:
-    """Re-plan with the largest k-th distance found: a proven-sufficient radius."""
-    kth = float(np.max(dist[:, -1]))
-    if np.isfinite(kth):
-        radius = max(kth * (1 + 1e-4) + 1e-6, job.radius)
-    else:  # too few candidates in the box: grow it
-        radius = job.radius * 2.0
-    return _plan(job.index, job.lattice, job.frac, k, radius=radius)
-
-
-def featurize(structures: Sequence[structures_lib.Structure], k: int, **kwargs) -> list[Neighbours]:
-    """featurize_arrays for Structure records (same order)."""
-    return featurize_arrays(
-        [s.lattice for s in structures], [s.frac for s in structures], k, **kwargs
-    )
-
-
-def data_parallel_sharding() -> jax.sharding.NamedSharding | None:
-    """Sharding over all local devices along the batch axis (None on 1 device)."""
-    if jax.device_count() == 1:
-        return None
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-
-def enable_compilation_cache(directory: str | None = None) -> str:
-    """Keep compiled XLA programs on disk so later runs skip compilation.
-
-    A first featurisation of a few hundred assorted cells spends most of its
-    time compiling (one program per bucket); with the cache a rerun spends a
-    fraction of that. Directory: the argument, $CRYKNN_XLA_CACHE, or
-    ~/.cache/cryknn/xla. Returns the directory used.
-    """
-    directory = (
-        directory
-        or os.environ.get("CRYKNN_XLA_CACHE")
-        or os.path.join(os.path.expanduser("~"), ".cache", "cryknn", "xla")
-    )
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return directory
-
-
-# ----------------------------------------------------------------------------
-# CLI: python -m cryknn.featurize --k=K --out=FILE.npz PATH...
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-    # Defined only when run as a script so importing this module adds no flags.
-    flags.DEFINE_integer("k", 5, "Neighbours per atom.")
-    flags.DEFINE_string("out", None, "Output .npz file.")
-    flags.DEFINE_integer("chunk_structures", 512, "Structures read before each featurisation pass.")
-
-
-def _progress_bar(total: int, unit: str):
-    from tqdm import tqdm  # imported here: only the CLI needs it
-
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-
-def _chunks(items: Iterable, size: int):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _check_arguments(paths: Sequence[str]) -> str | None:
-    """The first problem with the command line, as one readable line (None: fine)."""
-    if FLAGS.k < 1:
-        return f"--k must be >= 1, got {FLAGS.k}"
-    if not FLAGS.out:
-        return "--out=FILE.npz is required"
+        raise errors.ConfigError(f"--k must be >= 1, got {k}")
+    if chunk < 1:
+        raise errors.ConfigError(f"--chunk_structures must be >= 1, got {chunk}")
+    if not out:
+        raise errors.ConfigError("--out=FILE.npz is required")
+    if not out.endswith(".npz"):
+        raise errors.ConfigError(f"--out must name a .npz file, got {out}")
+    if os.path.isdir(out):
+        raise errors.ConfigError(f"--out {out} is a directory")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise errors.ConfigError(f"cannot write --out into {out_dir}")
     if not paths:
-        return "give one or more CIF files or folders"
-    missing = [p for p in paths if not os.path.exists(p)]
+        raise errors.ConfigError("give one or more CIF files or folders")
+    missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
-        return f"no such file or folder: {missing[0]}"
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    if not os.access(out_dir, os.W_OK):
-        return f"cannot write --out into {out_dir}"
-    return None
+        raise errors.ConfigError(f"no such file or folder: {missing[0]}")
 
 
-def main(argv: Sequence[str]) -> int:
-    paths = argv[1:]
-    problem = _check_arguments(paths)
-    if problem:
-        print(f"cryknn.featurize: error: {problem}", file=sys.stderr)
-        return 2
-    enable_compilation_cache()
+class Rows:
+    """The output table, filled structure by structure."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.parts: dict[str, list[np.ndarray]] = {
+            "distances": [], "neighbour_index": [], "structure_id": [], "site_label": [],
+            "atomic_number": []}
+        self.num_atoms = 0
+        self.num_structures = 0
+
+    def add(self, structure: structures_lib.Structure, distances: np.ndarray,
+            indices: np.ndarray) -> None:
+        n = structure.num_atoms
+        self.parts["distances"].append(distances)
+        self.parts["neighbour_index"].append(indices + self.num_atoms)
+        self.parts["structure_id"].append(np.full(n, structure.id, dtype=object))
+        self.parts["site_label"].append(np.asarray(structure.labels, dtype=object))
+        self.parts["atomic_number"].append(np.asarray(structure.numbers, np.int32))
+        self.num_atoms += n
+        self.num_structures += 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        empty = {"distances": np.zeros((0, self.k), np.float32),
+                 "neighbour_index": np.zeros((0, self.k), np.int32),
+                 "structure_id": np.zeros(0, object), "site_label": np.zeros(0, object),
+                 "atomic_number": np.zeros(0, np.int32)}
+        out = {name: np.concatenate(parts) if parts else empty[name]
+               for name, parts in self.parts.items()}
+        for name in ("structure_id", "site_label"):
+            out[name] = out[name].astype(str)  # fixed-width strings: no pickle needed to load
+        return out
+
+
+def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOptions,
+                    chunk: int, progress=None) -> tuple[Rows, list[structures_lib.Skip]]:
+    """Reads and featurises every CIF under paths, `chunk` structures at a time."""
+    from cryknn import neighbours
+
+    rows, skips = Rows(k), []
     files = list(structures_lib.iter_cif_paths(paths))
-    skips: list[structures_lib.Skip] = []
-    # Each list starts with an empty array so concatenation works with no rows.
-    rows = {
-        "distances": [np.zeros((0, FLAGS.k), np.float32)],
-        "structure_id": [np.zeros((0,), object)],
-        "site_label": [np.zeros((0,), object)],
-        "atomic_number": [np.zeros((0,), np.int32)],
-    }
-    num_structures = 0
-    start = time.perf_counter()
-    bar = _progress_bar(len(files), "file")
-    for chunk in _chunks(files, FLAGS.chunk_structures):
+    for batch in util.chunked(files, chunk):
         read = []
-        for path in chunk:
-            structs, skipped = structures_lib.read_cif(path)
-            read.extend(structs)
+        for path in batch:
+            found, skipped = structures_lib.read_cif(path, options)
+            read.extend(found)
             skips.extend(skipped)
-            bar.update(1)
-        ok = []
-        for s in read:
-            try:
-                validate_cell(s.lattice, s.frac)
-                ok.append(s)
-            except FeaturizeError as e:
-                skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
-        for s, nb in zip(ok, featurize(ok, FLAGS.k)):
-            rows["distances"].append(nb.distances)
-            rows["structure_id"].append(np.full(s.num_atoms, s.id, dtype=object))
-            rows["site_label"].append(np.asarray(s.labels, dtype=object))
-            rows["atomic_number"].append(np.asarray(s.numbers, np.int32))
-        num_structures += len(ok)
-    bar.close()
-    out = {name: np.concatenate(parts) for name, parts in rows.items()}
-    for name in ("structure_id", "site_label"):
-        out[name] = out[name].astype(str)  # fixed-width strings: no pickle needed to load
-    np.savez_compressed(FLAGS.out, **out)
-    seconds = time.perf_counter() - start
-    print(
-        f"wrote {FLAGS.out}: {len(out['distances'])} atoms from {num_structures} "
-        f"structures, k={FLAGS.k}, {seconds:.1f} s"
-    )
-    print(f"{len(skips)} skipped" + (":" if skips else ""))
-    print("\n".join(structures_lib.summarize_skips(skip.reason for skip in skips)))
+            if progress is not None:
+                progress(1, len(files))
+        good, unusable = neighbours.split_featurizable(read)
+        skips.extend(unusable)
+        for s, nb in zip(good, neighbours.featurize(good, k)):
+            rows.add(s, nb.distances, nb.indices)
+    return rows, skips
+
+
+def skip_report(skips: Sequence[structures_lib.Skip], limit: int = MAX_LISTED_SKIPS) -> str:
+    """`N skipped`, then each skipped file (and block) with its reason, then counts per reason."""
+    if not skips:
+        return "0 skipped"
+    lines = [f"{len(skips)} skipped:"]
+    for skip in skips[:limit]:
+        where = skip.file + (f" [{skip.block}]" if skip.block else "")
+        lines.append(f"  {where}: {util.one_line(skip.reason, 160)}")
+    if len(skips) > limit:
+        lines.append(f"  ... and {len(skips) - limit} more; by reason:")
+        lines.extend(structures_lib.summarize_skips(skip.reason for skip in skips))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from absl import flags
+
+    from cryknn import neighbours
+
+    FLAGS = flags.FLAGS
+    paths = argv[1:]
+    check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
+    options = command.dataclass_from_flags(structures_lib.ReadOptions)
+    neighbours.enable_compilation_cache()
+    start = time.perf_counter()
+    bar = _ProgressBar()
+    try:
+        rows, skips = featurize_files(paths, FLAGS.k, options, FLAGS.chunk_structures,
+                                      progress=bar.update)
+    finally:
+        bar.close()
+    with util.atomic_path(FLAGS.out, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **rows.arrays())
+    print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
+          f"k={FLAGS.k}, {time.perf_counter() - start:.1f} s")
+    print(skip_report(skips))
     return 0
 
 
+class _ProgressBar:
+    """A tqdm bar over files on stderr, created at the first update (total known then)."""
+
+    def __init__(self):
+        self._bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+
+
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    run()

@@ -1,17 +1,20 @@
-"""From a TFDS dataset of structures to per-atom training batches.
+"""From a dataset of structures to labelled atoms and training batches: `prepare(config)`.
 
-  structures (cryknn.data.load_split, this process's part of a split)
-    -> k-NN distances (cryknn.featurize), cached per (dataset, k, split, process) as .npz
-    -> atom selection: chosen elements only (others are excluded, not lumped), a per-element
-       cap on training atoms, labels 0..C-1
-    -> fixed-size numpy batches with a 0/1 mask, so the last partial batch pads instead of
+  structures (cryknn.datasets.load_split, this process's part of a split)
+    -> k-NN distances and neighbour rows (cryknn.neighbours), cached per (dataset build, k,
+       split, process) as .npz
+    -> element choice (the most abundant in train, or an explicit list), labels 0..C-1;
+       atoms of other elements are left out, not lumped together
+    -> a per-element cap on training atoms, class weights
+    -> fixed-size numpy batches with a 0/1 mask, so a last partial batch pads instead of
        recompiling.
 
-Feature cache layout: `<data_dir>/cryknn_features/<dataset>/k<K>/<split>.npz` (suffix
-`.p<i>of<n>` per process when there are several) holding
-  distances (A, K) float32, atomic_number (A,) int32, structure_index (A,) int32,
-  site_label (A,) bytes, structure_id (S,) str (one per structure; structure_index points in).
-A cache built for a larger K serves any k <= K (the first k columns are the k-NN).
+Feature cache: `<data_dir>/cryknn_features/<dataset>/<build fingerprint>/k<K>/<split>.npz`
+(suffix `.p<i>of<n>` per process when there are several). The fingerprint identifies the
+dataset build (`cryknn.datasets.build_fingerprint`), so a rebuilt or different dataset is
+never served features of another. A cache built for a larger K serves any k <= K (the first
+k columns are the k-NN). Dataset names `toy/<name>` are synthetic feature tables written by
+`write_toy_cache`, for tests and benchmarks that must run without a real dataset.
 """
 
 from __future__ import annotations
@@ -21,26 +24,31 @@ import glob
 import os
 import re
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from absl import logging
 import numpy as np
 
+from cryknn import config as config_lib
 from cryknn import elements as elements_lib
+from cryknn import errors
+from cryknn import parallel
+from cryknn import util
 
-CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
-
-
-class SelectionError(ValueError):
-    """Element selection that the data cannot satisfy (unknown symbol, too many elements...)."""
+SPLITS = ("train", "validation", "test")
+TOY_PREFIX = "toy/"
+TOY_FINGERPRINT = "synthetic"
+_TABLE_FIELDS = ("distances", "neighbour_index", "atomic_number", "structure_index",
+                 "site_label", "structure_id")
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureSet:
-    """Per-atom k-NN features of one split (or a selection of its atoms).
+class AtomTable:
+    """Per-atom k-NN features of one split (this process's part of it).
 
     Attributes:
-      distances: (A, k) float32 ascending neighbour distances (angstrom).
+      distances: (A, K) float32 ascending neighbour distances (angstrom).
+      neighbour_index: (A, K) int32 row of this table holding each neighbour's motif atom
+        (periodic images resolved to their motif atom).
       atomic_number: (A,) int32 element of each atom.
       structure_index: (A,) int32 row of `structure_id` each atom belongs to.
       site_label: (A,) bytes CIF site label of each atom.
@@ -48,6 +56,7 @@ class FeatureSet:
     """
 
     distances: np.ndarray
+    neighbour_index: np.ndarray
     atomic_number: np.ndarray
     structure_index: np.ndarray
     site_label: np.ndarray
@@ -60,90 +69,87 @@ class FeatureSet:
     def k(self) -> int:
         return int(self.distances.shape[1])
 
-    def take(self, index: np.ndarray) -> "FeatureSet":
-        """The atoms at `index` (structure table kept whole)."""
+    def first_k(self, k: int) -> "AtomTable":
+        """The table at k <= K: the first k neighbours of every atom."""
         return dataclasses.replace(
-            self,
-            distances=self.distances[index],
-            atomic_number=self.atomic_number[index],
-            structure_index=self.structure_index[index],
-            site_label=self.site_label[index],
-        )
+            self, distances=np.ascontiguousarray(self.distances[:, :k]),
+            neighbour_index=np.ascontiguousarray(self.neighbour_index[:, :k]))
 
-    def first_k(self, k: int) -> "FeatureSet":
-        return dataclasses.replace(self, distances=np.ascontiguousarray(self.distances[:, :k]))
-
-    def atom_structure_ids(self) -> np.ndarray:
-        """(A,) str structure id of every atom."""
-        return self.structure_id[self.structure_index]
+    def atom_structure_ids(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(A,) str structure id of every atom (or of the atoms at `rows`)."""
+        index = self.structure_index if rows is None else self.structure_index[rows]
+        return self.structure_id[index]
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, distances=self.distances, atomic_number=self.atomic_number,
-                 structure_index=self.structure_index, site_label=self.site_label,
-                 structure_id=self.structure_id)
-        os.replace(tmp, path)
+        with util.atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **{name: getattr(self, name) for name in _TABLE_FIELDS})
 
     @classmethod
-    def load(cls, path: str) -> "FeatureSet":
-        with np.load(path) as f:
-            return cls(**{name: f[name] for name in
-                          ("distances", "atomic_number", "structure_index", "site_label",
-                           "structure_id")})
+    def load(cls, path: str) -> "AtomTable":
+        try:
+            with np.load(path) as f:
+                return cls(**{name: f[name] for name in _TABLE_FIELDS})
+        except (OSError, KeyError, ValueError) as e:
+            raise errors.DataFormatError(f"feature cache {path} is unreadable ({e}); delete "
+                                         f"it to recompute") from None
 
     @classmethod
-    def concatenate(cls, parts: list["FeatureSet"]) -> "FeatureSet":
-        offsets = np.cumsum([0] + [len(p.structure_id) for p in parts[:-1]])
+    def from_structures(cls, ids, numbers, labels, distances, indices, k: int) -> "AtomTable":
+        """A table from per-structure lists: ids (S,); numbers, labels (N_s,) and distances,
+        indices (N_s, k) per structure, indices into the structure's own atoms."""
+        counts = np.asarray([len(z) for z in numbers], np.int64)
+        offsets = np.cumsum(counts) - counts
+        if not ids:
+            return cls(np.zeros((0, k), np.float32), np.zeros((0, k), np.int32),
+                       np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, "S1"),
+                       np.zeros(0, str))
         return cls(
-            distances=np.concatenate([p.distances for p in parts]),
-            atomic_number=np.concatenate([p.atomic_number for p in parts]),
-            structure_index=np.concatenate(
-                [p.structure_index + o for p, o in zip(parts, offsets)]).astype(np.int32),
-            site_label=np.concatenate([p.site_label for p in parts]),
-            structure_id=np.concatenate([p.structure_id for p in parts]),
+            distances=np.concatenate(distances).astype(np.float32),
+            neighbour_index=np.concatenate([i + o for i, o in zip(indices, offsets)]
+                                           ).astype(np.int32),
+            atomic_number=np.concatenate(numbers).astype(np.int32),
+            structure_index=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+            site_label=np.concatenate([np.asarray(x).astype(np.bytes_) for x in labels]),
+            structure_id=np.asarray([str(i) for i in ids], dtype=str),
         )
-
-
-def from_neighbours(ids, numbers, labels, distances) -> FeatureSet:
-    """FeatureSet from per-structure lists: ids (S,), numbers/labels/distances per structure."""
-    counts = [len(z) for z in numbers]
-    k = distances[0].shape[1] if distances else 1
-    return FeatureSet(
-        distances=(np.concatenate(distances).astype(np.float32) if distances
-                   else np.zeros((0, k), np.float32)),
-        atomic_number=(np.concatenate(numbers).astype(np.int32) if numbers
-                       else np.zeros((0,), np.int32)),
-        structure_index=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
-        site_label=(np.concatenate([np.asarray(x).astype(np.bytes_) for x in labels])
-                    if labels else np.zeros((0,), "S1")),
-        structure_id=np.asarray([str(i) for i in ids], dtype=str),
-    )
 
 
 # ----------------------------------------------------------------------------
 # Featurisation with an on-disk cache.
 
 
-def default_data_dir() -> str:
-    """TFDS' default data directory (~/tensorflow_datasets unless TFDS_DATA_DIR is set)."""
-    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+def dataset_record(dataset: str, data_dir: str | None, *, build_if_missing: bool) -> dict:
+    """{'fingerprint', 'build_info'} of the dataset build features are computed from.
+
+    Builds a missing TFDS dataset first when build_if_missing (one process only).
+    """
+    if dataset.startswith(TOY_PREFIX):
+        return {"fingerprint": TOY_FINGERPRINT, "build_info": {"dataset": dataset}}
+    from cryknn import datasets
+
+    try:
+        return datasets.build_fingerprint(dataset, data_dir)
+    except errors.DataError:
+        if not build_if_missing:
+            raise
+    datasets.build(dataset, data_dir)
+    return datasets.build_fingerprint(dataset, data_dir)
 
 
-def cache_dir(data_dir: str | None, dataset: str) -> str:
-    return os.path.join(data_dir or default_data_dir(), "cryknn_features",
-                        dataset.replace(":", "_"))
-
-
-def cache_path(data_dir: str | None, dataset: str, k: int, split: str,
+def cache_path(data_dir: str | None, dataset: str, fingerprint: str, k: int, split: str,
                process_index: int = 0, process_count: int = 1) -> str:
+    from cryknn import datasets
+
     suffix = "" if process_count == 1 else f".p{process_index}of{process_count}"
-    return os.path.join(cache_dir(data_dir, dataset), f"k{k}", f"{split}{suffix}.npz")
+    return os.path.join(data_dir or datasets.default_data_dir(), "cryknn_features",
+                        dataset.replace(":", "_"), fingerprint, f"k{k}", f"{split}{suffix}.npz")
 
 
-def find_cache(data_dir, dataset, k, split, process_index=0, process_count=1) -> str | None:
+def find_cache(data_dir, dataset, fingerprint, k, split, process_index=0,
+               process_count=1) -> str | None:
     """Cache file for the smallest K >= k that exists, or None."""
-    pattern = cache_path(data_dir, dataset, 0, split, process_index, process_count)
+    pattern = cache_path(data_dir, dataset, fingerprint, 0, split, process_index, process_count)
     pattern = pattern.replace(f"{os.sep}k0{os.sep}", f"{os.sep}k*{os.sep}")
     best = None
     for path in glob.glob(pattern):
@@ -153,68 +159,55 @@ def find_cache(data_dir, dataset, k, split, process_index=0, process_count=1) ->
     return best[1] if best else None
 
 
-def featurize_examples(examples, k: int, *, progress: Callable[[int], None] | None = None,
-                       chunk: int = 4096) -> FeatureSet:
+def featurize_examples(examples: Iterable[dict], k: int, *,
+                       progress: Callable[[int], None] | None = None,
+                       chunk: int = 4096) -> AtomTable:
     """k-NN features of dataset examples (dicts with id, lattice, frac, numbers, labels).
 
     Structures go to the featuriser `chunk` at a time: large enough for full device batches
     of each size bucket, small enough to bound memory on huge datasets.
     """
-    from cryknn import featurize  # heavy import, only where features are computed
+    from cryknn import neighbours  # JAX: only where features are computed
 
-    ids, numbers, labels, distances = [], [], [], []
-    batch = []
-
-    def flush():
-        if not batch:
-            return
-        neigh = featurize.featurize_arrays([b["lattice"] for b in batch],
-                                           [b["frac"] for b in batch], k, progress=progress)
-        distances.extend(n.distances for n in neigh)
-        batch.clear()
-
-    for ex in examples:
-        if len(ex["numbers"]) == 0:
-            continue
-        ids.append(_text(ex["id"]))
-        numbers.append(np.asarray(ex["numbers"], np.int32))
-        labels.append(np.asarray([_text(s) for s in ex["labels"]]))
-        batch.append({"lattice": np.asarray(ex["lattice"], np.float64),
-                      "frac": np.asarray(ex["frac"], np.float64)})
-        if len(batch) >= chunk:
-            flush()
-    flush()
-    if not ids:
-        return from_neighbours([], [], [], [np.zeros((0, k), np.float32)])
-    return from_neighbours(ids, numbers, labels, distances)
+    ids, numbers, labels, distances, indices = [], [], [], [], []
+    for batch in util.chunked((ex for ex in examples if len(ex["numbers"])), chunk):
+        found = neighbours.featurize_arrays(
+            [np.asarray(ex["lattice"], np.float64) for ex in batch],
+            [np.asarray(ex["frac"], np.float64) for ex in batch], k, progress=progress)
+        for ex, nb in zip(batch, found):
+            ids.append(_text(ex["id"]))
+            numbers.append(np.asarray(ex["numbers"], np.int32))
+            labels.append(np.asarray([_text(s) for s in ex["labels"]]))
+            distances.append(nb.distances)
+            indices.append(nb.indices)
+    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k)
 
 
 def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def load_features(dataset: str, split: str, k: int, *, data_dir: str | None = None,
-                  process_index: int = 0, process_count: int = 1,
-                  log: Callable[[str], None] = logging.info) -> FeatureSet:
+def load_features(dataset: str, split: str, k: int, *, fingerprint: str,
+                  data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
+                  log: Callable[[str], None] = print) -> AtomTable:
     """k-NN features of this process's part of a split, from the cache or computed and cached.
 
-    Builds the TFDS dataset first if it is missing (cryknn.data).
+    `fingerprint` is the dataset build's (`dataset_record`); the dataset must be built.
     """
-    path = find_cache(data_dir, dataset, k, split, process_index, process_count)
+    path = find_cache(data_dir, dataset, fingerprint, k, split, process_index, process_count)
     if path is not None:
-        features = FeatureSet.load(path)
-        log(f"{split}: {len(features)} atoms of {len(features.structure_id)} structures "
-            f"from the feature cache {path}")
-        return features.first_k(k)
-
-    from cryknn import data  # TFDS and TF only when features must be computed
+        table = AtomTable.load(path)
+        log(f"{split}: {len(table)} atoms of {len(table.structure_id)} structures from the "
+            f"feature cache {path}")
+        return table.first_k(k)
+    if dataset.startswith(TOY_PREFIX):
+        raise errors.DataError(f"no feature cache of the toy dataset {dataset} at k >= {k} "
+                               f"(write one with input_pipeline.write_toy_cache)")
+    from cryknn import datasets
 
     start = time.time()
-    # Several processes must not build one dataset at once: multi-host runs need it built
-    # beforehand (python -m cryknn.data build ...).
-    examples = data.load_split(dataset=dataset, split=split, data_dir=data_dir,
-                               build_if_missing=process_count == 1,
-                               per_process=process_count > 1)
+    examples = datasets.load_split(dataset, split, data_dir, build_if_missing=False,
+                                   per_process=process_count > 1)
     done = [0, time.time()]
 
     def progress(atoms):
@@ -223,12 +216,12 @@ def load_features(dataset: str, split: str, k: int, *, data_dir: str | None = No
             done[1] = time.time()
             log(f"{split}: featurised {done[0]} atoms ({time.time() - start:.0f} s)")
 
-    features = featurize_examples(examples, k, progress=progress)
-    path = cache_path(data_dir, dataset, k, split, process_index, process_count)
-    features.save(path)
-    log(f"{split}: featurised {len(features)} atoms of {len(features.structure_id)} structures "
-        f"at k={k} in {time.time() - start:.1f} s; cached in {path}")
-    return features
+    table = featurize_examples(examples, k, progress=progress)
+    path = cache_path(data_dir, dataset, fingerprint, k, split, process_index, process_count)
+    table.save(path)
+    log(f"{split}: featurised {len(table)} atoms of {len(table.structure_id)} structures at "
+        f"k={k} in {time.time() - start:.1f} s; cached in {path}")
+    return table
 
 
 # ----------------------------------------------------------------------------
@@ -251,21 +244,21 @@ def choose_elements(counts: np.ndarray, *, num_elements: int = 20,
     if elements:
         try:
             chosen = elements_lib.parse_element_list(elements)
-        except elements_lib.UnknownElementError as e:
-            raise SelectionError(f"--elements: {e}") from None
+        except errors.UnknownElementError as e:
+            raise errors.SelectionError(f"--elements: {e}") from None
         missing = [elements_lib.symbol(z) for z in chosen if counts[z] == 0]
         if missing:
-            raise SelectionError(f"--elements: no training atoms of {', '.join(missing)}")
+            raise errors.SelectionError(f"--elements: no training atoms of {', '.join(missing)}")
     else:
         if num_elements < 2:
-            raise SelectionError(f"--num_elements must be at least 2, got {num_elements}")
+            raise errors.SelectionError(f"--num_elements must be at least 2, got {num_elements}")
         if num_elements > available:
-            raise SelectionError(f"--num_elements={num_elements} but the training split has "
-                                 f"only {available} elements")
+            raise errors.SelectionError(f"--num_elements={num_elements} but the training split "
+                                        f"has only {available} elements")
         order = np.argsort(-counts[1:], kind="stable") + 1
         chosen = [int(z) for z in order[:num_elements]]
     if len(chosen) < 2:
-        raise SelectionError("need at least 2 elements to classify")
+        raise errors.SelectionError("need at least 2 elements to classify")
     return chosen
 
 
@@ -300,14 +293,115 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
     which keeps the loss scale (and a good learning rate) independent of the mode.
     """
     counts = np.asarray(counts, np.float64)
-    if mode not in CLASS_WEIGHTINGS:
-        raise SelectionError(f"unknown class weighting {mode!r}; choose one of "
-                             f"{', '.join(CLASS_WEIGHTINGS)}")
+    if mode not in config_lib.CLASS_WEIGHTINGS:
+        raise errors.ConfigError(f"unknown class weighting {mode!r}; choose one of "
+                                 f"{', '.join(config_lib.CLASS_WEIGHTINGS)}")
     safe = np.maximum(counts, 1.0)
     w = {"none": np.ones_like(safe), "inverse_frequency": 1.0 / safe,
          "sqrt_inverse_frequency": 1.0 / np.sqrt(safe)}[mode]
     w = w * counts.sum() / max((w * counts).sum(), 1e-12)
     return w.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Prepared data: what training needs, from one call.
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledAtoms:
+    """The selected atoms of one split on this process.
+
+    Attributes:
+      table: every atom of the split (this process's part); neighbours are looked up here.
+      rows: (A,) int64 rows of `table` that are selected.
+      labels: (A,) int32 class index of each selected atom.
+    """
+
+    table: AtomTable
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def distances(self) -> np.ndarray:
+        """(A, k) float32 distances of the selected atoms."""
+        return self.table.distances[self.rows]
+
+    def subset(self, index: np.ndarray) -> "LabelledAtoms":
+        """The selected atoms at positions `index` of this selection."""
+        return LabelledAtoms(self.table, self.rows[index], self.labels[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Everything training takes from the data, for this process.
+
+    Counts marked 'all processes' are sums over processes (the same on every process).
+    """
+
+    element_list: list[int]  # atomic numbers in class order
+    symbols: list[str]
+    train: LabelledAtoms  # capped at max_per_element per element (random)
+    validation: LabelledAtoms  # every atom of the chosen elements
+    test: LabelledAtoms
+    monitor: LabelledAtoms  # validation atoms, at most monitor_per_element per element
+    train_counts: np.ndarray  # (C,) selected training atoms per class, all processes
+    validation_support: np.ndarray  # (C,) validation atoms per class, all processes
+    class_weights: np.ndarray  # (C,) float32
+    dataset: dict  # {'fingerprint', 'build_info'} of the dataset build
+    load_seconds: float
+
+
+def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log) -> PreparedData:
+    """Loads (or featurises and caches) every split, chooses the elements, selects and
+    labels atoms, and computes class weights: what `cryknn.train` needs, in one call."""
+    import jax
+
+    start = time.time()
+    process_index, process_count = jax.process_index(), jax.process_count()
+    record = dataset_record(config.dataset, config.data_dir,
+                            build_if_missing=process_count == 1)
+    limit = record["build_info"].get("limit")
+    if limit is not None:
+        log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "
+            f"rebuild it without --limit for real results")
+    tables = {split: load_features(config.dataset, split, config.k,
+                                   fingerprint=record["fingerprint"], data_dir=config.data_dir,
+                                   process_index=process_index, process_count=process_count,
+                                   log=log)
+              for split in SPLITS}
+    counts = parallel.global_sum(element_counts(tables["train"].atomic_number))
+    element_list = choose_elements(counts, num_elements=config.num_elements,
+                                   elements=config.elements)
+    labels = label_table(element_list)
+    cap = config.max_per_element // process_count if config.max_per_element else None
+    train_rows = select_atoms(tables["train"].atomic_number, element_list,
+                              max_per_element=cap, seed=config.seed + 1000 * process_index)
+    splits = {"train": _labelled(tables["train"], train_rows, labels)}
+    for split in ("validation", "test"):
+        rows = np.flatnonzero(labels[tables[split].atomic_number] >= 0)
+        splits[split] = _labelled(tables[split], rows, labels)
+    num_classes = len(element_list)
+    train_counts = parallel.global_sum(np.bincount(splits["train"].labels, minlength=num_classes))
+    monitor = splits["validation"].subset(select_atoms(
+        splits["validation"].labels, list(range(num_classes)),
+        max_per_element=max(config.monitor_per_element // process_count, 1), seed=config.seed + 7))
+    symbols = [elements_lib.symbol(z) for z in element_list]
+    log(f"elements ({len(symbols)}): {','.join(symbols)}; training atoms per element: "
+        + ", ".join(f"{s} {n}" for s, n in zip(symbols, train_counts)))
+    return PreparedData(
+        element_list=element_list, symbols=symbols, monitor=monitor,
+        train_counts=train_counts, class_weights=class_weights(train_counts,
+                                                               config.class_weighting),
+        validation_support=parallel.global_sum(
+            np.bincount(splits["validation"].labels, minlength=num_classes)),
+        dataset=record, load_seconds=time.time() - start, **splits)
+
+
+def _labelled(table: AtomTable, rows: np.ndarray, labels: np.ndarray) -> LabelledAtoms:
+    return LabelledAtoms(table, rows, labels[table.atomic_number[rows]])
 
 
 # ----------------------------------------------------------------------------
@@ -318,31 +412,40 @@ def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool) -> 
     return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
 
 
-def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+def model_inputs(atoms: LabelledAtoms, index: np.ndarray) -> dict:
+    """Model inputs of the selected atoms at `index`: {'distances': (B, k) float32}."""
+    return {"distances": atoms.table.distances[atoms.rows[index]]}
+
+
+def filler_inputs(k: int, batch_size: int) -> dict:
+    """Model inputs of `batch_size` dummy atoms (a process with no atoms left still steps)."""
+    return {"distances": np.ones((batch_size, k), np.float32)}
+
+
+def epoch_batches(atoms: LabelledAtoms, batch_size: int, *, seed: int, epoch: int,
                   start: int = 0) -> Iterator[dict]:
     """Shuffled training batches of one epoch, dropping the remainder.
 
-    x: (A, k) float32, y: (A,) int32. The order depends only on (seed, epoch), so a resumed
-    run continues with the same batches; `start` skips that many batches.
-    Yields {'distances': (B, k), 'label': (B,), 'mask': (B,)}.
+    The order depends only on (seed, epoch), so a resumed run continues with the same
+    batches; `start` skips that many batches. Yields {'inputs': model inputs,
+    'label': (B,) int32, 'mask': (B,) float32}.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(len(y))
-    for b in range(start, num_batches(len(y), batch_size, drop_remainder=True)):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        yield {"distances": x[idx], "label": y[idx], "mask": np.ones(len(idx), np.float32)}
+    order = np.random.default_rng([seed, epoch]).permutation(len(atoms))
+    for b in range(start, num_batches(len(atoms), batch_size, drop_remainder=True)):
+        index = order[b * batch_size:(b + 1) * batch_size]
+        yield {"inputs": model_inputs(atoms, index), "label": atoms.labels[index],
+               "mask": np.ones(len(index), np.float32)}
 
 
-def eval_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int) -> Iterator[dict]:
-    """All atoms in order, the last batch padded (mask 0) to full size."""
-    n = len(x)
+def eval_batches(atoms: LabelledAtoms, batch_size: int) -> Iterator[dict]:
+    """All selected atoms in order, the last batch padded (mask 0) to full size."""
+    n = len(atoms)
     for b in range(num_batches(n, batch_size, drop_remainder=False)):
-        sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-        size = sl.stop - sl.start
-        pad = batch_size - size
-        xb = np.pad(x[sl], ((0, pad), (0, 0)), mode="edge" if size else "constant")
-        yb = np.zeros(batch_size, np.int32) if y is None else np.pad(y[sl], (0, pad))
-        mask = np.concatenate([np.ones(size, np.float32), np.zeros(pad, np.float32)])
-        yield {"distances": xb, "label": yb, "mask": mask}
+        index = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+        pad = batch_size - len(index)
+        padded = np.pad(index, (0, pad), mode="edge" if len(index) else "constant")
+        yield {"inputs": model_inputs(atoms, padded), "label": atoms.labels[padded],
+               "mask": (np.arange(batch_size) < len(index)).astype(np.float32)}
 
 
 # ----------------------------------------------------------------------------
@@ -353,11 +456,12 @@ _TOY_FIRST_DISTANCE = {1: 1.0, 6: 1.4, 7: 1.35, 8: 1.25, 29: 1.95, 30: 2.0}
 
 
 def toy_features(atomic_numbers, atoms_per_element, k: int, *, seed: int = 0,
-                 atoms_per_structure: int = 20, noise: float = 0.05) -> FeatureSet:
-    """A FeatureSet with element-dependent k-NN distances (learnable, not physical).
+                 atoms_per_structure: int = 20, noise: float = 0.05) -> AtomTable:
+    """An AtomTable with element-dependent k-NN distances (learnable, not physical).
 
     Atom j of element Z gets sorted distances d_i = f(Z) * (1 + 0.3 i) + noise, grouped into
-    structures `toy<n>:toy<n>` of `atoms_per_structure` atoms with site labels like 'C3'.
+    structures `toy<n>:toy<n>` of `atoms_per_structure` atoms with site labels like 'C3';
+    neighbours are random atoms of the same structure.
     """
     rng = np.random.default_rng(seed)
     zs = np.repeat(np.asarray(atomic_numbers, np.int32), atoms_per_element)
@@ -367,15 +471,23 @@ def toy_features(atomic_numbers, atoms_per_element, k: int, *, seed: int = 0,
     d = np.sort(np.abs(d), axis=1).astype(np.float32)
     n_struct = -(-len(zs) // atoms_per_structure)
     index = (np.arange(len(zs)) // atoms_per_structure).astype(np.int32)
+    first_row = index * atoms_per_structure
+    size = np.minimum(atoms_per_structure, len(zs) - first_row)
+    neighbours = first_row[:, None] + rng.integers(0, 1 << 30, (len(zs), k)) % size[:, None]
     labels = np.array([f"{elements_lib.symbol(z)}{i % atoms_per_structure + 1}"
                        for i, z in enumerate(zs)]).astype(np.bytes_)
     ids = np.array([f"toy{seed}_{i}:toy{seed}_{i}" for i in range(n_struct)])
-    return FeatureSet(distances=d, atomic_number=zs, structure_index=index, site_label=labels,
-                      structure_id=ids)
+    return AtomTable(distances=d, neighbour_index=neighbours.astype(np.int32), atomic_number=zs,
+                     structure_index=index, site_label=labels, structure_id=ids)
 
 
 def write_toy_cache(data_dir: str, dataset: str, k: int, atomic_numbers,
-                    atoms_per_element=(300, 60, 60)) -> None:
-    """Feature caches of train/validation/test toy splits, so a run needs no dataset."""
-    for i, (split, n) in enumerate(zip(("train", "validation", "test"), atoms_per_element)):
-        toy_features(atomic_numbers, n, k, seed=i).save(cache_path(data_dir, dataset, k, split))
+                    atoms_per_element=(300, 60, 60), process_count: int = 1) -> None:
+    """Feature caches of train/validation/test toy splits (dataset 'toy/<name>'), one per
+    process, so a run needs no real dataset."""
+    if not dataset.startswith(TOY_PREFIX):
+        raise ValueError(f"toy dataset names start with {TOY_PREFIX!r}, got {dataset!r}")
+    for p in range(process_count):
+        for i, (split, n) in enumerate(zip(SPLITS, atoms_per_element)):
+            toy_features(atomic_numbers, n, k, seed=10 * p + i).save(
+                cache_path(data_dir, dataset, TOY_FINGERPRINT, k, split, p, process_count))

@@ -1,91 +1,69 @@
-"""Train and evaluate the element predictor: `python -m cryknn.main --k=5 [--workdir=W]`.
+"""Train and evaluate the element predictor.
 
-A thin absl entry point: flags -> `train.Config` -> `train.train_and_evaluate(config, workdir)`.
-Bad flag values exit with status 2 and one readable line.
+  python -m cryknn.main --k=5 [--workdir=W] [any field of cryknn.config.Config as a flag]
+  cryknn train --k=5 ...
+
+A thin entry point: flags -> `config.Config` -> `train.train_and_evaluate(config, workdir)`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from typing import Sequence
 
-from absl import app, flags, logging
+from cryknn import command
+from cryknn import config as config_lib
+from cryknn import errors
 
-from cryknn import train
+USAGE = """\
+usage: python -m cryknn.main [--k=5] [--workdir=W] [flags]
 
-_D = train.Config()
-
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go (default "
-                    "./workdir/k<K>, ./workdir/k<K>_<model> for other models than mlp); "
-                    "re-running with the same workdir resumes from its latest checkpoint.")
-flags.DEFINE_string("dataset", _D.dataset, "TFDS dataset name/config of crystal structures.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (also holds the feature cache); "
-                    "default: TFDS' own (~/tensorflow_datasets).")
-flags.DEFINE_integer("k", _D.k, "Nearest-neighbour distances per atom (>= 1).")
-flags.DEFINE_integer("num_elements", _D.num_elements,
-                     "Classify the N most abundant elements of the train split.")
-flags.DEFINE_string("elements", None, "Explicit element list, e.g. C,N,O,Li,Na,K,Al,Si,P,S "
-                    "(overrides --num_elements).")
-flags.DEFINE_integer("max_per_element", _D.max_per_element,
-                     "Cap on training atoms per element (0: no cap).")
-flags.DEFINE_string("model", _D.model, "mlp (default) or seed (the original two-stage model).")
-flags.DEFINE_string("class_weighting", _D.class_weighting,
-                    "none, inverse_frequency or sqrt_inverse_frequency.")
-flags.DEFINE_integer("epochs", _D.epochs, "Passes over the selected training atoms.")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (atoms).")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak learning rate (AdamW, cosine).")
-flags.DEFINE_integer("seed", _D.seed, "Random seed (initialisation, atom cap, batch order).")
-flags.DEFINE_integer("log_every", _D.log_every, "Steps between progress lines.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-process run; "
-                  "each process reads its own part of the data; build the dataset first).")
-flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0 "
-                    "(default: detected by JAX on TPU pods, SLURM, ...).")
-flags.DEFINE_integer("num_processes", None, "--multihost: number of processes (default: detected).")
-flags.DEFINE_integer("process_id", None, "--multihost: this process's index (default: detected).")
-
-FLAGS = flags.FLAGS
-
-CONFIG_FLAGS = ("dataset", "data_dir", "k", "num_elements", "elements", "max_per_element",
-                "model", "class_weighting", "epochs", "batch_size", "learning_rate", "seed",
-                "log_every", "multihost")
+Builds the dataset if needed (default: the embedded CoRE MOF 2019-ASR), featurises it
+(cached per k), trains the element predictor and evaluates it on the test split; rerunning
+with the same --workdir resumes."""
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, but a bad flag is one line on stderr and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def define_flags() -> None:
+    from absl import flags
+
+    command.define_dataclass_flags(config_lib.Config)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go (default "
+                        "./workdir/k<K>, or ./workdir/k<K>_<model> for other models than mlp); "
+                        "rerunning with the same workdir resumes from its latest checkpoint.")
+    flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0 "
+                        "(default: detected by JAX on TPU pods, SLURM, ...).")
+    flags.DEFINE_integer("num_processes", None, "--multihost: number of processes "
+                         "(default: detected).")
+    flags.DEFINE_integer("process_id", None, "--multihost: this process's index "
+                         "(default: detected).")
 
 
-def config_from_flags() -> train.Config:
-    return train.Config(**{name: FLAGS[name].value for name in CONFIG_FLAGS})
-
-
-def default_workdir(config: train.Config) -> str:
+def default_workdir(config: config_lib.Config) -> str:
     suffix = "" if config.model == "mlp" else f"_{config.model}"
     return os.path.join(".", "workdir", f"k{config.k}{suffix}")
 
 
 def main(argv: list[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
     if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return 2
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
-    config = config_from_flags()
-    try:
-        if config.multihost:  # before anything asks JAX about devices
-            import jax
-            jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                       FLAGS.process_id)
-        train.train_and_evaluate(config, FLAGS.workdir or default_workdir(config))
-    except train.user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = command.dataclass_from_flags(config_lib.Config)
+    if config.multihost:  # before anything asks JAX about devices
+        import jax
+
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    from cryknn import train
+
+    train.train_and_evaluate(config, FLAGS.workdir or default_workdir(config))
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run()

@@ -25,6 +25,8 @@ import numpy as np
 from gemmi import cif
 
 from cryknn import elements
+from cryknn import errors
+from cryknn import util
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +41,10 @@ class Structure:
       numbers: (N,) int32 atomic numbers (1..118).
       labels: (N,) str site labels (symmetry copies keep their parent's label).
       occupancies: (N,) float32 site occupancies.
+      site_index: (N,) int32 the site each atom stands for: its row in the CIF's atom-site
+        loop (symmetry copies share their row). Default: one site per atom.
+      removed: atoms the reading policies took out, by policy ('duplicates_merged',
+        'disorder_dropped'); empty when none (see ReadOptions).
     """
 
     id: str
@@ -48,10 +54,21 @@ class Structure:
     numbers: np.ndarray
     labels: np.ndarray
     occupancies: np.ndarray
+    site_index: np.ndarray | None = None
+    removed: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.site_index is None:
+            object.__setattr__(self, "site_index", np.arange(self.num_atoms, dtype=np.int32))
 
     @property
     def num_atoms(self) -> int:
         return int(self.numbers.shape[0])
+
+    @property
+    def num_sites(self) -> int:
+        """Distinct sites (CIF atom-site rows) among the atoms."""
+        return int(np.unique(self.site_index).size)
 
     @property
     def volume(self) -> float:
@@ -100,12 +117,9 @@ def summarize_skips(reasons: Iterable[str], top: int = 12) -> list[str]:
     return lines
 
 
-class DataNotFoundError(FileNotFoundError):
-    """An embedded data set (a core-mof archive, pyxtal's database) is not installed."""
-
-
-class DataFormatError(ValueError):
-    """An embedded database does not have the layout this reader understands."""
+def _option(default, help_text: str):
+    """A ReadOptions field; its help becomes the command-line flag's help."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,23 +178,32 @@ class ReadOptions:
     Missing or null ('?', '.') occupancies count as 1.
     """
 
-    isotopes_as_hydrogen: bool = True
-    disorder: str = "majority"
-    merge_tolerance: float = 0.4
-    merge_duplicates: bool = True
-    overlap_tolerance: float = 0.7
-    occupancy_tolerance: float = 0.01
+    isotopes_as_hydrogen: bool = _option(
+        True, "Read deuterium and tritium as hydrogen (--noisotopes_as_hydrogen skips them).")
+    disorder: str = _option(
+        "majority", "Partial occupancy and disorder groups: majority (keep the most "
+        "occupied alternative), drop (skip such structures) or all (keep every site).")
+    merge_tolerance: float = _option(
+        0.4, "Angstrom: symmetry copies of one site closer than this are one atom.")
+    merge_duplicates: bool = _option(
+        True, "Merge same-element atoms closer than merge_tolerance whose occupancies add "
+        "up to more than 1 (--nomerge_duplicates keeps every listed site).")
+    overlap_tolerance: float = _option(
+        0.7, "Angstrom: under --disorder=majority, partial atoms closer than this are "
+        "alternatives for one place.")
+    occupancy_tolerance: float = _option(
+        0.01, "An occupancy >= 1 - this counts as full.")
 
     def __post_init__(self):
         if self.disorder not in DISORDER_POLICIES:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"disorder must be one of {', '.join(DISORDER_POLICIES)}, got {self.disorder!r}")
         for field in ("merge_tolerance", "overlap_tolerance", "occupancy_tolerance"):
             value = getattr(self, field)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
+                raise errors.ConfigError(f"{field} must be a finite number >= 0, got {value!r}")
         if self.occupancy_tolerance >= 0.5:
-            raise ValueError("occupancy_tolerance must be < 0.5")
+            raise errors.ConfigError("occupancy_tolerance must be < 0.5")
 
 
 class _BlockSkip(Exception):
@@ -240,7 +263,7 @@ def _pair_distances_sq(x: np.ndarray, y: np.ndarray, lattice: np.ndarray) -> np.
     return np.einsum("...i,...i->...", cart, cart)
 
 
-def _interplanar_spacings(lattice: np.ndarray) -> np.ndarray:
+def interplanar_spacings(lattice: np.ndarray) -> np.ndarray:
     """(3,) distances between lattice planes spanned by (b, c), (c, a), (a, b)."""
     a, b, c = lattice
     volume = abs(float(np.dot(a, np.cross(b, c))))
@@ -272,7 +295,7 @@ def _close_pairs(frac: np.ndarray, lattice: np.ndarray, cutoff: float,
     if n < 2 or cutoff <= 0:
         return empty, empty, np.zeros(0)
     if spacing is None:
-        spacing = _interplanar_spacings(lattice)
+        spacing = interplanar_spacings(lattice)
     # Bins at least cutoff wide (in interplanar terms), so a close pair lies in the same
     # or adjacent bins; no more bins than about 2 per atom, so a dense table is cheap.
     bins = np.maximum(np.floor(spacing / cutoff), 1.0)
@@ -656,7 +679,7 @@ def _element(symbol: str, isotopes_as_hydrogen: bool) -> int | str:
             found = elements.element_from_type_symbol(symbol, isotopes_as_hydrogen=True)
             if found == 1 and not isotopes_as_hydrogen and elements.is_hydrogen_isotope(symbol):
                 found = f"hydrogen isotope {symbol!r} (isotopes_as_hydrogen=False)"
-        except elements.UnknownElementError:
+        except errors.UnknownElementError:
             found = f"unknown element type {symbol!r}"
         if len(_element_cache) < 100_000:
             _element_cache[key] = found
@@ -677,25 +700,18 @@ def _site_table(block):
     return table
 
 
-def _read_block(block, name: str, source: str, options: ReadOptions) -> Structure:
-    table = _site_table(block)
-    lattice, cell = _cell(block)
-    rot, tran = _symmetry(block, cell)
-
+def _site_names(table) -> tuple[list[str], list[str]]:
+    """(labels, element symbols) of the site rows; each falls back on the other."""
     labels = _unquote(table.column(_LABEL)) if table.has_column(_LABEL) else None
     types = _unquote(table.column(_TYPE)) if table.has_column(_TYPE) else None
     if types is None and labels is None:
         raise _BlockSkip("atom sites have neither _atom_site_type_symbol nor _atom_site_label")
-    if labels is None:
-        labels = types
-    symbols = types if types is not None else labels
+    return (labels if labels is not None else types), (types if types is not None else labels)
 
-    frac = np.stack([_floats(list(table.column(c))) for c in (_X, _Y, _Z)], axis=1)
-    bad = ~np.isfinite(frac).all(axis=1)
-    if bad.all() and all(v in _NULLS for c in (_X, _Y, _Z) for v in table.column(c)):
-        raise _BlockSkip("no atom sites (the atom site loop holds only '?' / '.')")
 
-    # Dummy atoms and unknown element types always skip the structure.
+def _atomic_numbers(table, labels: list[str], symbols: list[str],
+                    options: ReadOptions) -> np.ndarray:
+    """(S,) int32 element of each site row; dummy atoms and unknown types skip the block."""
     if table.has_column(_CALC):
         flags = [f.lower() for f in table.column(_CALC)]
         if "dum" in flags:
@@ -709,29 +725,30 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
             site = labels[int(np.flatnonzero(inverse.reshape(-1) == k)[0])]
             raise _BlockSkip(f"{z} at site {site!r}")
         z_unique[k] = z
-    numbers = z_unique[inverse.reshape(-1)]
+    return z_unique[inverse.reshape(-1)]
 
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        raw = [table.column(c)[k] for c in (_X, _Y, _Z)]
-        raise _BlockSkip(f"missing or non-numeric coordinates at site {labels[k]!r} "
-                         f"({' '.join(raw)}); {int(bad.sum())} such site(s)")
 
-    if table.has_column(_OCC):
-        occ = _floats(list(table.column(_OCC)))
-        occ[~np.isfinite(occ)] = 1.0
-        if (occ < 0).any():
-            k = int(np.flatnonzero(occ < 0)[0])
-            raise _BlockSkip(f"negative occupancy {occ[k]:g} at site {labels[k]!r}")
-    else:
-        occ = np.ones(len(labels), dtype=np.float64)
+def _occupancies(table, labels: list[str]) -> np.ndarray:
+    """(S,) float64 occupancy of each site row (missing or null: 1)."""
+    if not table.has_column(_OCC):
+        return np.ones(len(labels), dtype=np.float64)
+    occ = _floats(list(table.column(_OCC)))
+    occ[~np.isfinite(occ)] = 1.0
+    if (occ < 0).any():
+        k = int(np.flatnonzero(occ < 0)[0])
+        raise _BlockSkip(f"negative occupancy {occ[k]:g} at site {labels[k]!r}")
+    return occ
+
+
+def _disorder_rows(table, occ: np.ndarray, options: ReadOptions
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept site rows, rows whose disorder groups decided them, partially occupied rows)
+    under the disorder policy's first rule (disorder groups); see ReadOptions."""
+    rows = len(occ)
     partial = occ < 1.0 - options.occupancy_tolerance
     groups = _unquote(table.column(_GROUP)) if table.has_column(_GROUP) else None
     grouped = (np.array([g not in _NULLS and g != "0" for g in groups], dtype=bool)
-               if groups is not None else np.zeros(len(labels), dtype=bool))
-
-    site_keep = None
-    decided = np.zeros(len(labels), dtype=bool)
+               if groups is not None else np.zeros(rows, dtype=bool))
     if options.disorder == "drop" and (partial.any() or grouped.any()):
         parts = []
         if partial.any():
@@ -742,54 +759,117 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
     if options.disorder == "majority" and grouped.any():
         assemblies = _unquote(table.column(_ASSEMBLY)) if table.has_column(_ASSEMBLY) else None
         site_keep, decided = _majority_groups(groups, assemblies, occ)
+        return np.flatnonzero(site_keep), decided, partial
+    return np.arange(rows), np.zeros(rows, dtype=bool), partial
 
-    kept_sites = np.flatnonzero(site_keep) if site_keep is not None else np.arange(len(labels))
-    all_frac, parent = _symmetry_images(frac[kept_sites], rot, tran)
-    parent = kept_sites[parent]
-    candidates = (partial & ~decided)[parent] if options.disorder == "majority" else None
+
+@dataclasses.dataclass
+class _Atoms:
+    """Atoms of a unit cell during expansion: positions, source row, occupancy."""
+
+    frac: np.ndarray  # (N, 3)
+    parent: np.ndarray  # (N,) site row of each atom
+    occ: np.ndarray  # (N,)
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.frac, self.parent, self.occ = self.frac[mask], self.parent[mask], self.occ[mask]
+
+
+def _expand(frac: np.ndarray, rows: np.ndarray, rot: np.ndarray, tran: np.ndarray,
+            lattice: np.ndarray, numbers: np.ndarray, occ: np.ndarray,
+            candidates_by_row: np.ndarray | None, options: ReadOptions) -> tuple[_Atoms, dict]:
+    """The unit cell: symmetry images of the kept rows with copies of one site merged, then
+    (majority) partial alternatives resolved and (merge_duplicates) duplicates merged.
+
+    Returns the atoms and the atoms each policy removed:
+    {'disorder_dropped': n, 'duplicates_merged': n}.
+    """
+    all_frac, parent = _symmetry_images(frac[rows], rot, tran)
+    atoms = _Atoms(all_frac, rows[parent], np.zeros(0))
+    candidates = candidates_by_row[atoms.parent] if candidates_by_row is not None else None
     resolve = candidates is not None and bool(candidates.any())
-    merge_sq = options.merge_tolerance ** 2
-    overlap_sq = options.overlap_tolerance ** 2
+    merge_sq, overlap_sq = options.merge_tolerance ** 2, options.overlap_tolerance ** 2
     # One neighbour search serves the symmetry merge, disorder and duplicates.
     if rot.shape[0] > 1 or resolve or options.merge_duplicates:
         cutoff = max(options.merge_tolerance, options.overlap_tolerance if resolve else 0.0)
-        i, j, d2 = _close_pairs(all_frac, lattice, cutoff, _interplanar_spacings(lattice))
+        i, j, d2 = _close_pairs(atoms.frac, lattice, cutoff, interplanar_spacings(lattice))
     else:
         i = j = np.zeros(0, dtype=np.int64)
         d2 = np.zeros(0)
-
     if rot.shape[0] > 1:  # copies of one site closer than merge_tolerance: one atom
-        pick = (parent[i] == parent[j]) & (d2 < merge_sq)
-        keep = _greedy_keep(parent.size, i[pick], j[pick])
+        pick = (atoms.parent[i] == atoms.parent[j]) & (d2 < merge_sq)
+        keep = _greedy_keep(atoms.parent.size, i[pick], j[pick])
         if not keep.all():
-            all_frac, parent = all_frac[keep], parent[keep]
+            atoms.frac, atoms.parent = atoms.frac[keep], atoms.parent[keep]
             i, j, d2 = _subset(keep, i, j, d2)
             candidates = candidates[keep] if candidates is not None else None
-    all_occ = occ[parent]
+    atoms.occ = occ[atoms.parent]
+    removed = {"disorder_dropped": 0, "duplicates_merged": 0}
     if resolve:
         pick = (d2 < overlap_sq) & (candidates[i] | candidates[j])
-        keep = _majority_overlaps(all_occ, candidates, i[pick], j[pick])
+        keep = _majority_overlaps(atoms.occ, candidates, i[pick], j[pick])
         if not keep.all():
-            all_frac, parent, all_occ = all_frac[keep], parent[keep], all_occ[keep]
+            removed["disorder_dropped"] = int((~keep).sum())
+            atoms.keep(keep)
             i, j, d2 = _subset(keep, i, j, d2)
     if options.merge_duplicates:
-        pick = ((d2 < merge_sq) & (numbers[parent[i]] == numbers[parent[j]])
-                & (all_occ[i] + all_occ[j] > 1.0 + options.occupancy_tolerance))
+        pick = ((d2 < merge_sq) & (numbers[atoms.parent[i]] == numbers[atoms.parent[j]])
+                & (atoms.occ[i] + atoms.occ[j] > 1.0 + options.occupancy_tolerance))
         if pick.any():
-            keep = _greedy_keep(parent.size, i[pick], j[pick])
-            all_frac, parent, all_occ = all_frac[keep], parent[keep], all_occ[keep]
-    if parent.size == 0:
-        raise _BlockSkip("no atoms left after resolving disorder (disorder='majority')")
+            keep = _greedy_keep(atoms.parent.size, i[pick], j[pick])
+            removed["duplicates_merged"] = int((~keep).sum())
+            atoms.keep(keep)
+    return atoms, removed
 
+
+def _read_block(block, name: str, source: str, options: ReadOptions) -> Structure:
+    table = _site_table(block)
+    lattice, cell = _cell(block)
+    rot, tran = _symmetry(block, cell)
+    labels, symbols = _site_names(table)
+    frac = np.stack([_floats(list(table.column(c))) for c in (_X, _Y, _Z)], axis=1)
+    bad = ~np.isfinite(frac).all(axis=1)
+    if bad.all() and all(v in _NULLS for c in (_X, _Y, _Z) for v in table.column(c)):
+        raise _BlockSkip("no atom sites (the atom site loop holds only '?' / '.')")
+    numbers = _atomic_numbers(table, labels, symbols, options)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raw = [table.column(c)[k] for c in (_X, _Y, _Z)]
+        raise _BlockSkip(f"missing or non-numeric coordinates at site {labels[k]!r} "
+                         f"({' '.join(raw)}); {int(bad.sum())} such site(s)")
+    occ = _occupancies(table, labels)
+    rows, decided, partial = _disorder_rows(table, occ, options)
+    candidates = (partial & ~decided) if options.disorder == "majority" else None
+    atoms, removed = _expand(frac, rows, rot, tran, lattice, numbers, occ, candidates, options)
+    if atoms.parent.size == 0:
+        raise _BlockSkip("no atoms left after resolving disorder (disorder='majority')")
+    removed["disorder_dropped"] += _atoms_of_rows(np.setdiff1d(np.arange(len(occ)), rows),
+                                                  frac, rot, tran, lattice, options)
     return Structure(
         id=f"{name}:{block.name}",
         source=source,
         lattice=lattice,
-        frac=all_frac,
-        numbers=numbers[parent],
-        labels=np.asarray(labels, dtype=str)[parent],
-        occupancies=all_occ.astype(np.float32),
+        frac=atoms.frac,
+        numbers=numbers[atoms.parent],
+        labels=np.asarray(labels, dtype=str)[atoms.parent],
+        occupancies=atoms.occ.astype(np.float32),
+        site_index=atoms.parent.astype(np.int32),
+        removed={key: n for key, n in removed.items() if n},
     )
+
+
+def _atoms_of_rows(rows: np.ndarray, frac: np.ndarray, rot: np.ndarray, tran: np.ndarray,
+                   lattice: np.ndarray, options: ReadOptions) -> int:
+    """How many unit-cell atoms the site rows `rows` stand for (their merged symmetry images)."""
+    if rows.size == 0:
+        return 0
+    images, parent = _symmetry_images(frac[rows], rot, tran)
+    if rot.shape[0] == 1:
+        return int(images.shape[0])
+    i, j, d2 = _close_pairs(images, lattice, options.merge_tolerance,
+                            interplanar_spacings(lattice))
+    pick = (parent[i] == parent[j]) & (d2 < options.merge_tolerance ** 2)
+    return int(_greedy_keep(parent.size, i[pick], j[pick]).sum())
 
 
 # --------------------------------------------------------------------------------------
@@ -858,18 +938,13 @@ def _parse(text: str):
                 raise strict_error from None
 
 
-def _one_line(message: str, limit: int = 200) -> str:
-    message = " ".join(str(message).split())
-    return message if len(message) <= limit else message[:limit - 3] + "..."
-
-
 def _iter_text(data: str | bytes, name: str, source: str,
                options: ReadOptions) -> Iterator[Structure | Skip]:
     """Structures and skips of one CIF document, in data block order."""
     try:
         doc, relaxed = _parse(_decode(data))
     except Exception as err:  # noqa: BLE001 - any parser failure becomes a Skip
-        yield Skip(source, "", f"CIF parse error: {_one_line(err)}")
+        yield Skip(source, "", f"CIF parse error: {util.one_line(err, 200)}")
         return
     if len(doc) == 0:
         yield Skip(source, "", "no data blocks")
@@ -891,7 +966,7 @@ def _iter_text(data: str | bytes, name: str, source: str,
             yield Skip(source, block_name, str(why))
         except Exception as err:  # noqa: BLE001 - never crash on content
             yield Skip(source, block_name, f"unexpected error: {type(err).__name__}: "
-                                           f"{_one_line(err)}")
+                                           f"{util.one_line(err, 200)}")
 
 
 def read_cif_text(text: str | bytes, name: str, options: ReadOptions = ReadOptions(), *,
@@ -978,7 +1053,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError(
+        raise errors.DataNotFoundError(
             f"the {pip_name} package is not installed (pip install {pip_name})")
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -986,11 +1061,11 @@ def _package_dir(package: str, pip_name: str) -> Path:
 def core_mof_archive(version: str = "2019-ASR") -> Path:
     """Path of the core-mof package's `CoRE_MOF/data/<version>.tar.xz`."""
     if version not in CORE_MOF_VERSIONS:
-        raise DataNotFoundError(
+        raise errors.DataNotFoundError(
             f"unknown CoRE MOF version {version!r}; choose one of {', '.join(CORE_MOF_VERSIONS)}")
     archive = _package_dir("CoRE_MOF", "core-mof") / "data" / f"{version}.tar.xz"
     if not archive.is_file():
-        raise DataNotFoundError(f"CoRE MOF archive {archive} is missing from the core-mof package")
+        raise errors.DataNotFoundError(f"CoRE MOF archive {archive} is missing from the core-mof package")
     return archive
 
 
@@ -1038,7 +1113,7 @@ def pyxtal_db_path() -> Path:
     """Path of pyxtal's `database/test.db` (100 CSD molecular crystals, ASE sqlite)."""
     path = _package_dir("pyxtal", "pyxtal") / "database" / "test.db"
     if not path.is_file():
-        raise DataNotFoundError(f"{path} is missing from the pyxtal package")
+        raise errors.DataNotFoundError(f"{path} is missing from the pyxtal package")
     return path
 
 
@@ -1071,7 +1146,7 @@ def read_pyxtal_db(path: str | os.PathLike | None = None) -> list[Structure]:
         finally:
             con.close()
     except sqlite3.Error as err:
-        raise DataFormatError(f"{path}: not an ASE database ({err})") from None
+        raise errors.DataFormatError(f"{path}: not an ASE database ({err})") from None
     structures = []
     for row_id, numbers_blob, positions_blob, cell_blob, pbc, kvp in rows:
         try:
@@ -1086,7 +1161,7 @@ def read_pyxtal_db(path: str | os.PathLike | None = None) -> list[Structure]:
                 raise ValueError("atomic numbers outside 1..118")
             key_values = json.loads(kvp) if kvp else {}
         except (TypeError, ValueError) as err:
-            raise DataFormatError(f"{path} row {row_id}: {err}") from None
+            raise errors.DataFormatError(f"{path} row {row_id}: {err}") from None
         code = key_values.get("csd_code") or key_values.get("name") or f"row{row_id}"
         frac = _wrap(np.linalg.solve(lattice.T, positions.T).T)
         structures.append(Structure(

@@ -34,7 +34,8 @@ from absl import app, flags
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cryknn import featurize  # noqa: E402
+from cryknn import errors  # noqa: E402
+from cryknn import neighbours  # noqa: E402
 from cryknn import structures  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -61,8 +62,8 @@ def load_structures() -> list[structures.Structure]:
     for item in items:
         if isinstance(item, structures.Structure):
             try:
-                featurize.validate_cell(item.lattice, item.frac)
-            except featurize.FeaturizeError:
+                neighbours.validate_cell(item.lattice, item.frac)
+            except errors.FeaturizeError:
                 continue
             out.append(item)
             if len(out) == FLAGS.num_structures:
@@ -92,7 +93,7 @@ def _k_smallest_per_centre(centre, dist, n, k):
 
 
 def _grow_cutoff(neighbour_list, lattice, frac, k):
-    cutoff = featurize.initial_radius(lattice, len(frac), k)
+    cutoff = neighbours.initial_radius(lattice, len(frac), k)
     while True:
         centre, dist = neighbour_list(cutoff)
         result = _k_smallest_per_centre(centre, dist, len(frac), k)
@@ -138,7 +139,7 @@ def time_peer(fn, crystals, k):
 
 def time_cryknn(crystals, k, sharding=None):
     start = time.perf_counter()
-    result = featurize.featurize(crystals, k, sharding=sharding)
+    result = neighbours.featurize(crystals, k, sharding=sharding)
     return time.perf_counter() - start, [r.distances for r in result]
 
 
@@ -186,7 +187,7 @@ def sharded_worker(k_values):
 
     crystals = load_structures()
     atoms = sum(s.num_atoms for s in crystals)
-    sharding = featurize.data_parallel_sharding()
+    sharding = neighbours.data_parallel_sharding()
     result = {"devices": jax.device_count()}
     for k in k_values:
         best, first_call, _ = best_of_rounds(

@@ -3,11 +3,13 @@ confusions): where the data lives, reading a capped number of structures, elemen
 a covalent-radius table, markdown tables and the best-k criterion.
 
 Everything here is pure Python/numpy (no JAX, no TFDS) so tests can import it cheaply.
+The training experiments take every field of `cryknn.config.Config` as a flag, exactly as
+`python -m cryknn.main` does, with the same defaults (`define_run_flags`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -204,14 +206,29 @@ def best_k_one_sd(per_k: dict[int, Sequence[float]]) -> dict:
             "threshold": threshold, "chosen_k": chosen, "chosen_mean": stats[chosen][0]}
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by the training experiments: data, elements, budget and seeds."""
-    parser.add_argument("--name", default="core_mof", help="names the output folder and figure")
-    parser.add_argument("--dataset", default="crystal_structures/core_mof_2019_asr")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--max_per_element", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--num_elements", type=int, default=20)
-    parser.add_argument("--elements", default=None)
-    parser.add_argument("--model", default="mlp")
+def define_run_flags() -> None:
+    """The run flags of `python -m cryknn.main` (every Config field, same defaults), plus
+    --name (the output folder and figure) and --seeds (comma-separated)."""
+    from absl import flags
+
+    from cryknn import command, config
+
+    command.define_dataclass_flags(config.Config)
+    flags.DEFINE_string("name", "core_mof", "Names the output folder and figures.")
+    flags.DEFINE_string("seeds", "0,1,2", "Random seeds, comma-separated (one run each).")
+
+
+def run_config(**overrides):
+    """The Config of the run flags, with fields replaced by overrides."""
+    from cryknn import command, config
+
+    return dataclasses.replace(command.dataclass_from_flags(config.Config), **overrides)
+
+
+def parse_ints(text: str) -> list[int]:
+    """'1,2,5' -> [1, 2, 5]."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]

@@ -1,10 +1,8 @@
 """Which elements are confused with which, per k, from the k sweep's workdirs.
 
-Each sweep run wrote misclassifications.csv (every wrongly predicted test atom: structure id,
-site label, true and predicted element, probability) and metrics.json (per-element test
-support). Together they give the full test confusion matrix: off-diagonal cells are counts of
-(true, predicted) rows in the CSV, the diagonal is support minus the row's errors. Seeds are
-summed.
+Each sweep run wrote metrics.json, which holds the test confusion matrix (counts, element
+order), and misclassifications.csv (every wrongly predicted test atom: structure id, site
+label, true and predicted element, probability), which gives the examples. Seeds are summed.
 
     python experiments/confusions.py [--name=core_mof] [--workroot=/tmp/cryknn_experiments/k_sweep]
         [--top=8] [--examples=3] [--max_k=10]
@@ -17,12 +15,11 @@ recall against k).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -39,19 +36,12 @@ def read_misclassifications(path: str | Path) -> list[dict]:
     return rows
 
 
-def confusion_matrix(rows: Iterable[dict], support: dict[str, int],
-                     symbols: Sequence[str]) -> np.ndarray:
-    """(C, C) int64 [true, predicted] from misclassified rows and per-element support."""
-    index = {s: i for i, s in enumerate(symbols)}
-    cm = np.zeros((len(symbols), len(symbols)), np.int64)
-    for r in rows:
-        cm[index[r["true_element"]], index[r["predicted_element"]]] += 1
-    for s, i in index.items():
-        errors = cm[i].sum()
-        if errors > support.get(s, 0):
-            raise ValueError(f"{s}: {errors} misclassified but support {support.get(s, 0)}")
-        cm[i, i] = support.get(s, 0) - errors
-    return cm
+def stored_confusion(metrics: dict, symbols: Sequence[str]) -> np.ndarray:
+    """(C, C) int64 [true, predicted] test confusion matrix stored in a run's metrics.json."""
+    stored = metrics["test"]["confusion_matrix"]
+    if list(stored["elements"]) != list(symbols):
+        raise ValueError("the stored confusion matrix has another element order")
+    return np.asarray(stored["counts"], np.int64)
 
 
 def row_normalise(cm: np.ndarray) -> np.ndarray:
@@ -95,9 +85,8 @@ def collect(root: Path, max_k: int | None = None) -> dict[int, dict]:
                 symbols = syms
             elif syms != symbols:
                 raise ValueError(f"{d}: elements differ from the other seeds of k={k}")
-            support = {s: v["support"] for s, v in metrics["test"]["per_element"].items()}
             rows = read_misclassifications(d / "misclassifications.csv")
-            cm = confusion_matrix(rows, support, symbols)
+            cm = stored_confusion(metrics, symbols)
             total = cm if total is None else total + cm
             if first_rows is None:
                 first_rows = rows
@@ -175,28 +164,36 @@ def plot(data: dict[int, dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--name", default="core_mof")
-    p.add_argument("--workroot", default=str(common.SCRATCH / "k_sweep"))
-    p.add_argument("--top", type=int, default=8)
-    p.add_argument("--examples", type=int, default=3)
-    p.add_argument("--max_k", type=int, default=10)
-    p.add_argument("--out_dir", default=str(common.FIGURES))
-    args = p.parse_args(argv)
-    root = Path(args.workroot) / args.name
-    data = collect(root, args.max_k)
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("name", "core_mof", "The k sweep's --name.")
+    flags.DEFINE_string("workroot", str(common.SCRATCH / "k_sweep"), "The k sweep's --workroot.")
+    flags.DEFINE_integer("top", 8, "Most confused pairs listed per k.")
+    flags.DEFINE_integer("examples", 3, "Example sites per pair.")
+    flags.DEFINE_integer("max_k", 10, "Largest k shown.")
+    flags.DEFINE_string("out_dir", str(common.FIGURES), "Figures go here.")
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    root = Path(FLAGS.workroot) / FLAGS.name
+    data = collect(root, FLAGS.max_k)
     if not data:
         print(f"no finished k-sweep runs under {root}", file=sys.stderr)
         return 1
-    md = report(data, args.top, args.examples)
+    md = report(data, FLAGS.top, FLAGS.examples)
     (root / "confusions.md").write_text(md)
-    fig = Path(args.out_dir) / f"confusions_{args.name}.png"
-    plot(data, f"{args.name}: test confusion matrices, k = {min(data)}..{max(data)}", fig)
+    fig = Path(FLAGS.out_dir) / f"confusions_{FLAGS.name}.png"
+    plot(data, f"{FLAGS.name}: test confusion matrices, k = {min(data)}..{max(data)}", fig)
     print(md)
     print(f"wrote {root}/confusions.md, {fig}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cryknn import command
+
+    command.run_tool(main, usage=__doc__, define_flags=define_flags)

@@ -1,6 +1,6 @@
 """Nearest-neighbour distance distributions per (centre element, neighbour element) pair.
 
-For every atom we take its exact periodic k-NN (cryknn.featurize, k=5 by default) and the
+For every atom we take its exact periodic k-NN (cryknn.neighbours, k=5 by default) and the
 element of each neighbour (`Neighbours.indices` into the motif). For each neighbour rank
 r = 1..k and each pair (centre element, element of the r-th neighbour) we histogram the
 r-th distance, and write a table of counts, median, mode and 5-95% range with the sum of
@@ -291,7 +291,7 @@ TABLE_COLUMNS = ("rank", "centre", "neighbour", "kind", "count", "fraction", "me
 
 
 def run_source(source: str, args) -> tuple | None:
-    from cryknn import featurize
+    from cryknn import neighbours as neighbours_lib
 
     t0 = time.time()
     try:
@@ -307,7 +307,7 @@ def run_source(source: str, args) -> tuple | None:
     t1 = time.time()
     neighbours = []
     for start in range(0, len(structures), 500):
-        neighbours.extend(featurize.featurize(structures[start:start + 500], args.k))
+        neighbours.extend(neighbours_lib.featurize(structures[start:start + 500], args.k))
     t_feat = time.time() - t1
     centre, neigh, dist = neighbour_arrays(structures, neighbours)
     c_sym, n_sym = common.symbols_of(centre), common.symbols_of(neigh)

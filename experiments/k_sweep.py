@@ -13,10 +13,9 @@ Best k: the smallest k whose mean *validation* balanced accuracy (over seeds) is
 standard deviation (over seeds) of the best mean (`common.best_k_one_sd`); the test split is
 only reported, never used to choose.
 
-    python experiments/k_sweep.py [--name=core_mof] [--dataset=crystal_structures/core_mof_2019_asr]
-        [--data_dir=DIR] [--ks=1,2,3,4,5,6,7,8,9,10,12,16,20] [--seeds=0,1,2]
-        [--max_per_element=4000] [--epochs=8] [--num_elements=20] [--model=mlp]
-        [--workroot=/tmp/cryknn_experiments/k_sweep] [--plot_only]
+    python experiments/k_sweep.py [--name=core_mof] [--ks=1,2,3,4,5,6,7,8,9,10,12,16,20]
+        [--seeds=0,1,2] [--workroot=/tmp/cryknn_experiments/k_sweep] [--plot_only]
+        [any flag of python -m cryknn.main: --dataset, --data_dir, --model, --epochs, ...]
 
 Writes <workroot>/<name>/k<k>_s<seed>/ (the usual workdir: metrics.json,
 misclassifications.csv, confusion_matrix.png, ...), <workroot>/<name>/sweep.json (all runs
@@ -26,7 +25,7 @@ docs/figures/k_sweep_<name>.png.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,10 +38,6 @@ import common  # noqa: E402
 
 DEFAULT_KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20)
 METRICS = ("accuracy", "balanced_accuracy", "top3_accuracy")
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def run_record(k: int, seed: int, metrics: dict) -> dict:
@@ -170,62 +165,65 @@ def table_markdown(rows: Sequence[dict]) -> str:
     return common.markdown_table(out, [c for c, _ in TABLE], [h for _, h in TABLE])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_run_arguments(p)
-    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--workroot", default=str(common.SCRATCH / "k_sweep"))
-    p.add_argument("--out_dir", default=str(common.FIGURES))
-    p.add_argument("--plot_only", action="store_true", help="only collect finished runs")
-    args = p.parse_args(argv)
-    ks, seeds = parse_ints(args.ks), parse_ints(args.seeds)
-    root = Path(args.workroot) / args.name
-    root.mkdir(parents=True, exist_ok=True)
+def define_flags() -> None:
+    from absl import flags
 
+    common.define_run_flags()
+    flags.DEFINE_string("ks", ",".join(map(str, DEFAULT_KS)), "Values of k, comma-separated.")
+    flags.DEFINE_string("workroot", str(common.SCRATCH / "k_sweep"), "Workdirs go here.")
+    flags.DEFINE_string("out_dir", str(common.FIGURES), "Figures go here.")
+    flags.DEFINE_bool("plot_only", False, "Only collect finished runs.")
+
+
+def run_sweep(ks: Sequence[int], seeds: Sequence[int], root: Path, plot_only: bool,
+              log=print) -> list[dict]:
+    """Train (or read back) one run per (k, seed); returns their sweep rows."""
     records = []
-    t_sweep = time.time()
-    if not args.plot_only:
+    if not plot_only:
         # Featurise once at the largest k: the cache serves every smaller k (first columns).
         from cryknn import input_pipeline
 
-        for split in ("train", "validation", "test"):
-            input_pipeline.load_features(args.dataset, split, max(ks), data_dir=args.data_dir,
-                                         log=print)
+        input_pipeline.prepare(common.run_config(k=max(ks)), log=log)
     for k in ks:
         for seed in seeds:
             workdir = root / f"k{k}_s{seed}"
             metrics = common.load_json(workdir / "metrics.json")
-            if metrics is None and not args.plot_only:
+            if metrics is None and not plot_only:
                 from cryknn import train
 
-                config = train.Config(
-                    dataset=args.dataset, data_dir=args.data_dir, k=k, seed=seed,
-                    num_elements=args.num_elements, elements=args.elements,
-                    max_per_element=args.max_per_element, epochs=args.epochs,
-                    model=args.model, batch_size=args.batch_size, log_every=10**9)
-                print(f"--- k={k} seed={seed}: {workdir}", flush=True)
+                log(f"--- k={k} seed={seed}: {workdir}")
+                config = common.run_config(k=k, seed=seed, log_every=10**9)
                 metrics = train.train_and_evaluate(config, str(workdir))
             if metrics is not None:
                 records.append(run_record(k, seed, metrics))
+    return records
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    ks, seeds = common.parse_ints(FLAGS.ks), common.parse_ints(FLAGS.seeds)
+    root = Path(FLAGS.workroot) / FLAGS.name
+    root.mkdir(parents=True, exist_ok=True)
+    t_sweep = time.time()
+    records = run_sweep(ks, seeds, root, FLAGS.plot_only)
     if not records:
         print("no finished runs", file=sys.stderr)
         return 1
     rows = aggregate(records)
     decision = choose_k(records)
-    flags = {key: getattr(args, key) for key in ("dataset", "max_per_element", "epochs",
-                                                 "num_elements", "elements", "model",
-                                                 "batch_size")}
+    config = common.run_config()
     common.write_json(root / "sweep.json", {
-        "flags": flags, "runs": records, "per_k": rows, "decision": decision,
-        "seconds_this_invocation": time.time() - t_sweep,
+        "flags": dataclasses.asdict(config), "runs": records, "per_k": rows,
+        "decision": decision, "seconds_this_invocation": time.time() - t_sweep,
         "runs_total_seconds": sum(r["total_s"] or 0 for r in records)})
     md = table_markdown(rows)
     (root / "sweep.md").write_text(md + "\n")
-    title = (f"{args.name}: {args.model}, {len(records[0]['elements'] or [])} elements, "
-             f"<= {args.max_per_element} training atoms per element, {args.epochs} epochs "
+    title = (f"{FLAGS.name}: {config.model}, {len(records[0]['elements'] or [])} elements, "
+             f"<= {config.max_per_element} training atoms per element, {config.epochs} epochs "
              f"(same steps for every k), {len(seeds)} seeds")
-    fig = Path(args.out_dir) / f"k_sweep_{args.name}.png"
+    fig = Path(FLAGS.out_dir) / f"k_sweep_{FLAGS.name}.png"
     plot(rows, records, decision, title, fig)
     print(md)
     print(f"best mean validation balanced accuracy at k={decision['best_k']} "
@@ -236,4 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cryknn import command
+
+    command.run_tool(main, usage=__doc__, define_flags=define_flags)

@@ -2,19 +2,19 @@
 
 For each seed: train a k-model (`train.train_and_evaluate`, same flags as the k sweep), then
 for each k' in --k_new build two k'-runs on the very same prepared data:
-  warm:    parameters from the k-model via `cryknn.warm_start.warm_start_run` (the new
+  warm:    parameters from the k-model via `cryknn.warm_start.warm_start_trainer` (the new
            distances' input weights start at zero, so step 0 reproduces the k-model), once
            per --warm_lr_scales entry (peak learning rate = scratch's times the scale);
   scratch: the usual random initialisation.
-Both train with the same optimiser, schedule shape, batches and number of steps, and the
-validation balanced accuracy (the trainer's per-element-capped monitor estimate) is measured
-every --eval_every steps. Reported per (k', seed): the step and training seconds (evaluation
+Both train with the same optimiser, schedule shape, batches and number of steps
+(`Trainer.fit`), and a fit hook measures the validation balanced accuracy (the trainer's
+per-element-capped monitor estimate) every --eval_every steps. Reported per (k', seed): the step and training seconds (evaluation
 time excluded) at which each run first reaches the scratch run's final validation balanced
 accuracy, and both runs' final validation/test metrics (full splits).
 
-    python experiments/warm_start.py [--name=core_mof] [--dataset=...] [--data_dir=DIR]
-        [--k=5] [--k_new=6,10] [--seeds=0,1,2] [--max_per_element=4000] [--epochs=8]
+    python experiments/warm_start.py [--name=core_mof] [--k=5] [--k_new=6,10] [--seeds=0,1,2]
         [--eval_every=25] [--warm_lr_scales=1,0.1] [--workroot=/tmp/cryknn_experiments/warm_start]
+        [any flag of python -m cryknn.main: --dataset, --data_dir, --epochs, ...]
 
 Writes <workroot>/<name>/results.json, <workroot>/<name>/results.md and
 docs/figures/warm_start_<name>.png (validation balanced accuracy against steps and seconds).
@@ -22,10 +22,8 @@ docs/figures/warm_start_<name>.png (validation balanced accuracy against steps a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -44,45 +42,25 @@ def first_reach(curve: Sequence[dict], target: float, key: str = "balanced_accur
     return None
 
 
-def train_with_monitor(run, eval_every: int, log=print) -> list[dict]:
-    """Train `run` (a train.Run) to its last step with the same steps, batches and dropout
-    seed as Run.fit (which only estimates validation metrics once per epoch), estimating the
-    validation metrics every eval_every steps (and at step 0). Returns the curve: dicts with step,
-    seconds (training only, evaluation excluded), loss, accuracy, balanced_accuracy."""
-    import jax
-    import jax.numpy as jnp
+def train_with_monitor(trainer, eval_every: int, log=print) -> list[dict]:
+    """Train `trainer` (a train.Trainer) to its last step, estimating the validation metrics
+    at step 0 and every eval_every steps. Returns the curve: dicts with step, seconds
+    (training only: the trainer's clock stops while the hook evaluates), loss, accuracy,
+    balanced_accuracy."""
+    from cryknn import train
 
-    from cryknn import input_pipeline, train
+    def point(t):
+        return {"step": int(t.state.step), "seconds": t.train_seconds, **t.monitor()}
 
-    config, prepared, par = run.config, run.prepared, run.par
-    step_fn = par.jit_train_step()
-    weights = par.replicate(jnp.asarray(prepared.class_weights))
-    seed = par.replicate(np.int32(config.seed + 1))  # dropout randomness, as in Run.fit
+    def at_the_end(t):
+        if int(t.state.step) == t.total_steps and curve[-1]["step"] < t.total_steps:
+            curve.append(point(t))
 
-    def point(step, seconds):
-        m = train.monitor_metrics(run.probs(prepared.monitor.x), prepared)
-        return {"step": step, "seconds": seconds, **m}
-
-    curve = [point(0, 0.0)]
-    seconds, step = 0.0, 0
-    for epoch in range(config.epochs):
-        t = time.perf_counter()
-        for local in input_pipeline.epoch_batches(prepared.train.x, prepared.train.y,
-                                                  run.local_batch, seed=config.seed,
-                                                  epoch=epoch):
-            if step >= (epoch + 1) * run.steps_per_epoch:
-                break
-            run.state, _ = step_fn(run.state, par.global_batch(local), weights, seed)
-            step += 1
-            if step % eval_every == 0 or step == run.total_steps:
-                jax.block_until_ready(run.state)
-                seconds += time.perf_counter() - t
-                curve.append(point(step, seconds))
-                t = time.perf_counter()
-        jax.block_until_ready(run.state)
-        seconds += time.perf_counter() - t
-    log(f"  {step} steps in {seconds:.1f} s: validation balanced accuracy "
-        f"{curve[0]['balanced_accuracy']:.4f} -> {curve[-1]['balanced_accuracy']:.4f}")
+    curve = [point(trainer)]
+    trainer.fit([train.Hook(lambda t: curve.append(point(t)), every_steps=eval_every),
+                 train.Hook(at_the_end, at_epoch_end=True)], log=lambda message: None)
+    log(f"  {curve[-1]['step']} steps in {trainer.train_seconds:.1f} s: validation balanced "
+        f"accuracy {curve[0]['balanced_accuracy']:.4f} -> {curve[-1]['balanced_accuracy']:.4f}")
     return curve
 
 
@@ -214,84 +192,91 @@ def table_markdown(results: list[dict]) -> str:
          "scratch test acc."], digits=3)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_run_arguments(p)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--k_new", default="6,10")
-    p.add_argument("--eval_every", type=int, default=25)
-    p.add_argument("--warm_lr_scales", default="1,0.1",
-                   help="warm runs: peak learning rate = the scratch run's times each of these")
-    p.add_argument("--workroot", default=str(common.SCRATCH / "warm_start"))
-    p.add_argument("--out_dir", default=str(common.FIGURES))
-    args = p.parse_args(argv)
+def define_flags() -> None:
+    from absl import flags
 
-    from cryknn import train, warm_start
+    common.define_run_flags()
+    flags.DEFINE_string("k_new", "6,10", "Larger values of k to warm-start, comma-separated.")
+    flags.DEFINE_integer("eval_every", 25, "Steps between validation estimates.")
+    flags.DEFINE_string("warm_lr_scales", "1,0.1", "Warm runs: peak learning rate = the "
+                        "scratch run's times each of these.")
+    flags.DEFINE_string("workroot", str(common.SCRATCH / "warm_start"), "Workdirs go here.")
+    flags.DEFINE_string("out_dir", str(common.FIGURES), "Figures go here.")
 
-    k_news = [int(x) for x in args.k_new.split(",") if x.strip()]
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    lr_scales = [float(x) for x in args.warm_lr_scales.split(",") if x.strip()]
-    root = Path(args.workroot) / args.name
-    quiet = lambda msg: None  # noqa: E731
 
-    def config(k, seed):
-        return train.Config(dataset=args.dataset, data_dir=args.data_dir, k=k, seed=seed,
-                            num_elements=args.num_elements, elements=args.elements,
-                            max_per_element=args.max_per_element, epochs=args.epochs,
-                            model=args.model, log_every=10**9)
+def compare_seed(seed: int, k_news: Sequence[int], lr_scales: Sequence[float], root: Path,
+                 eval_every: int) -> list[dict]:
+    """Base k-model, then per k' a scratch run and one warm run per learning-rate scale."""
+    from cryknn import checkpoints, input_pipeline, train, warm_start
 
+    base_config = common.run_config(seed=seed, log_every=10**9)
+    base_dir = root / f"base_k{base_config.k}_s{seed}"
+    base_metrics = common.load_json(base_dir / "metrics.json")
+    if base_metrics is None:
+        print(f"--- base k={base_config.k} seed={seed}: {base_dir}", flush=True)
+        base_metrics = train.train_and_evaluate(base_config, str(base_dir))
+    trained = checkpoints.load_trained(str(base_dir))
+    keep = ("accuracy", "balanced_accuracy", "top3_accuracy")
     results = []
-    for seed in seeds:
-        base_dir = root / f"base_k{args.k}_s{seed}"
-        base_metrics = common.load_json(base_dir / "metrics.json")
-        if base_metrics is None:
-            print(f"--- base k={args.k} seed={seed}: {base_dir}", flush=True)
-            base_metrics = train.train_and_evaluate(config(args.k, seed), str(base_dir))
-        trained = train.load_trained(str(base_dir))
-        for k_new in k_news:
-            cfg = config(k_new, seed)
-            prepared = train.prepare_data(cfg, log=quiet)
-            keep = ("accuracy", "balanced_accuracy", "top3_accuracy")
-            print(f"--- k={args.k} -> {k_new}, seed {seed}: scratch", flush=True)
-            scratch_run = train.Run.create(cfg, prepared)
-            scratch_curve = train_with_monitor(scratch_run, args.eval_every)
-            scratch_test = scratch_run.evaluate("test")[0]
-            for scale in lr_scales:
-                print(f"--- k={args.k} -> {k_new}, seed {seed}: warm start, learning rate x"
-                      f"{scale:g}", flush=True)
-                warm_cfg = dataclasses.replace(cfg, learning_rate=cfg.learning_rate * scale)
-                warm_run = train.Run.create(warm_cfg, prepared)
-                warm_start.warm_start_run(warm_run, trained)
-                warm_curve = train_with_monitor(warm_run, args.eval_every)
-                warm_test = warm_run.evaluate("test")[0]
-                results.append({
-                    "k": args.k, "k_new": k_new, "seed": seed, "warm_lr_scale": scale,
-                    "learning_rate": cfg.learning_rate,
-                    "base_validation_balanced_accuracy":
-                        base_metrics["history"][-1]["validation_balanced_accuracy"],
-                    "base_test": {m: base_metrics["test"][m] for m in keep},
-                    "warm_curve": warm_curve, "scratch_curve": scratch_curve,
-                    "warm_test": {m: warm_test[m] for m in keep},
-                    "scratch_test": {m: scratch_test[m] for m in keep},
-                    "comparison": compare(warm_curve, scratch_curve),
-                })
-                c = results[-1]["comparison"]
-                print(f"    target {c['target_balanced_accuracy']:.4f}: warm reaches it at "
-                      f"step {c['warm_steps']} ({common.fmt(c['warm_seconds'], 1)} s), scratch "
-                      f"at step {c['scratch_steps']} ({common.fmt(c['scratch_seconds'], 1)} s); "
-                      f"test balanced accuracy warm {warm_test['balanced_accuracy']:.4f} vs "
-                      f"scratch {scratch_test['balanced_accuracy']:.4f}", flush=True)
-                common.write_json(root / "results.json", {"flags": vars(args), "runs": results})
+    for k_new in k_news:
+        cfg = dataclasses.replace(base_config, k=k_new)
+        data = input_pipeline.prepare(cfg, log=lambda message: None)
+        print(f"--- k={base_config.k} -> {k_new}, seed {seed}: scratch", flush=True)
+        scratch = train.Trainer.create(cfg, data)
+        scratch_curve = train_with_monitor(scratch, eval_every)
+        scratch_test = scratch.evaluate("test")[0]
+        for scale in lr_scales:
+            print(f"--- k={base_config.k} -> {k_new}, seed {seed}: warm start, learning rate "
+                  f"x{scale:g}", flush=True)
+            warm_cfg = dataclasses.replace(cfg, learning_rate=cfg.learning_rate * scale)
+            warm = train.Trainer.create(warm_cfg, data)
+            warm_start.warm_start_trainer(warm, trained)
+            warm_curve = train_with_monitor(warm, eval_every)
+            warm_test = warm.evaluate("test")[0]
+            results.append({
+                "k": base_config.k, "k_new": k_new, "seed": seed, "warm_lr_scale": scale,
+                "learning_rate": cfg.learning_rate,
+                "base_validation_balanced_accuracy":
+                    base_metrics["history"][-1]["validation_balanced_accuracy"],
+                "base_test": {m: base_metrics["test"][m] for m in keep},
+                "warm_curve": warm_curve, "scratch_curve": scratch_curve,
+                "warm_test": {m: warm_test[m] for m in keep},
+                "scratch_test": {m: scratch_test[m] for m in keep},
+                "comparison": compare(warm_curve, scratch_curve),
+            })
+            c = results[-1]["comparison"]
+            print(f"    target {c['target_balanced_accuracy']:.4f}: warm reaches it at "
+                  f"step {c['warm_steps']} ({common.fmt(c['warm_seconds'], 1)} s), scratch "
+                  f"at step {c['scratch_steps']} ({common.fmt(c['scratch_seconds'], 1)} s); "
+                  f"test balanced accuracy warm {warm_test['balanced_accuracy']:.4f} vs "
+                  f"scratch {scratch_test['balanced_accuracy']:.4f}", flush=True)
+    return results
 
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    root = Path(FLAGS.workroot) / FLAGS.name
+    config = common.run_config()
+    results = []
+    for seed in common.parse_ints(FLAGS.seeds):
+        results += compare_seed(seed, common.parse_ints(FLAGS.k_new),
+                                common.parse_floats(FLAGS.warm_lr_scales), root,
+                                FLAGS.eval_every)
+        common.write_json(root / "results.json",
+                          {"flags": dataclasses.asdict(config), "runs": results})
     md = summary_markdown(summary(results)) + "\n\nPer seed:\n\n" + table_markdown(results)
     (root / "results.md").write_text(md + "\n")
-    fig = Path(args.out_dir) / f"warm_start_{args.name}.png"
-    plot(results, f"{args.name}: {args.model}, <= {args.max_per_element} training atoms per "
-                  f"element, {args.epochs} epochs for each run", fig)
+    fig = Path(FLAGS.out_dir) / f"warm_start_{FLAGS.name}.png"
+    plot(results, f"{FLAGS.name}: {config.model}, <= {config.max_per_element} training atoms "
+                  f"per element, {config.epochs} epochs for each run", fig)
     print(md)
     print(f"wrote {root}/results.json, {root}/results.md, {fig}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cryknn import command
+
+    command.run_tool(main, usage=__doc__, define_flags=define_flags)

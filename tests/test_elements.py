@@ -3,7 +3,7 @@
 import pytest
 
 from cryknn import elements
-from cryknn.elements import UnknownElementError
+from cryknn.errors import UnknownElementError
 
 
 def test_table_has_118_unique_symbols_in_z_order():

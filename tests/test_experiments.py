@@ -120,14 +120,14 @@ def test_plots_write_pngs(tmp_path):
 
 def test_rock_salt_first_neighbours_through_the_featuriser():
     """NaCl (a = 5.64 A): 6 Cl at a/2 around every Na (and vice versa), then 12 like ions."""
-    from cryknn import featurize
+    from cryknn import neighbours
 
     a = 5.64
     frac = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
                      [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0.5, 0.5, 0.5]])
     s = SimpleNamespace(lattice=np.eye(3) * a, frac=frac,
                         numbers=np.array([11] * 4 + [17] * 4, np.int32))
-    neigh = featurize.featurize([s], 7)
+    neigh = neighbours.featurize([s], 7)
     centre, nz, dist = distances.neighbour_arrays([s], neigh)
     rows = distances.pair_rows(centre, nz, dist)
     first = {(r["centre"], r["neighbour"]): r for r in rows if r["rank"] == 1
@@ -196,11 +196,11 @@ def test_warm_start_first_reach_and_compare(tmp_path):
     assert (tmp_path / "warm.png").stat().st_size > 1000
 
 
-def _write_run(d, symbols, support, wrong):
+def _write_run(d, symbols, cm, wrong):
     d.mkdir(parents=True)
-    per = {s: {"support": n} for s, n in zip(symbols, support)}
+    stored = {"elements": symbols, "counts": cm}
     (d / "metrics.json").write_text(json.dumps({"elements": symbols,
-                                                "test": {"per_element": per}}))
+                                                "test": {"confusion_matrix": stored}}))
     with open(d / "misclassifications.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["structure_id", "site_label", "true_element", "predicted_element",
@@ -212,9 +212,10 @@ def test_confusions_from_workdirs(tmp_path):
     symbols = ["C", "H", "O"]
     wrong = [["a:a", "C1", "C", "O", "0.9"], ["b:b", "C2", "C", "O", "0.6"],
              ["a:a", "C3", "C", "O", "0.8"], ["c:c", "O1", "O", "C", "0.5"]]
+    cms = {1: [[7, 0, 3], [0, 5, 0], [1, 0, 3]], 2: [[8, 0, 2], [0, 5, 0], [1, 0, 3]]}
     for k in (1, 2):
         for seed in (0, 1):
-            _write_run(tmp_path / f"k{k}_s{seed}", symbols, [10, 5, 4], wrong[: 4 - k + 1])
+            _write_run(tmp_path / f"k{k}_s{seed}", symbols, cms[k], wrong[: 4 - k + 1])
     data = confusions.collect(tmp_path)
     assert sorted(data) == [1, 2] and data[1]["seeds"] == 2
     cm = data[1]["cm"]
@@ -228,6 +229,6 @@ def test_confusions_from_workdirs(tmp_path):
     assert "#### k = 2" in md and "`a:a` C1 (0.90)" in md and "| C | O | 3 | 0.300 |" in md
     confusions.plot(data, "tiny", tmp_path / "conf.png")
     assert (tmp_path / "conf.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="support"):
-        confusions.confusion_matrix([{"true_element": "H", "predicted_element": "C"}] * 3,
-                                    {"H": 2}, symbols)
+    with pytest.raises(ValueError, match="element order"):
+        confusions.stored_confusion({"test": {"confusion_matrix": {
+            "elements": ["H", "C", "O"], "counts": cms[1]}}}, symbols)

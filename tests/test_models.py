@@ -1,4 +1,4 @@
-"""Models, feature map, class weights and the weighted loss."""
+"""Models, input maps, class weights and the weighted loss."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,22 @@ import numpy as np
 import optax
 import pytest
 
+from cryknn import config as config_lib
+from cryknn import errors
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import train
 
 
-def _seed_param_count(k, c):
+def _model(name, num_classes, k, **kw):
+    return models.create_model(config_lib.Config(model=name, k=k, **kw), num_classes)
+
+
+def _inputs(x):
+    return {"distances": jnp.asarray(x)}
+
+
+def _two_stage_param_count(k, c):
     def dense(i, o):
         return i * o + o
 
@@ -21,57 +31,58 @@ def _seed_param_count(k, c):
 
 
 @pytest.mark.parametrize("k,c", [(1, 2), (5, 20)])
-def test_seed_model_shapes_and_param_count(k, c):
-    model = models.create_model("seed", c, k=k)
+def test_two_stage_model_shapes_and_param_count(k, c):
+    model = _model("seed", c, k)  # the research's name for it still works
+    assert isinstance(model, models.TwoStageModel)
     params = models.init_params(model, k, jax.random.key(0))
-    assert models.param_count(params) == _seed_param_count(k, c)
-    out = model.apply({"params": params}, jnp.ones((3, k)))
+    assert models.param_count(params) == _two_stage_param_count(k, c)
+    out = model.apply({"params": params}, _inputs(jnp.ones((3, k))))
     assert out["logits"].shape == (3, c)
     assert out["stage1_logits"].shape == (3, c)
 
 
-@pytest.mark.parametrize("features", models.FEATURE_MAPS)
+@pytest.mark.parametrize("input_map", models.INPUT_MAPS)
 @pytest.mark.parametrize("k", [1, 5])
-def test_mlp_shapes_and_param_count(k, features):
+def test_mlp_shapes_and_param_count(k, input_map):
     c, width, depth = 6, 32, 2
-    num_features = k if features == "raw" else (3 * k - 1 if k > 1 else 2)
+    num_features = k if input_map == "raw" else (3 * k - 1 if k > 1 else 2)
     x = np.ones((4, k), np.float32)
-    assert models.feature_map(x, features).shape == (4, num_features)
-    model = models.create_model("mlp", c, k=k, width=width, depth=depth, features=features)
+    assert models.input_map(x, input_map).shape == (4, num_features)
+    model = _model("mlp", c, k, width=width, depth=depth, input_map=input_map)
     params = models.init_params(model, k, jax.random.key(0))
     block = 2 * width + (width * 2 * width + 2 * width) + (2 * width * width + width)
     expected = (num_features * width + width) + depth * block + 2 * width + (width * c + c)
     assert models.param_count(params) == expected
-    out = model.apply({"params": params}, jnp.ones((3, k)))
+    out = model.apply({"params": params}, _inputs(jnp.ones((3, k))))
     assert out["logits"].shape == (3, c)
     assert "stage1_logits" not in out
 
 
-def test_feature_map_values_and_overlapping_sites():
+def test_input_map_values_and_overlapping_sites():
     d = np.array([[0.0, 1.0, 2.0]], np.float32)
-    f = models.feature_map(d)
+    f = models.input_map(d, "inverse_log_diff")
     np.testing.assert_allclose(f[0, :3], [1 / models.MIN_DISTANCE, 1.0, 0.5])
     np.testing.assert_allclose(f[0, 3:6], np.log([models.MIN_DISTANCE, 1.0, 2.0]), rtol=1e-6)
     np.testing.assert_allclose(f[0, 6:], [0.9, 1.0], rtol=1e-6)  # of clipped distances
-    assert np.all(np.isfinite(models.feature_map(jnp.asarray(d))))
+    assert np.all(np.isfinite(models.input_map(jnp.asarray(d), "inverse_log_diff")))
     x = np.random.default_rng(0).uniform(1, 3, (50, 3))
-    mean, std = models.feature_stats(x, "inverse_log_diff")
+    mean, std = models.input_statistics(x, "inverse_log_diff")
     assert len(mean) == len(std) == 8 and min(std) > 0
-    mean, std = models.feature_stats(x, "raw")
+    mean, std = models.input_statistics(x, "raw")
     np.testing.assert_allclose(mean, x.mean(0))
     np.testing.assert_allclose(std, x.std(0))
     # Per-process moments add up to the statistics of the whole set.
-    halves = models.feature_stats(x[:20], "raw", sum_fn=lambda m: m + np.stack(
+    halves = models.input_statistics(x[:20], "raw", sum_fn=lambda m: m + np.stack(
         [np.full(3, 30.0), x[20:].sum(0), (x[20:] ** 2).sum(0)]))
     np.testing.assert_allclose(halves[0], mean)
     np.testing.assert_allclose(halves[1], std)
 
 
-def test_seed_stages_are_trained_by_their_own_losses():
+def test_two_stage_stages_are_trained_by_their_own_losses():
     """The stop-gradient: stage 2's loss gives stage 1 no gradient (it was frozen)."""
-    model = models.create_model("seed", 4, k=5)
+    model = _model("two_stage", 4, 5)
     params = models.init_params(model, 5, jax.random.key(0))
-    x = jax.random.uniform(jax.random.key(1), (8, 5)) + 1
+    x = _inputs(jax.random.uniform(jax.random.key(1), (8, 5)) + 1)
 
     def stage2_loss(p):
         out = model.apply({"params": p}, x)
@@ -86,13 +97,13 @@ def test_seed_stages_are_trained_by_their_own_losses():
 
 def test_class_weights_modes_and_normalisation():
     counts = np.array([900, 90, 10])
-    for mode in input_pipeline.CLASS_WEIGHTINGS:
+    for mode in config_lib.CLASS_WEIGHTINGS:
         w = input_pipeline.class_weights(counts, mode)
         assert np.isclose((w * counts).sum(), counts.sum()), mode
     w = input_pipeline.class_weights(counts, "inverse_frequency")
     np.testing.assert_allclose(w * counts, (w * counts)[0])  # each class the same total
     np.testing.assert_allclose(input_pipeline.class_weights(counts, "none"), 1.0)
-    with pytest.raises(input_pipeline.SelectionError):
+    with pytest.raises(errors.ConfigError):
         input_pipeline.class_weights(counts, "bogus")
 
 
@@ -115,7 +126,7 @@ def test_weighted_loss_really_weights():
     assert float(m["count"]) == 2
 
 
-def test_seed_loss_weights_both_stages():
+def test_two_stage_loss_weights_both_stages():
     logits = jnp.zeros((2, 3))
     s1 = jnp.array([[3.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
     labels = jnp.array([0, 2])
@@ -127,5 +138,5 @@ def test_seed_loss_weights_both_stages():
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="unknown model"):
-        models.create_model("transformer", 3, k=5)
+    with pytest.raises(errors.ConfigError, match="--model must be one of"):
+        _model("transformer", 3, 5)

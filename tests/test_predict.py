@@ -1,41 +1,15 @@
 """python -m cryknn.predict on tiny CIFs written here, with a model trained on toy features."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 
+from cryknn import checkpoints
+from cryknn import config as config_lib
 from cryknn import input_pipeline
-from cryknn import predict
+from cryknn import scoring
 from cryknn import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-METHANE_CIF = """\
-data_methane
-_cell_length_a 6.0
-_cell_length_b 6.0
-_cell_length_c 6.0
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_symmetry_space_group_name_H-M 'P 1'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-C1 C 0.5 0.5 0.5
-H1 H 0.6049 0.6049 0.6049
-H2 H 0.3951 0.3951 0.6049
-H3 H 0.3951 0.6049 0.3951
-H4 H 0.6049 0.3951 0.3951
-O1 O 0.0 0.0 0.0
-Zn1 Zn 0.0 0.5 0.0
-"""
+from tests.conftest import METHANE_CIF, error_lines, run_module
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +18,7 @@ def workdir(tmp_path_factory):
     input_pipeline.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
     w = str(tmp_path_factory.mktemp("w"))
     train.train_and_evaluate(
-        train.Config(dataset="toy/predict", data_dir=data_dir, k=5, num_elements=3, epochs=1,
+        config_lib.Config(dataset="toy/predict", data_dir=data_dir, k=5, num_elements=3, epochs=1,
                      batch_size=64, width=16, depth=1, log_every=1000), w)
     return w
 
@@ -59,18 +33,15 @@ def cifs(tmp_path):
 
 
 def _predict(*args):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "cryknn.predict", *args], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+    return run_module("cryknn.predict", *args)
 
 
 def test_scores_every_site_in_process(workdir, cifs, tmp_path):
-    trained = train.load_trained(workdir)
+    trained = checkpoints.load_trained(workdir)
     assert trained.symbols == ["H", "C", "O"] and trained.config.k == 5
-    structures, messages, all_read = predict.read_files([cifs[0]])
+    structures, messages, all_read = scoring.read_files([cifs[0]])
     assert all_read and not messages
-    (score,) = predict.score_structures(structures, trained)
+    (score,) = scoring.score_structures(structures, trained)
     assert score.structure_id == "methane:methane"
     by_label = {s.site_label: s for s in score.sites}
     assert set(by_label) == {"C1", "H1", "H2", "H3", "H4", "O1", "Zn1"}
@@ -78,7 +49,7 @@ def test_scores_every_site_in_process(workdir, cifs, tmp_path):
     assert 0 <= by_label["C1"].p_given <= 1
     assert score.modelled_atoms == 6 and score.num_atoms == 7
     assert 0 < score.plausibility <= 1
-    text = predict.format_structure(score, threshold=1.01)  # everything implausible
+    text = scoring.format_structure(score, threshold=1.01)  # everything implausible
     assert text.count("IMPLAUSIBLE") == 6 and "not modelled" in text
     assert all("methane:methane" in line for line in text.splitlines())
 
@@ -90,7 +61,7 @@ def test_cli_all_read_exit_0_and_csv(workdir, cifs, tmp_path):
     assert "methane:methane" in r.stdout and "plausibility" in r.stdout
     with open(out) as f:
         rows = list(csv.reader(f))
-    assert tuple(rows[0]) == predict.CSV_COLUMNS
+    assert tuple(rows[0]) == scoring.CSV_COLUMNS
     assert len(rows) == 1 + 7 and all(row[0] == "methane:methane" for row in rows[1:])
 
 
@@ -109,4 +80,5 @@ def test_cli_unreadable_files_exit_1_one_line_each(workdir, cifs):
 def test_cli_without_model_exits_2_one_line(cifs, tmp_path):
     r = _predict(f"--workdir={tmp_path / 'nothing'}", cifs[0])
     assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "no trained model" in r.stderr
+    lines = error_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no trained model" in r.stderr

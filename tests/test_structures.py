@@ -9,25 +9,11 @@ import gemmi
 import numpy as np
 import pytest
 
+from cryknn import errors
 from cryknn import structures
 from cryknn.structures import ReadOptions, Skip, Structure, read_cif, read_cif_text
+from tests.conftest import SHARED_COD, make_cif
 
-COD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cod"
-
-
-def make_cif(sites, cell="5 6 7 90 90 90", block="test", symmetry="", site_columns=None):
-    """A CIF block: sites are rows of values for site_columns (default label, type, x, y, z)."""
-    columns = site_columns or ["label", "type_symbol", "fract_x", "fract_y", "fract_z"]
-    lines = [f"data_{block}"]
-    if cell is not None:
-        for tag, value in zip(["length_a", "length_b", "length_c",
-                               "angle_alpha", "angle_beta", "angle_gamma"], cell.split()):
-            lines.append(f"_cell_{tag} {value}")
-    lines.append(symmetry)
-    lines.append("loop_")
-    lines += [f"_atom_site_{c}" for c in columns]
-    lines += [" ".join(str(v) for v in row) for row in sites]
-    return "\n".join(lines) + "\n"
 
 
 def read_one(text, options=None):
@@ -477,7 +463,7 @@ def test_read_options_validation():
 def test_core_mof_sample():
     try:
         items = list(structures.iter_core_mof("2019-ASR", limit=50))
-    except structures.DataNotFoundError:
+    except errors.DataNotFoundError:
         pytest.skip("core-mof is not installed")
     found = [i for i in items if isinstance(i, Structure)]
     assert len(items) >= 50 and len(found) >= 45
@@ -492,7 +478,7 @@ def test_core_mof_sample():
 
 
 def test_core_mof_errors():
-    with pytest.raises(structures.DataNotFoundError, match="unknown CoRE MOF version"):
+    with pytest.raises(errors.DataNotFoundError, match="unknown CoRE MOF version"):
         next(structures.iter_core_mof("2020"))
 
 
@@ -502,16 +488,16 @@ def test_missing_packages_raise_data_not_found(monkeypatch):
     def find_spec(name, *args):
         return None if name in ("CoRE_MOF", "pyxtal") else real_find_spec(name, *args)
     monkeypatch.setattr(structures.importlib.util, "find_spec", find_spec)
-    with pytest.raises(structures.DataNotFoundError, match="pip install core-mof"):
+    with pytest.raises(errors.DataNotFoundError, match="pip install core-mof"):
         next(structures.iter_core_mof())
-    with pytest.raises(structures.DataNotFoundError, match="pip install pyxtal"):
+    with pytest.raises(errors.DataNotFoundError, match="pip install pyxtal"):
         structures.read_pyxtal_db()
 
 
 def test_pyxtal_db():
     try:
         found = structures.read_pyxtal_db()
-    except structures.DataNotFoundError:
+    except errors.DataNotFoundError:
         pytest.skip("pyxtal is not installed")
     assert len(found) == 100
     assert len({s.id for s in found}) == 100
@@ -530,14 +516,14 @@ def test_pyxtal_db():
 
 # --- the shared COD set ---------------------------------------------------------------
 
-@pytest.mark.skipif(not COD_DIR.is_dir(), reason="../shared/data/cod is absent")
+@pytest.mark.skipif(not SHARED_COD.is_dir(), reason="../shared/data/cod is absent")
 def test_cod_folder_reads_without_exceptions():
     per_file = collections.Counter()
     found, skips = [], []
-    for item in structures.iter_structures([COD_DIR]):
+    for item in structures.iter_structures([SHARED_COD]):
         per_file[item.source if isinstance(item, Structure) else item.file] += 1
         (found if isinstance(item, Structure) else skips).append(item)
-    paths = list(structures.iter_cif_paths([COD_DIR]))
+    paths = list(structures.iter_cif_paths([SHARED_COD]))
     assert set(per_file) == {str(p) for p in paths}  # every file yields something
     assert len(found) > 400
     for s in found:

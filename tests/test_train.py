@@ -11,20 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cryknn import checkpoints
+from cryknn import config as config_lib
+from cryknn import errors
 from cryknn import input_pipeline
 from cryknn import train
+from tests.conftest import REPO, error_lines, run_module, run_python, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = "toy/synthetic"
 ELEMENTS = (1, 6, 8, 7, 30)  # H C O N Zn
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.update(extra)
-    return env
+QUIET = lambda message: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +34,31 @@ def _config(data_dir, **kw):
     base = dict(dataset=DATASET, data_dir=data_dir, k=5, num_elements=4, epochs=2,
                 batch_size=64, log_every=5, width=32, depth=1, monitor_per_element=40)
     base.update(kw)
-    return train.Config(**base)
+    return config_lib.Config(**base)
 
 
 def test_feature_cache_serves_smaller_k(data_dir):
-    f = input_pipeline.load_features(DATASET, "train", 3, data_dir=data_dir, log=lambda m: None)
-    full = input_pipeline.FeatureSet.load(input_pipeline.cache_path(data_dir, DATASET, 8, "train"))
+    fingerprint = input_pipeline.TOY_FINGERPRINT
+    f = input_pipeline.load_features(DATASET, "train", 3, fingerprint=fingerprint,
+                                     data_dir=data_dir, log=QUIET)
+    full = input_pipeline.AtomTable.load(
+        input_pipeline.cache_path(data_dir, DATASET, fingerprint, 8, "train"))
     assert f.k == 3
     np.testing.assert_array_equal(f.distances, full.distances[:, :3])
-    assert input_pipeline.find_cache(data_dir, DATASET, 9, "train") is None
+    np.testing.assert_array_equal(f.neighbour_index, full.neighbour_index[:, :3])
+    assert input_pipeline.find_cache(data_dir, DATASET, fingerprint, 9, "train") is None
 
 
 def test_featurize_examples_matches_brute_force():
-    """Examples -> FeatureSet through the featuriser (simple cubic: 6 at a, 12 at a*sqrt2)."""
+    """Examples -> AtomTable through the featuriser (simple cubic: 6 at a, 12 at a*sqrt2)."""
     ex = {"id": "cube:cube", "lattice": np.eye(3) * 2.0, "frac": np.zeros((1, 3)),
           "numbers": np.array([29], np.int32), "labels": np.array(["Cu1"])}
     fs = input_pipeline.featurize_examples([ex, dict(ex, id=b"cube2:cube2")], 7)
     assert len(fs) == 2 and list(fs.structure_id) == ["cube:cube", "cube2:cube2"]
     np.testing.assert_allclose(fs.distances[0], [2.0] * 6 + [2.0 * np.sqrt(2)], rtol=1e-5)
     assert fs.site_label[0] == b"Cu1"
+    # One atom per cell: every neighbour is an image of the atom itself, in its own rows.
+    assert fs.neighbour_index.tolist() == [[0] * 7, [1] * 7]
 
 
 def test_choose_and_select_elements():
@@ -64,11 +66,11 @@ def test_choose_and_select_elements():
     counts[[1, 6, 8, 30]] = [500, 900, 300, 20]
     assert input_pipeline.choose_elements(counts, num_elements=3) == [6, 1, 8]
     assert input_pipeline.choose_elements(counts, elements="Zn,C") == [30, 6]
-    with pytest.raises(input_pipeline.SelectionError, match="only 4 elements"):
+    with pytest.raises(errors.SelectionError, match="only 4 elements"):
         input_pipeline.choose_elements(counts, num_elements=5)
-    with pytest.raises(input_pipeline.SelectionError, match="no training atoms of Li"):
+    with pytest.raises(errors.SelectionError, match="no training atoms of Li"):
         input_pipeline.choose_elements(counts, elements="C,Li")
-    with pytest.raises(input_pipeline.SelectionError, match="Qq"):
+    with pytest.raises(errors.SelectionError, match="Qq"):
         input_pipeline.choose_elements(counts, elements="C,Qq")
     z = np.array([6] * 50 + [1] * 10 + [17] * 5)
     idx = input_pipeline.select_atoms(z, [6, 1], max_per_element=20, seed=0)
@@ -113,6 +115,11 @@ def test_train_and_evaluate_writes_reports_and_resumes(data_dir, tmp_path, capsy
     assert test["num_atoms"] == 4 * 60
     assert saved["majority_baseline"]["accuracy"] <= test["accuracy"] + 1e-9
     assert saved["flags"]["k"] == 5 and "total_s" in saved["timing"]
+    assert saved["dataset_fingerprint"] == input_pipeline.TOY_FINGERPRINT
+    cm = np.asarray(test["confusion_matrix"]["counts"])
+    assert test["confusion_matrix"]["elements"] == saved["elements"]
+    assert cm.shape == (4, 4) and cm.sum() == test["num_atoms"]
+    assert np.trace(cm) == pytest.approx(test["accuracy"] * test["num_atoms"])
     assert test["accuracy"] > 0.5  # toy distances are easy
     with open(os.path.join(workdir, "misclassifications.csv")) as f:
         header = f.readline().strip().split(",")
@@ -128,43 +135,55 @@ def test_train_and_evaluate_writes_reports_and_resumes(data_dir, tmp_path, capsy
     assert again["test"]["accuracy"] == pytest.approx(test["accuracy"])
 
     # Different run-defining flags in the same workdir: refused with one line.
-    with pytest.raises(train.ConfigError, match="k=5"):
+    with pytest.raises(errors.ConfigError, match="k=5"):
         train.train_and_evaluate(_config(data_dir, k=4), workdir)
 
 
 def test_checkpoint_resume_continues_exactly(data_dir, tmp_path):
-    """Train 2 epochs straight vs 1 epoch, checkpoint, restore into a fresh run, 1 more."""
-    cfg = _config(data_dir, model="seed")
-    prepared = train.prepare_data(cfg, log=lambda m: None)
-    straight = train.Run.create(cfg, prepared)
-    straight.fit(log=lambda m: None)
+    """Train 2 epochs straight vs 1 epoch, checkpoint, restore into a fresh trainer, 1 more."""
+    cfg = _config(data_dir, model="two_stage")
+    data = input_pipeline.prepare(cfg, log=QUIET)
+    straight = train.Trainer.create(cfg, data)
+    straight.fit(log=QUIET)
 
-    mngr = train.checkpoint_manager(str(tmp_path))
-    half = train.Run.create(cfg, prepared)
-    half.fit(mngr, log=lambda m: None, until_epoch=1)  # as if stopped after epoch 1
+    mngr = checkpoints.manager(str(tmp_path))
+    half = train.Trainer.create(cfg, data)
+    half.fit([train.checkpoint_hook(mngr)], until_epoch=1, log=QUIET)  # stopped after epoch 1
+    mngr.wait_until_finished()
     assert mngr.latest_step() == half.steps_per_epoch
 
-    resumed = train.Run.create(cfg, prepared)
-    resumed.state, resumed.history = train.restore_checkpoint(
-        train.checkpoint_manager(str(tmp_path)), resumed.state)
+    resumed = train.Trainer.create(cfg, data)
+    assert resumed.restore(checkpoints.manager(str(tmp_path)))
     assert int(resumed.state.step) == resumed.steps_per_epoch and len(resumed.history) == 1
-    resumed.fit(log=lambda m: None)
+    resumed.fit(log=QUIET)
     for a, b in zip(jax.tree_util.tree_leaves(straight.state.params),
                     jax.tree_util.tree_leaves(resumed.state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fit_hooks_run_on_schedule_and_stop_the_clock(data_dir):
+    cfg = _config(data_dir)
+    trainer = train.Trainer.create(cfg, input_pipeline.prepare(cfg, log=QUIET))
+    seen = []
+    hooks = [train.Hook(lambda t: seen.append(("every", int(t.state.step))), every_steps=3),
+             train.Hook(lambda t: seen.append(("epoch", len(t.history))), at_epoch_end=True)]
+    trainer.fit(hooks, log=QUIET)
+    spe = trainer.steps_per_epoch
+    assert [s for kind, s in seen if kind == "every"] == list(range(3, 2 * spe + 1, 3))
+    assert [n for kind, n in seen if kind == "epoch"] == [1, 2]  # after the history entry
+    assert 0 < trainer.train_seconds and trainer.trained_atoms == 2 * spe * cfg.batch_size
+
+
 def test_one_training_step_lowers_the_loss(data_dir):
     cfg = _config(data_dir, learning_rate=1e-2, warmup_steps=1)
-    prepared = train.prepare_data(cfg, log=lambda m: None)
-    run = train.Run.create(cfg, prepared)
-    step = run.par.jit_train_step()
-    batch = run.par.global_batch({"distances": prepared.train.x[:64],
-                                  "label": prepared.train.y[:64],
-                                  "mask": np.ones(64, np.float32)})
-    weights = jnp.asarray(prepared.class_weights)
+    data = input_pipeline.prepare(cfg, log=QUIET)
+    trainer = train.Trainer.create(cfg, data)
+    step = trainer.parallel.jit_step(train.train_step, num_replicated_args=2)
+    batch = trainer.parallel.global_batch(
+        next(input_pipeline.epoch_batches(data.train, 64, seed=0, epoch=0)))
+    weights = jnp.asarray(data.class_weights)
     losses = []
-    state = run.state
+    state = trainer.state
     for _ in range(5):
         state, m = step(state, batch, weights, np.int32(0))
         losses.append(float(m["loss_sum"] / m["count"]))
@@ -172,9 +191,18 @@ def test_one_training_step_lowers_the_loss(data_dir):
     assert losses[-1] < losses[0]
 
 
+def test_non_finite_loss_stops_training_and_keeps_finite_checkpoints(data_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    with pytest.raises(errors.TrainingDivergedError, match="diverged"):
+        train.train_and_evaluate(_config(data_dir, learning_rate=1e12, epochs=3), workdir)
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    step = checkpoints.latest_step(workdir)
+    if step is not None:  # whatever was saved is finite
+        assert train.all_finite(checkpoints.load_trained(workdir).params)
+
+
 def _run_main(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "cryknn.main", *args], capture_output=True,
-                          text=True, env=_env(), timeout=timeout, cwd=REPO)
+    return run_module("cryknn.main", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -185,9 +213,9 @@ def _run_main(*args, timeout=300):
 def test_bad_flags_exit_with_one_line(data_dir, tmp_path, args, expect):
     r = _run_main(f"--data_dir={data_dir}", f"--dataset={DATASET}",
                   f"--workdir={tmp_path / 'w'}", *args)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
+    assert r.returncode == 2
+    lines = error_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert expect in lines[0] and "Traceback" not in r.stderr
 
 
@@ -195,12 +223,13 @@ def test_bad_flags_exit_with_one_line(data_dir, tmp_path, args, expect):
     (dict(elements="C,Xy"), "Xy"),
     (dict(elements="C,Li"), "no training atoms of Li"),
     (dict(model="transformer"), "--model must be one of"),
+    (dict(dropout=1.5), "--dropout"),
     (dict(class_weighting="magic"), "--class_weighting must be one of"),
     (dict(batch_size=0), "--batch_size must be at least 1"),
     (dict(batch_size=100000), "larger than"),
 ])
 def test_bad_values_raise_one_line_errors(data_dir, tmp_path, kw, expect):
-    with pytest.raises(train.user_errors()) as e:
+    with pytest.raises(errors.UserError) as e:
         train.train_and_evaluate(_config(data_dir, **kw), str(tmp_path / "w"))
     assert expect in str(e.value) and "\n" not in str(e.value)
 
@@ -214,25 +243,23 @@ def test_unwritable_workdir_exits_with_one_line(data_dir, tmp_path):
 
 
 SHARDED = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
-    from cryknn import train
+    from cryknn import config, models, parallel, train
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
-    batch = {"distances": rng.uniform(0.9, 3.0, (64, 5)).astype(np.float32),
+    batch = {"inputs": {"distances": rng.uniform(0.9, 3.0, (64, 5)).astype(np.float32)},
              "label": rng.integers(0, 4, 64).astype(np.int32),
              "mask": np.r_[np.ones(60), np.zeros(4)].astype(np.float32)}
     weights = jnp.asarray([0.5, 1.0, 2.0, 1.5])
     results = {}
-    for model in ("mlp", "seed"):
-        cfg = train.Config(k=5, model=model, width=32, depth=2, dropout=0.0, batch_size=64)
+    for model in ("mlp", "two_stage"):
+        cfg = config.Config(k=5, model=model, width=32, depth=2, dropout=0.0, batch_size=64)
         for n in (8, 1):
-            par = train.Parallel.create(jax.devices()[:n])
-            state = par.replicate(train.create_train_state(train.build_model(cfg, 4), cfg, 100))
-            step = par.jit_train_step()
+            par = parallel.DataParallel.create(jax.devices()[:n])
+            state = par.replicate(train.create_train_state(models.create_model(cfg, 4), cfg, 100))
+            step = par.jit_step(train.train_step, num_replicated_args=2)
             gb = par.global_batch(batch)
-            assert len(gb["distances"].sharding.device_set) == n
+            assert len(gb["inputs"]["distances"].sharding.device_set) == n
             losses = []
             for _ in range(3):
                 state, m = step(state, gb, par.replicate(weights), np.int32(0))
@@ -249,8 +276,7 @@ SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_step_matches_single_device():
-    r = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
-                       env=_env(), timeout=300, cwd=REPO)
+    r = run_python(SHARDED, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert "SHARDED_OK" in r.stdout, r.stdout + r.stderr
 
 
@@ -260,15 +286,13 @@ def test_two_processes_each_read_their_own_part(tmp_path):
     import socket
 
     data_dir = str(tmp_path / "data")
-    for pi in range(2):
-        for i, (split, n) in enumerate(zip(("train", "validation", "test"), (200, 40, 40))):
-            input_pipeline.toy_features((1, 6, 8), n, 5, seed=10 * pi + i).save(
-                input_pipeline.cache_path(data_dir, DATASET, 5, split, pi, 2))
+    input_pipeline.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
+                                   process_count=2)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     workdir = str(tmp_path / "w")
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "cryknn.main", "--multihost",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",

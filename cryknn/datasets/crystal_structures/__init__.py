@@ -1,3 +1,23 @@
-"""The `crystal_structures` TFDS dataset: one example per crystal structure."""
+"""The `crystal_structures` TFDS dataset: one example per crystal structure.
 
-from cryknn.datasets.crystal_structures.crystal_structures_dataset_builder import Builder  # noqa: F401
+This package module holds only names and file layout (no TensorFlow import); the builder
+itself is `crystal_structures_dataset_builder.Builder`, registered with TFDS when
+`cryknn.datasets.get_builder` imports it.
+"""
+
+from __future__ import annotations
+
+DATASET_NAME = "crystal_structures"
+CONFIG_NAMES = ("core_mof_2019_asr", "core_mof_2014", "cif_dir")
+DEFAULT_DATASET = f"{DATASET_NAME}/core_mof_2019_asr"
+VERSION = "1.0.0"  # the builder's version: the folder a build is written to
+
+# Files written beside a built dataset (<data_dir>/crystal_structures/<config>/<version>/).
+SKIPPED_CSV = "skipped.csv"  # file, block, reason: everything the reader could not read
+ELEMENT_STATS_JSON = "element_stats.json"  # per split: structures, atoms, per element
+BUILD_INFO_JSON = "build_info.json"  # what it was built from, counts, seconds taken
+SKIP_FIELDS = ("file", "block", "reason")
+
+# Environment variables read by the builder (a builder kwarg of the same name wins).
+ENV_LIMIT = "CRYKNN_DATA_LIMIT"  # read only the first N CIF files / archive members
+ENV_WORKERS = "CRYKNN_DATA_WORKERS"  # parsing processes (0 or 1: parse in this process)

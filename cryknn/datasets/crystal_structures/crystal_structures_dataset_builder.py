@@ -7,8 +7,8 @@ Configs:
   cif_dir                      every `*.cif` under manual_dir, recursively (a CSD export, a
                                COD mirror, your own folder).
 
-Splits: train / validation / test, 80/10/10 by structure family (`cryknn.data.family_of`,
-`cryknn.data.split_of`), so no family crosses splits. The family depends on the file name
+Splits: train / validation / test, 80/10/10 by structure family (`cryknn.families`), so no
+family crosses splits. The family depends on the file name
 only, so each split's generator picks its files by name before parsing: every CIF is parsed
 once. A split that would hold no file at all (tiny folders) is left out.
 
@@ -48,13 +48,18 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cryknn import data as data_lib
+from cryknn import errors
+from cryknn import families
+from cryknn import structures as structures_lib
+from cryknn import util
+from cryknn.datasets import crystal_structures as names
+from cryknn.datasets.crystal_structures import parsing
 
 _DESCRIPTION = """\
 Crystal structures as periodic point sets: the lattice (rows are the cell vectors a, b, c
 in angstrom), fractional coordinates of every atom of the unit cell (symmetry expanded),
 atomic numbers, site labels and occupancies, with the structure id `<file stem>:<block>`,
-its family (CSD refcode stem or the documented rule of cryknn.data.family_of) and source.
+its family (CSD refcode stem or the documented rule of cryknn.families.family_of) and source.
 Split train/validation/test 80/10/10 by family hash, so no family crosses splits.
 
 core_mof_2019_asr / core_mof_2014: the CoRE MOF database (Computation-Ready, Experimental
@@ -119,7 +124,7 @@ class CrystalStructuresConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """One example per crystal structure; splits by structure family."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(names.VERSION)
     RELEASE_NOTES = {"1.0.0": "First release: family splits, skip report, element statistics."}
     BUILDER_CONFIGS = [
         CrystalStructuresConfig(
@@ -137,12 +142,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, limit: int | None = None, num_workers: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if limit is None and os.environ.get(data_lib.ENV_LIMIT):
-            limit = int(os.environ[data_lib.ENV_LIMIT])
+        if limit is None and os.environ.get(names.ENV_LIMIT):
+            limit = int(os.environ[names.ENV_LIMIT])
         if limit is not None and limit < 1:
-            raise data_lib.DatasetError(f"limit must be at least 1, got {limit}")
+            raise errors.DataError(f"limit must be at least 1, got {limit}")
         self._limit = limit
-        self._num_workers = data_lib.default_workers() if num_workers is None else num_workers
+        self._num_workers = parsing.default_workers() if num_workers is None else num_workers
         self._beam = False
         self._root = None  # cif_dir: the manual_dir
         self._candidates = {}  # split -> number of files
@@ -155,7 +160,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict({
                 "id": tfds.features.Text(doc="<file stem>:<CIF data block>"),
-                "family": tfds.features.Text(doc="structure family (cryknn.data.family_of)"),
+                "family": tfds.features.Text(doc="structure family (cryknn.families.family_of)"),
                 "source": tfds.features.Text(doc="file path, or archive!member"),
                 # Raw-bytes encoding: float64 stays float64 (tf.train.Example's float
                 # lists are float32) and serialising is one copy instead of a list.
@@ -195,13 +200,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     self._root = os.fspath(dl_manager.manual_dir)
                 except AssertionError:
                     where = given or "<data_dir>/downloads/manual"
-                    raise data_lib.DatasetError(
+                    raise errors.DataError(
                         f"{self.name}/cif_dir needs manual_dir: a folder tree of CIF files "
                         f"({where} does not exist or is empty)") from None
         epath.Path(self._tmp).mkdir(parents=True, exist_ok=True)
         start = time.time()
         if not self._beam and self._num_workers > 1:
-            self._parser = data_lib.Parser(self._num_workers)
+            self._parser = parsing.Parser(self._num_workers)
         try:
             super()._download_and_prepare(dl_manager, download_config)
         finally:
@@ -218,11 +223,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if self.builder_config.archive is not None and not self._beam:
             counts = self._spill_archive()
         else:
-            counts = dict.fromkeys(data_lib.SPLITS, 0)
+            counts = dict.fromkeys(families.SPLITS, 0)
             for task in self._tasks(with_data=False):
-                counts[data_lib.split_of_id(data_lib.task_stem(task))] += 1
+                counts[task.split] += 1
         if not any(counts.values()):
-            raise data_lib.DatasetError(
+            raise errors.DataError(
                 f"no *.cif files in {self._root or self.builder_config.archive}")
         self._candidates = counts
         for split, n in counts.items():
@@ -230,7 +235,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 logging.warning("%s/%s: no file falls in split %r (too few families); the "
                                 "split is left out", self.name, self.builder_config.name, split)
         return {split: self._generate_examples(split=split)
-                for split in data_lib.SPLITS if counts[split]}
+                for split in families.SPLITS if counts[split]}
 
     def _spill_archive(self) -> dict[str, int]:
         """One pass over the xz archive, writing each split's members to a plain tar.
@@ -240,37 +245,34 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         local temporary folder until the build ends.
         """
         self._spill_dir = tempfile.mkdtemp(prefix="cryknn_build_")
-        archive = data_lib.core_mof_archive(self.builder_config.archive)
-        counts = dict.fromkeys(data_lib.SPLITS, 0)
+        counts = dict.fromkeys(families.SPLITS, 0)
         spills = {s: tarfile.open(os.path.join(self._spill_dir, f"{s}.tar"), "w")
-                  for s in data_lib.SPLITS}
+                  for s in families.SPLITS}
         try:
-            for stem, data, source in data_lib.iter_archive_members(archive, self._limit):
-                split = data_lib.split_of_id(stem)
-                info = tarfile.TarInfo(source.split("!", 1)[1])
-                info.size = len(data)
-                spills[split].addfile(info, io.BytesIO(data))
-                spills[split].members.clear()
-                counts[split] += 1
+            for task in parsing.core_mof_tasks(self.builder_config.archive, self._limit):
+                info = tarfile.TarInfo(task.source.split("!", 1)[1])
+                info.size = len(task.data)
+                spills[task.split].addfile(info, io.BytesIO(task.data))
+                spills[task.split].members.clear()
+                counts[task.split] += 1
         finally:
             for spill in spills.values():
                 spill.close()
         return counts
 
-    def _tasks(self, with_data: bool = True) -> Iterator[tuple]:
-        """Parsing tasks in a stable order: ("file", path) or ("text", stem, data, source)."""
+    def _tasks(self, with_data: bool = True) -> Iterator[parsing.ParseTask]:
+        """Parsing tasks in a stable order: the folder's files or the archive's members."""
         if self.builder_config.archive is None:
-            return (("file", path) for path in data_lib.iter_cif_files(self._root, self._limit))
-        return data_lib.archive_tasks(self.builder_config.archive, self._limit,
+            return parsing.file_tasks(self._root, self._limit)
+        return parsing.core_mof_tasks(self.builder_config.archive, self._limit,
                                       with_data=with_data)
 
-    def _local_tasks(self, split: str) -> Iterator[tuple]:
+    def _local_tasks(self, split: str) -> Iterator[parsing.ParseTask]:
         if self._spill_dir is None:
-            return data_lib.iter_split_tasks(self._tasks(), split)
-        label = os.path.basename(data_lib.core_mof_archive(self.builder_config.archive))
+            return parsing.in_split(self._tasks(), split)
+        label = structures_lib.core_mof_archive(self.builder_config.archive).name
         spill = os.path.join(self._spill_dir, f"{split}.tar")
-        return (("text", stem, data, source) for stem, data, source
-                in data_lib.iter_archive_members(spill, label=label))
+        return parsing.archive_tasks(spill, label=label)
 
     def _generate_examples(self, split: str):
         """A generator of (key, example), or a Beam PTransform when building with Beam."""
@@ -281,9 +283,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _local_examples(self, split: str) -> Iterator[tuple[str, dict]]:
         from tqdm import tqdm
 
-        counter = data_lib.ElementCounter()
-        parser = self._parser or data_lib.Parser(0)
-        skip_type = data_lib.skip_type()
+        counter = parsing.ElementCounter()
+        parser = self._parser or parsing.Parser(0)
         tasks = self._local_tasks(split)
         with epath.Path(self._tmp, f"skipped-{split}.csv").open("w") as skip_file, \
                 tqdm(total=self._candidates.get(split), desc=f"Reading {split} CIFs",
@@ -292,28 +293,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for key, results in parser.parse(tasks):
                 bar.update(1)
                 for i, result in enumerate(results):
-                    if isinstance(result, skip_type):
-                        skips.writerow(data_lib.skip_row(result))
+                    if isinstance(result, structures_lib.Skip):
+                        skips.writerow(parsing.skip_row(result))
                     else:
                         counter.add(result.numbers)
-                        yield f"{key}#{i}", data_lib.structure_example(result)
-        data_lib.write_stats_json(counter, os.path.join(self._tmp, f"stats-{split}.json"))
+                        yield f"{key}#{i}", parsing.structure_example(result)
+        parsing.write_stats_json(counter, os.path.join(self._tmp, f"stats-{split}.json"))
 
     def _beam_examples(self, split: str):
         beam = tfds.core.lazy_imports.apache_beam
         if self.builder_config.archive is None:
-            tasks = list(_chunks(data_lib.iter_split_tasks(self._tasks(), split), 64))
+            tasks = list(util.chunked(parsing.in_split(self._tasks(), split), 64))
         else:  # workers stream the archive themselves, each parsing every n-th member
             shards = max(1, min(16, self._num_workers))
-            tasks = [[("archive", self.builder_config.archive, split, i, shards, self._limit)]
-                     for i in range(shards)]
+            tasks = [[parsing.ArchiveShard(self.builder_config.archive, split, i, shards,
+                                           self._limit)] for i in range(shards)]
         return _beam_parse(beam, tasks, split, self._tmp)
 
     def _finish(self, seconds: float) -> None:
         """Merges the per-split skip reports and statistics into the dataset folder."""
         out = epath.Path(self.data_dir)
         tmp = epath.Path(self._tmp)
-        rows = [list(data_lib.SKIP_FIELDS)]
+        rows = [list(names.SKIP_FIELDS)]
         splits = {}
         for split in self._candidates:
             for part in sorted(tmp.glob(f"skipped-{split}*")):
@@ -324,11 +325,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 splits[split] = json.loads(stats.read_text())
         buf = io.StringIO()
         csv.writer(buf).writerows(rows)
-        (out / data_lib.SKIPPED_CSV).write_text(buf.getvalue(), encoding="utf-8")
+        (out / names.SKIPPED_CSV).write_text(buf.getvalue(), encoding="utf-8")
         name = f"{self.name}/{self.builder_config.name}"
-        _write_json(out / data_lib.ELEMENT_STATS_JSON,
+        _write_json(out / names.ELEMENT_STATS_JSON,
                     {"dataset": name, "version": str(self.version), "splits": splits})
-        _write_json(out / data_lib.BUILD_INFO_JSON, {
+        _write_json(out / names.BUILD_INFO_JSON, {
             "dataset": name,
             "version": str(self.version),
             "manual_dir": os.path.abspath(self._root) if self._root else None,
@@ -342,17 +343,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "seconds": round(seconds, 1),
         })
         tmp.rmtree(missing_ok=True)
-
-
-def _chunks(items, size):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _write_json(path: epath.Path, value: Any) -> None:
@@ -369,16 +359,16 @@ def _beam_parse(beam, tasks, split, tmp):
                 pbegin
                 | "Tasks" >> beam.Create(tasks)
                 | "Spread" >> beam.Reshuffle()
-                | "Parse" >> beam.FlatMap(data_lib.beam_parse_tasks).with_outputs(
+                | "Parse" >> beam.FlatMap(parsing.beam_parse).with_outputs(
                     "skips", main="examples"))
             _ = (parsed.skips
-                 | "SkipLines" >> beam.Map(data_lib.csv_line)
+                 | "SkipLines" >> beam.Map(parsing.csv_line)
                  | "WriteSkips" >> beam.io.WriteToText(
                      os.path.join(tmp, f"skipped-{split}"), file_name_suffix=".csv"))
             _ = (parsed.examples
-                 | "Count" >> beam.Map(data_lib.counter_of_example)
-                 | "Sum" >> beam.CombineGlobally(data_lib.ElementCounter.merged)
-                 | "WriteStats" >> beam.Map(data_lib.write_stats_json,
+                 | "Count" >> beam.Map(parsing.counter_of_example)
+                 | "Sum" >> beam.CombineGlobally(parsing.ElementCounter.merged)
+                 | "WriteStats" >> beam.Map(parsing.write_stats_json,
                                             path=os.path.join(tmp, f"stats-{split}.json")))
             return parsed.examples
 

@@ -1,4 +1,4 @@
-"""Tests of cryknn.data and the crystal_structures TFDS builder.
+"""Tests of cryknn.datasets, the crystal_structures TFDS builder and the data CLI.
 
 Builds go to tmp_path data dirs on tiny CIF folders written here, and on the first few
 members of the core-mof archive (the `limit` builder kwarg); the Beam test needs
@@ -11,196 +11,49 @@ import collections
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from cryknn import data
+from cryknn import datasets
+from cryknn import errors
+from cryknn import families
 from cryknn import structures
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# --------------------------------------------------------------------------------------
-# Families and splits (pure functions, no TensorFlow).
-
-FAMILY_CASES = [
-    # CSD refcodes: the six leading capitals, whatever follows
-    ("ABAVIJ", "ABAVIJ"),
-    ("ABAVIJ:ABAVIJ", "ABAVIJ"),
-    ("ABAVIJ01:data", "ABAVIJ"),
-    ("ABAVIJ_clean:ABAVIJ_clean", "ABAVIJ"),
-    ("ABAVIJ01_charged:x", "ABAVIJ"),
-    ("ABAVIJ_clean_h", "ABAVIJ"),
-    ("ABAVIJ_ion_b", "ABAVIJ"),
-    ("ABAVIJ_freeONLY", "ABAVIJ"),
-    ("ABAVIJ-1", "ABAVIJ"),
-    # deposition numbers (COD, CCDC)
-    ("4300123:4300123", "4300123"),
-    ("1000002-test-hall:1000002", "1000002"),
-    ("1000002-test-hm", "1000002"),
-    ("1100656_molecule_0_INV", "1100656"),
-    ("1499489-acs.cgd.6b01265_1499490_clean:x", "1499489"),
-    ("00993", "00993"),
-    # refcode embedded in a DOI-like CoRE name
-    ("acs.cgd.5b01554_VAGNUP1452791_clean", "VAGNUP"),
-    # one paper's supporting information is one family
-    ("ic501898x_si_004_clean", "ic501898x"),
-    ("ic501898x_si_005_clean:blk", "ic501898x"),
-    ("acscombsci.5b00188_8372_clean", "acscombsci.5b00188"),
-    ("c5cc09432a_c5cc09432a2_clean", "c5cc09432a"),
-    ("j.ica.2016.05.051_4_clean", "j.ica.2016.05.051"),
-    ("S2052520616005515_bm5080sup1_clean", "S2052520616005515"),
-    # anything else: the stem without CoRE suffixes
-    ("006_ethylnitramine:ethylnitramine", "006_ethylnitramine"),
-    ("10.1021-acs.organomet.5b00864", "10.1021-acs.organomet.5b00864"),
-    ("mof_001", "mof_001"),
-    ("UiO66_clean", "UiO66"),
-    ("ABAVIJK", "ABAVIJK"),  # seven letters: not a refcode
-    ("abavij01", "abavij01"),  # refcodes are capitals
-]
-
-
-@pytest.mark.parametrize("structure_id,family", FAMILY_CASES)
-def test_family_of(structure_id, family):
-    assert data.family_of(structure_id) == family
-
-
-def test_family_of_rejects_empty_stem():
-    with pytest.raises(ValueError):
-        data.family_of(":block")
-
-
-def test_family_ignores_block():
-    """The builder picks a file's split from its stem, before reading its blocks."""
-    for stem, _ in FAMILY_CASES:
-        stem = stem.split(":")[0]
-        assert data.family_of(stem) == data.family_of(f"{stem}:any_block")
-
-
-def test_split_of_is_stable():
-    # Golden values: a changed split rule would silently reshuffle every built dataset.
-    golden = {"ABAVIJ": "validation", "4300123": "train", "ic501898x": "train",
-              "UYICIQ": "test", "QZRTAA": "validation", "QZRTAB": "train"}
-    assert {f: data.split_of(f) for f in golden} == golden
-    assert all(data.split_of(f) == _bucket_split(f) for f in ("", "x", "ABAVIJ", "Ü"))
-
-
-def _bucket_split(family):
-    import hashlib
-
-    bucket = int(hashlib.sha256(family.encode()).hexdigest()[:16], 16) % 1000
-    return "train" if bucket < 800 else "validation" if bucket < 900 else "test"
-
-
-def test_split_fractions_80_10_10():
-    counts = collections.Counter(data.split_of(f"FAM{i:05d}") for i in range(20000))
-    assert abs(counts["train"] / 20000 - 0.8) < 0.015
-    assert abs(counts["validation"] / 20000 - 0.1) < 0.01
-    assert abs(counts["test"] / 20000 - 0.1) < 0.01
-
-
-def _assert_no_family_crosses_splits(ids):
-    split_of_family = {}
-    for sid in ids:
-        family = data.family_of(sid)
-        split = data.split_of_id(sid)
-        assert split_of_family.setdefault(family, split) == split, (sid, family)
-    return split_of_family
-
-
-def test_no_family_crosses_splits_synthetic():
-    rng = np.random.default_rng(0)
-    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    ids = []
-    for _ in range(300):
-        ref = "".join(rng.choice(letters, 6))
-        for suffix in ("", "01", "02", "_clean", "01_clean", "_charged", "_clean_h", "_SL"):
-            ids.append(f"{ref}{suffix}:{ref}{suffix}")
-        dep = str(rng.integers(1_000_000, 9_999_999))
-        ids += [f"{dep}:{dep}", f"{dep}-variant:{dep}", f"{dep}_molecule_1:b"]
-        paper = f"ic{rng.integers(100000, 999999)}x"
-        ids += [f"{paper}_si_00{i}_clean:b" for i in range(1, 4)]
-    split_of_family = _assert_no_family_crosses_splits(ids)
-    assert set(split_of_family.values()) == set(data.SPLITS)
-    assert len(split_of_family) == 900
-
-
-def _core_mof_names(version="2019-ASR"):
-    csv_path = os.path.join(os.path.dirname(data.core_mof_archive(version)), f"{version}.csv")
-    with open(csv_path, newline="") as f:
-        return [row[0] for row in csv.reader(f)][1:]
-
-
-def test_no_family_crosses_splits_core_mof_names():
-    """All 12,020 CoRE MOF 2019-ASR names: refcode variants share a family and a split."""
-    names = _core_mof_names()
-    assert len(names) > 12000
-    split_of_family = _assert_no_family_crosses_splits(f"{n}:{n}" for n in names)
-    variants = collections.defaultdict(set)
-    for n in names:
-        variants[data.family_of(n)].add(n)
-    assert any(len(v) > 1 for f, v in variants.items() if len(f) == 6 and f.isupper())
-    per_split = collections.Counter(data.split_of_id(n) for n in names)
-    assert 0.77 < per_split["train"] / len(names) < 0.83
-    assert 0.08 < per_split["validation"] / len(names) < 0.12
-    assert 0.08 < per_split["test"] / len(names) < 0.12
-    assert len(split_of_family) > 10000
+from cryknn.datasets.crystal_structures import parsing
+from tests.conftest import error_lines, make_cif, run_module, symmetry_ops
 
 
 def test_element_counter():
-    c = data.ElementCounter()
+    c = parsing.ElementCounter()
     c.add(np.array([6, 6, 8, 1]))
     c.add(np.array([6, 29]))
-    other = data.ElementCounter()
+    other = parsing.ElementCounter()
     other.add(np.array([1, 1]))
-    js = data.ElementCounter.merged([c, other]).to_json()
+    js = parsing.ElementCounter.merged([c, other]).to_json()
     assert js["structures"] == 3 and js["atoms"] == 8
     assert list(js["elements"]) == ["H", "C", "O", "Cu"]  # most atoms first, then Z
     assert js["elements"]["C"] == {"atoms": 3, "structures": 2}
     assert js["elements"]["H"] == {"atoms": 3, "structures": 2}
-    assert data.top_elements({"splits": {"train": js}}, 3) == ["H", "C", "O"]
+    assert datasets.top_elements({"splits": {"train": js}}, 3) == ["H", "C", "O"]
 
 
 @pytest.mark.parametrize("name", ["crystal_structures", "mnist/x", "crystal_structures/nope", ""])
 def test_parse_dataset_name_rejects(name):
-    with pytest.raises(data.DatasetError):
-        data.parse_dataset_name(name)
+    with pytest.raises(errors.DataError):
+        datasets.parse_dataset_name(name)
 
 
 def test_parse_dataset_name():
-    assert data.parse_dataset_name("crystal_structures/cif_dir:1.0.0") == (
+    assert datasets.parse_dataset_name("crystal_structures/cif_dir:1.0.0") == (
         "crystal_structures", "cif_dir", "1.0.0")
 
 
 # --------------------------------------------------------------------------------------
 # A tiny CIF folder: every split gets families, plus files the reader skips.
 
-_CELL = """\
-_cell_length_a {a}
-_cell_length_b {b}
-_cell_length_c {c}
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-"""
-_SITES = """\
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-"""
-
-
 def _cif(block, sites, a=5.0, b=6.0, c=7.0, ops=None):
-    text = f"data_{block}\n" + _CELL.format(a=a, b=b, c=c)
-    if ops:
-        text += "loop_\n_symmetry_equiv_pos_as_xyz\n" + "".join(f"'{o}'\n" for o in ops)
-    text += _SITES + "".join(f"{lab} {el} {x} {y} {z}\n" for lab, el, x, y, z in sites)
-    return text
+    return make_cif(sites, cell=f"{a} {b} {c} 90 90 90", block=block,
+                    symmetry=symmetry_ops(ops) if ops else "")
 
 
 def _refcode_in(split, start=0):
@@ -208,12 +61,12 @@ def _refcode_in(split, start=0):
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     for i in range(start, 26 * 26):
         ref = "QZ" + "RT" + letters[i // 26] + letters[i % 26]
-        if data.split_of(ref) == split:
+        if families.split_of(ref) == split:
             return ref
     raise AssertionError(split)
 
 
-def write_cif_folder(root, splits=data.SPLITS):
+def write_cif_folder(root, splits=families.SPLITS):
     """CIFs whose families cover `splits`; returns {file name: split}."""
     files = {}
     os.makedirs(os.path.join(root, "sub", "deeper"), exist_ok=True)
@@ -236,7 +89,7 @@ def write_cif_folder(root, splits=data.SPLITS):
     for name, text in files.items():
         with open(os.path.join(root, name), "w") as f:
             f.write(text)
-    return {name: data.split_of_id(data.file_stem(name)) for name in files}
+    return {name: families.split_of_id(families.file_stem(name)) for name in files}
 
 
 def _reader_output(root):
@@ -245,8 +98,8 @@ def _reader_output(root):
             [s for s in got if isinstance(s, structures.Skip)])
 
 
-def _examples(dataset, data_dir, splits=data.SPLITS):
-    return {split: list(data.load_split(dataset, split, data_dir, build_if_missing=False))
+def _examples(dataset, data_dir, splits=families.SPLITS):
+    return {split: list(datasets.load_split(dataset, split, data_dir, build_if_missing=False))
             for split in splits}
 
 
@@ -256,7 +109,7 @@ def cif_build(tmp_path_factory):
     write_cif_folder(str(root))
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     lines = []
-    data.build("crystal_structures/cif_dir", data_dir, manual_dir=str(root), num_workers=0,
+    datasets.build("crystal_structures/cif_dir", data_dir, manual_dir=str(root), num_workers=0,
                log=lines.append)
     return str(root), data_dir, "\n".join(lines)
 
@@ -274,8 +127,8 @@ def test_cif_dir_round_trip(cif_build):
     assert all(examples.values())  # every split has examples
     for s in expected:
         split, ex = got[s.id]
-        assert split == data.split_of_id(s.id)
-        assert ex["family"] == data.family_of(s.id)
+        assert split == families.split_of_id(s.id)
+        assert ex["family"] == families.family_of(s.id)
         assert ex["source"] == s.source
         assert ex["lattice"].dtype == np.float64 and ex["frac"].dtype == np.float64
         assert ex["numbers"].dtype == np.int32
@@ -290,65 +143,65 @@ def test_cif_dir_round_trip(cif_build):
 
 def test_cif_dir_no_family_crosses_splits(cif_build):
     _, data_dir, _ = cif_build
-    families = {split: {ex["family"] for ex in exs}
+    family_sets = {split: {ex["family"] for ex in exs}
                 for split, exs in _examples("crystal_structures/cif_dir", data_dir).items()}
-    assert not families["train"] & families["validation"]
-    assert not families["train"] & families["test"]
-    assert not families["validation"] & families["test"]
+    assert not family_sets["train"] & family_sets["validation"]
+    assert not family_sets["train"] & family_sets["test"]
+    assert not family_sets["validation"] & family_sets["test"]
 
 
 def test_cif_dir_skip_report(cif_build):
     root, data_dir, log = cif_build
     _, skips = _reader_output(root)
     assert skips  # the folder has unreadable content
-    with open(os.path.join(_dataset_dir(data_dir, "cif_dir"), data.SKIPPED_CSV),
+    with open(os.path.join(_dataset_dir(data_dir, "cif_dir"), datasets.SKIPPED_CSV),
               newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["file", "block", "reason"]
     assert sorted(tuple(r) for r in rows[1:]) == sorted(
         (s.file, s.block, s.reason) for s in skips)
-    assert data.read_skips(_dataset_dir(data_dir, "cif_dir")) == [tuple(r) for r in rows[1:]]
+    assert datasets.read_skips(_dataset_dir(data_dir, "cif_dir")) == [tuple(r) for r in rows[1:]]
     assert f"skipped: {len(skips)} blocks or files" in log
 
 
 def test_cif_dir_element_stats(cif_build):
     root, data_dir, _ = cif_build
     expected, _ = _reader_output(root)
-    stats = data.element_stats("crystal_structures/cif_dir", data_dir)
+    stats = datasets.element_stats("crystal_structures/cif_dir", data_dir)
     assert stats["dataset"] == "crystal_structures/cif_dir"
-    for split in data.SPLITS:
-        counter = data.ElementCounter()
+    for split in families.SPLITS:
+        counter = parsing.ElementCounter()
         for s in expected:
-            if data.split_of_id(s.id) == split:
+            if families.split_of_id(s.id) == split:
                 counter.add(s.numbers)
         want = counter.to_json()
         got = stats["splits"][split]
         assert got["structures"] == want["structures"] and got["atoms"] == want["atoms"]
         assert got["elements"] == want["elements"]
-    info = data.read_build_info(_dataset_dir(data_dir, "cif_dir"))
+    info = datasets.read_build_info(_dataset_dir(data_dir, "cif_dir"))
     assert info["manual_dir"] == os.path.abspath(root)
     assert sum(info["structures"].values()) == len(expected)
 
 
 def test_load_structures_and_per_process(cif_build):
     _, data_dir, _ = cif_build
-    whole = [ex["id"] for ex in data.load_split("crystal_structures/cif_dir", "train", data_dir)]
-    mine = [ex["id"] for ex in data.load_split("crystal_structures/cif_dir", "train", data_dir,
+    whole = [ex["id"] for ex in datasets.load_split("crystal_structures/cif_dir", "train", data_dir)]
+    mine = [ex["id"] for ex in datasets.load_split("crystal_structures/cif_dir", "train", data_dir,
                                                per_process=True)]
     assert mine == whole  # one JAX process reads the whole split
-    recs = list(data.load_structures("crystal_structures/cif_dir", "train", data_dir))
+    recs = list(datasets.load_structures("crystal_structures/cif_dir", "train", data_dir))
     assert [r.id for r in recs] == whole
     assert all(isinstance(r, structures.Structure) for r in recs)
 
 
 def test_registered_with_tfds(cif_build):
     _, data_dir, _ = cif_build
-    tfds = data.import_tfds()
-    import cryknn.datasets  # noqa: F401
+    datasets.get_builder("crystal_structures/cif_dir", data_dir)  # registers the builder
+    import tensorflow_datasets as tfds
 
     builder = tfds.builder("crystal_structures/cif_dir", data_dir=data_dir)
-    assert set(builder.info.splits) == set(data.SPLITS)
-    assert tuple(c.name for c in builder.BUILDER_CONFIGS) == data.CONFIG_NAMES
+    assert set(builder.info.splits) == set(families.SPLITS)
+    assert tuple(c.name for c in builder.BUILDER_CONFIGS) == datasets.CONFIG_NAMES
     assert tfds.builder("crystal_structures", data_dir=data_dir).builder_config.name == \
         "core_mof_2019_asr"
     ds = tfds.load("crystal_structures/cif_dir", split="test", data_dir=data_dir)
@@ -358,28 +211,28 @@ def test_registered_with_tfds(cif_build):
 def test_reuses_build_and_checks_manual_dir(cif_build, tmp_path):
     root, data_dir, _ = cif_build
     lines = []
-    data.build("crystal_structures/cif_dir", data_dir, manual_dir=root, log=lines.append)
+    datasets.build("crystal_structures/cif_dir", data_dir, manual_dir=root, log=lines.append)
     assert "already built" in lines[0]
     other = tmp_path / "other"
     other.mkdir()
-    with pytest.raises(data.DatasetError, match="was built from"):
-        data.build("crystal_structures/cif_dir", data_dir, manual_dir=str(other))
+    with pytest.raises(errors.DataError, match="was built from"):
+        datasets.build("crystal_structures/cif_dir", data_dir, manual_dir=str(other))
 
 
 def test_parallel_build_matches_serial(cif_build, tmp_path):
     root, data_dir, _ = cif_build
-    data.build("crystal_structures/cif_dir", str(tmp_path), manual_dir=root, num_workers=2,
+    datasets.build("crystal_structures/cif_dir", str(tmp_path), manual_dir=root, num_workers=2,
                log=lambda _: None)
     serial = _examples("crystal_structures/cif_dir", data_dir)
     parallel = _examples("crystal_structures/cif_dir", str(tmp_path))
-    for split in data.SPLITS:
+    for split in families.SPLITS:
         a = sorted(serial[split], key=lambda e: e["id"])
         b = sorted(parallel[split], key=lambda e: e["id"])
         assert [e["id"] for e in a] == [e["id"] for e in b]
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x["frac"], y["frac"])
-    with open(os.path.join(_dataset_dir(data_dir, "cif_dir"), data.SKIPPED_CSV)) as f1, \
-            open(os.path.join(_dataset_dir(str(tmp_path), "cif_dir"), data.SKIPPED_CSV)) as f2:
+    with open(os.path.join(_dataset_dir(data_dir, "cif_dir"), datasets.SKIPPED_CSV)) as f1, \
+            open(os.path.join(_dataset_dir(str(tmp_path), "cif_dir"), datasets.SKIPPED_CSV)) as f2:
         assert sorted(f1) == sorted(f2)
 
 
@@ -388,32 +241,32 @@ def test_missing_split_is_left_out(tmp_path):
     root.mkdir()
     ref = _refcode_in("train")
     (root / f"{ref}.cif").write_text(_cif(ref, [("Fe1", "Fe", 0, 0, 0)]))
-    data.build("crystal_structures/cif_dir", str(tmp_path / "tfds"), manual_dir=str(root),
+    datasets.build("crystal_structures/cif_dir", str(tmp_path / "tfds"), manual_dir=str(root),
                num_workers=0, log=lambda _: None)
-    assert [ex["id"] for ex in data.load_split("crystal_structures/cif_dir", "train",
+    assert [ex["id"] for ex in datasets.load_split("crystal_structures/cif_dir", "train",
                                                str(tmp_path / "tfds"))] == [f"{ref}:{ref}"]
-    with pytest.raises(data.DatasetError, match="no 'test' split"):
-        next(data.load_split("crystal_structures/cif_dir", "test", str(tmp_path / "tfds")))
-    stats = data.element_stats("crystal_structures/cif_dir", str(tmp_path / "tfds"))
+    with pytest.raises(errors.DataError, match="no 'test' split"):
+        next(datasets.load_split("crystal_structures/cif_dir", "test", str(tmp_path / "tfds")))
+    stats = datasets.element_stats("crystal_structures/cif_dir", str(tmp_path / "tfds"))
     assert list(stats["splits"]) == ["train"]
 
 
 def test_errors(tmp_path):
-    with pytest.raises(data.DatasetError, match="manual_dir"):
-        data.build("crystal_structures/cif_dir", str(tmp_path))
-    with pytest.raises(data.DatasetError, match="not a directory"):
-        data.build("crystal_structures/cif_dir", str(tmp_path), manual_dir=str(tmp_path / "no"))
+    with pytest.raises(errors.DataError, match="manual_dir"):
+        datasets.build("crystal_structures/cif_dir", str(tmp_path))
+    with pytest.raises(errors.DataError, match="not a directory"):
+        datasets.build("crystal_structures/cif_dir", str(tmp_path), manual_dir=str(tmp_path / "no"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DatasetError, match=r"no \*\.cif files"):
-        data.build("crystal_structures/cif_dir", str(tmp_path / "d"),
+    with pytest.raises(errors.DataError, match=r"no \*\.cif files"):
+        datasets.build("crystal_structures/cif_dir", str(tmp_path / "d"),
                    manual_dir=str(tmp_path / "empty"))
-    with pytest.raises(data.DatasetError, match="not built"):
-        data.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
-    with pytest.raises(data.DatasetError, match="not built"):
-        next(data.load_split("crystal_structures/core_mof_2014", "train", str(tmp_path),
+    with pytest.raises(errors.DataError, match="not built"):
+        datasets.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
+    with pytest.raises(errors.DataError, match="not built"):
+        next(datasets.load_split("crystal_structures/core_mof_2014", "train", str(tmp_path),
                              build_if_missing=False))
-    with pytest.raises(data.DatasetError, match="unknown split"):
-        next(data.load_split("crystal_structures/core_mof_2014", "dev", str(tmp_path)))
+    with pytest.raises(errors.DataError, match="unknown split"):
+        next(datasets.load_split("crystal_structures/core_mof_2014", "dev", str(tmp_path)))
 
 
 # --------------------------------------------------------------------------------------
@@ -424,39 +277,39 @@ LIMIT = 40
 
 def test_core_mof_limited_build(tmp_path):
     data_dir = str(tmp_path)
-    data.build("crystal_structures/core_mof_2019_asr", data_dir, limit=LIMIT, num_workers=0,
+    datasets.build("crystal_structures/core_mof_2019_asr", data_dir, limit=LIMIT, num_workers=0,
                log=lambda _: None)
     expected = list(structures.iter_core_mof("2019-ASR", limit=LIMIT))
     want = {s.id: s for s in expected if isinstance(s, structures.Structure)}
     examples = _examples("crystal_structures/core_mof_2019_asr", data_dir,
-                         splits=[s for s in data.SPLITS if s in _built_splits(data_dir)])
+                         splits=[s for s in families.SPLITS if s in _built_splits(data_dir)])
     got = {ex["id"]: (split, ex) for split, exs in examples.items() for ex in exs}
     assert sorted(got) == sorted(want)
     for sid, (split, ex) in got.items():
-        assert split == data.split_of_id(sid)
+        assert split == families.split_of_id(sid)
         assert ex["source"] == want[sid].source
         np.testing.assert_array_equal(ex["frac"], want[sid].frac)
         np.testing.assert_array_equal(ex["numbers"], want[sid].numbers)
-    info = data.read_build_info(_dataset_dir(data_dir, "core_mof_2019_asr"))
+    info = datasets.read_build_info(_dataset_dir(data_dir, "core_mof_2019_asr"))
     assert info["limit"] == LIMIT and sum(info["files"].values()) == LIMIT
-    families = collections.defaultdict(set)
+    split_sets = collections.defaultdict(set)
     for split, exs in examples.items():
         for ex in exs:
-            families[ex["family"]].add(split)
-    assert all(len(s) == 1 for s in families.values())
-    with pytest.raises(data.DatasetError, match="limit"):
-        data.build("crystal_structures/core_mof_2019_asr", data_dir, limit=LIMIT + 1)
+            split_sets[ex["family"]].add(split)
+    assert all(len(s) == 1 for s in split_sets.values())
+    with pytest.raises(errors.DataError, match="limit"):
+        datasets.build("crystal_structures/core_mof_2019_asr", data_dir, limit=LIMIT + 1)
 
 
 def _built_splits(data_dir):
     with open(os.path.join(_dataset_dir(data_dir, "core_mof_2019_asr"),
-                           data.ELEMENT_STATS_JSON)) as f:
+                           datasets.ELEMENT_STATS_JSON)) as f:
         return json.load(f)["splits"]
 
 
 def test_limit_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_LIMIT, "5")
-    builder = data.get_builder("crystal_structures/core_mof_2014", str(tmp_path))
+    monkeypatch.setenv(datasets.ENV_LIMIT, "5")
+    builder = datasets.get_builder("crystal_structures/core_mof_2014", str(tmp_path))
     assert builder._limit == 5
 
 
@@ -465,9 +318,7 @@ def test_limit_from_environment(tmp_path, monkeypatch):
 
 
 def _cli(*args, timeout=180):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "cryknn.data", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+    return run_module("cryknn.data", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args", [
@@ -485,16 +336,16 @@ def _cli(*args, timeout=180):
 ])
 def test_cli_bad_arguments(args):
     result = _cli(*args)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("cryknn.data: error:"), result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
 
 
 def test_cli_stats_of_unbuilt_dataset(tmp_path):
     result = _cli("stats", "--dataset=crystal_structures/core_mof_2014", f"--data_dir={tmp_path}")
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2
+    lines = error_lines(result)
     assert len(lines) == 1 and "not built" in lines[0], result.stderr
 
 
@@ -524,28 +375,28 @@ def test_beam_build_matches_local(cif_build, tmp_path):
     pytest.importorskip("apache_beam")
     root, data_dir, _ = cif_build
     beam_dir = str(tmp_path)
-    data.build("crystal_structures/cif_dir", beam_dir, manual_dir=root,
+    datasets.build("crystal_structures/cif_dir", beam_dir, manual_dir=root,
                beam_runner="DirectRunner", log=lambda _: None)
     local = _examples("crystal_structures/cif_dir", data_dir)
     beam = _examples("crystal_structures/cif_dir", beam_dir)
-    for split in data.SPLITS:
+    for split in families.SPLITS:
         assert sorted(e["id"] for e in beam[split]) == sorted(e["id"] for e in local[split])
     local_dir, beam_ds = _dataset_dir(data_dir, "cif_dir"), _dataset_dir(beam_dir, "cif_dir")
-    assert sorted(data.read_skips(beam_ds)) == sorted(data.read_skips(local_dir))
-    assert data.element_stats("crystal_structures/cif_dir", beam_dir)["splits"] == \
-        data.element_stats("crystal_structures/cif_dir", data_dir)["splits"]
-    assert data.read_build_info(beam_ds)["beam"] is True
+    assert sorted(datasets.read_skips(beam_ds)) == sorted(datasets.read_skips(local_dir))
+    assert datasets.element_stats("crystal_structures/cif_dir", beam_dir)["splits"] == \
+        datasets.element_stats("crystal_structures/cif_dir", data_dir)["splits"]
+    assert datasets.read_build_info(beam_ds)["beam"] is True
 
 
 @pytest.mark.slow
 def test_beam_core_mof_limited(tmp_path):
     pytest.importorskip("apache_beam")
-    data.build("crystal_structures/core_mof_2014", str(tmp_path), limit=30,
+    datasets.build("crystal_structures/core_mof_2014", str(tmp_path), limit=30,
                beam_runner="DirectRunner", num_workers=2, log=lambda _: None)
     expected = [s.id for s in structures.iter_core_mof("2014", limit=30)
                 if isinstance(s, structures.Structure)]
-    stats = data.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
+    stats = datasets.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
     got = [ex["id"] for split in stats["splits"]
-           for ex in data.load_split("crystal_structures/core_mof_2014", split, str(tmp_path))]
+           for ex in datasets.load_split("crystal_structures/core_mof_2014", split, str(tmp_path))]
     assert sorted(got) == sorted(expected)
     assert sum(v["structures"] for v in stats["splits"].values()) == len(expected)

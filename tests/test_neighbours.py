@@ -1,21 +1,17 @@
-"""cryknn.featurize against a brute-force float64 oracle, amd, and itself."""
+"""cryknn.neighbours against a brute-force float64 oracle, amd, and itself; the featurize CLI."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cryknn import featurize
+from cryknn import errors
+from cryknn import neighbours
 from cryknn import structures
+from tests.conftest import NACL_CIF, SHARED_COD, error_lines, run_module, run_python
 from tests.oracle import brute_force_knn, cell_from_parameters
 
 TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
-SHARED_COD = Path(__file__).resolve().parents[2] / "shared" / "data" / "cod"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def random_cell(rng, lengths=(2.0, 12.0), angles=(20.0, 160.0), min_shape=0.05):
@@ -31,7 +27,7 @@ def random_cell(rng, lengths=(2.0, 12.0), angles=(20.0, 160.0), min_shape=0.05):
 
 
 def assert_matches_oracle(lattice, frac, k, queries=None):
-    (result,) = featurize.featurize_arrays([lattice], [frac], k)
+    (result,) = neighbours.featurize_arrays([lattice], [frac], k)
     expected, _ = brute_force_knn(lattice, frac, k, queries)
     got = result.distances if queries is None else result.distances[queries]
     assert got.shape == expected.shape
@@ -46,7 +42,7 @@ def assert_neighbours_are_real(lattice, frac, result, queries=None):
     lattice = np.asarray(lattice, np.float64)
     cart = (np.asarray(frac, np.float64) % 1.0) @ lattice
     rows = range(len(frac)) if queries is None else queries
-    spacing = featurize.interplanar_spacings(lattice)
+    spacing = structures.interplanar_spacings(lattice)
     for i in rows:
         for d, j in zip(result.distances[i], result.indices[i]):
             reach = np.ceil(d / spacing).astype(int) + 1
@@ -92,7 +88,7 @@ def test_k_far_above_atoms_per_cell():
 
 
 def test_simple_cubic_shells():
-    (result,) = featurize.featurize_arrays([np.eye(3) * 2.0], [np.zeros((1, 3))], 26)
+    (result,) = neighbours.featurize_arrays([np.eye(3) * 2.0], [np.zeros((1, 3))], 26)
     expected = np.array([2.0] * 6 + [2.0 * np.sqrt(2)] * 12 + [2.0 * np.sqrt(3)] * 8)
     np.testing.assert_allclose(result.distances[0], expected, atol=TOLERANCE)
     assert set(result.indices[0]) == {0}
@@ -112,7 +108,7 @@ def test_coordinates_outside_unit_cell_are_wrapped():
     lattice = random_cell(rng)
     frac = rng.random((5, 3))
     shifted = frac + rng.integers(-3, 4, frac.shape)
-    a, b = featurize.featurize_arrays([lattice, lattice], [frac, shifted], 8)
+    a, b = neighbours.featurize_arrays([lattice, lattice], [frac, shifted], 8)
     np.testing.assert_allclose(a.distances, b.distances, atol=TOLERANCE)
 
 
@@ -141,7 +137,7 @@ def test_invariance_supercell_permutation_and_reduced_basis():
     change = np.array([[1, 0, 0], [1, 1, 0], [-2, 0, 1]])
     other_lattice = change @ lattice
     other_frac = frac @ lattice @ np.linalg.inv(other_lattice)
-    base, sup, perm, other = featurize.featurize_arrays(
+    base, sup, perm, other = neighbours.featurize_arrays(
         [lattice, supercell, lattice, other_lattice],
         [frac, super_frac, frac[permutation], other_frac], k)
     rows = _rows_multiset(base.distances)
@@ -151,12 +147,12 @@ def test_invariance_supercell_permutation_and_reduced_basis():
 
 
 def test_bad_input_raises_clear_errors():
-    with pytest.raises(featurize.FeaturizeError, match="k must be"):
-        featurize.featurize_arrays([np.eye(3)], [np.zeros((1, 3))], 0)
-    with pytest.raises(featurize.FeaturizeError, match="degenerate"):
-        featurize.featurize_arrays([np.diag([1.0, 1.0, 0.0])], [np.zeros((1, 3))], 3)
-    with pytest.raises(featurize.FeaturizeError, match="NaN"):
-        featurize.featurize_arrays([np.eye(3)], [np.full((1, 3), np.nan)], 3)
+    with pytest.raises(errors.FeaturizeError, match="k must be"):
+        neighbours.featurize_arrays([np.eye(3)], [np.zeros((1, 3))], 0)
+    with pytest.raises(errors.FeaturizeError, match="degenerate"):
+        neighbours.featurize_arrays([np.diag([1.0, 1.0, 0.0])], [np.zeros((1, 3))], 3)
+    with pytest.raises(errors.FeaturizeError, match="NaN"):
+        neighbours.featurize_arrays([np.eye(3)], [np.full((1, 3), np.nan)], 3)
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +201,7 @@ def test_matches_amd_on_real_structures():
     from amd._nearest_neighbors import nearest_neighbors
     sample = core_mof_sample(12) + structures.read_pyxtal_db()[:12]
     k = 12
-    results = featurize.featurize(sample, k)
+    results = neighbours.featurize(sample, k)
     for s, result in zip(sample, results):
         cart = s.frac % 1.0 @ s.lattice
         # amd counts the query point itself as its own first neighbour.
@@ -218,9 +214,9 @@ def test_assorted_real_structures_compile_a_handful_of_times():
     sample = core_mof_sample(200)
     sizes = {s.num_atoms for s in sample}
     assert len(sizes) > 50  # assorted sizes
-    featurize.knn_padded.clear_cache()
-    featurize.featurize(sample, 5)
-    compiles = featurize.knn_padded._cache_size()
+    neighbours.knn_kernel.clear_cache()
+    neighbours.featurize(sample, 5)
+    compiles = neighbours.knn_kernel._cache_size()
     # One per (atoms, window, images) bucket in use: 19 here, against 121
     # distinct atom counts that would each compile without buckets.
     assert compiles <= 24, compiles
@@ -230,25 +226,22 @@ def test_sharded_path_matches_single_device(tmp_path):
     script = textwrap.dedent("""
         import numpy as np
         import jax
-        from cryknn import featurize
+        from cryknn import neighbours
         from tests.oracle import cell_from_parameters
         assert jax.device_count() == 8
         rng = np.random.default_rng(0)
         lattices = [cell_from_parameters(*rng.uniform(4, 9, 3), *rng.uniform(70, 110, 3))
                     for _ in range(11)]
         fracs = [rng.random((int(rng.integers(1, 40)), 3)) for _ in lattices]
-        sharded = featurize.featurize_arrays(lattices, fracs, 7,
-                                             sharding=featurize.data_parallel_sharding())
-        single = featurize.featurize_arrays(lattices, fracs, 7)
+        sharded = neighbours.featurize_arrays(lattices, fracs, 7,
+                                              sharding=neighbours.data_parallel_sharding())
+        single = neighbours.featurize_arrays(lattices, fracs, 7)
         for a, b in zip(sharded, single):
             np.testing.assert_allclose(a.distances, b.distances, atol=1e-6)
             np.testing.assert_array_equal(a.indices, b.indices)
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python(script, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
 
@@ -256,30 +249,8 @@ def test_sharded_path_matches_single_device(tmp_path):
 # ----------------------------------------------------------------------------
 # CLI.
 
-NACL_CIF = """\
-data_nacl
-_cell_length_a 5.64
-_cell_length_b 5.64
-_cell_length_c 5.64
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_space_group_name_H-M_alt 'F m -3 m'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-Na1 Na 0 0 0
-Cl1 Cl 0.5 0.5 0.5
-"""
-
-
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cryknn.featurize", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_module("cryknn.featurize", *args)
 
 
 def test_cli_writes_rows_and_reports_skips(tmp_path):
@@ -290,9 +261,14 @@ def test_cli_writes_rows_and_reports_skips(tmp_path):
     out = tmp_path / "f.npz"
     proc = run_cli("--k=6", f"--out={out}", str(tmp_path / "cifs"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 skipped" in proc.stdout
+    assert "1 skipped" in proc.stdout and "broken.cif" in proc.stdout
     data = np.load(out, allow_pickle=False)
     assert data["distances"].shape == (8, 6) and data["distances"].dtype == np.float32
+    # neighbour_index: rows of this file; every first neighbour of Na is Cl and vice versa
+    index = data["neighbour_index"]
+    assert index.shape == (8, 6) and index.min() >= 0 and index.max() < 8
+    numbers = data["atomic_number"]
+    assert np.all(numbers[index] != numbers[:, None])
     np.testing.assert_allclose(data["distances"], 2.82, atol=1e-4)  # a / 2, six times
     assert set(data["structure_id"]) == {"nacl:nacl"}
     assert sorted(set(data["atomic_number"])) == [11, 17]
@@ -301,9 +277,57 @@ def test_cli_writes_rows_and_reports_skips(tmp_path):
 
 @pytest.mark.parametrize("args", [["--k=0", "--out=x.npz", "."], ["--k=3", "."],
                                   ["--k=3", "--out=x.npz", "/no/such/dir"],
-                                  ["--k=3", "--out=/no/such/dir/x.npz", "."]])
-def test_cli_bad_arguments_exit_nonzero_with_one_line(args):
+                                  ["--k=3", "--out=/no/such/dir/x.npz", "."],
+                                  ["--k=3", "--out=features", "."], ["--out=x.npz"],
+                                  ["--k=three", "--out=x.npz", "."], ["--nosuchflag", "."],
+                                  ["--disorder=sometimes", "--out=x.npz", "."]])
+def test_cli_bad_arguments_exit_2_with_one_line(args):
     proc = run_cli(*args)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 2  # absl: the error plus a --help hint
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_cli_out_must_not_be_a_directory(tmp_path):
+    (tmp_path / "x.npz").mkdir()
+    proc = run_cli("--k=3", f"--out={tmp_path / 'x.npz'}", str(tmp_path))
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_exits_0_and_shows_positional_paths(flag):
+    proc = run_cli(flag)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m cryknn.featurize") and "PATH" in proc.stdout
+    assert "--disorder" in proc.stdout and "--k" in proc.stdout
+
+
+def test_cli_reader_policy_flags(tmp_path):
+    """--nomerge_duplicates keeps two same-element sites 0.3 A apart in a P1 file."""
+    cif = tmp_path / "pair.cif"
+    cif.write_text(textwrap.dedent("""\
+        data_pair
+        _cell_length_a 10
+        _cell_length_b 10
+        _cell_length_c 10
+        _cell_angle_alpha 90
+        _cell_angle_beta 90
+        _cell_angle_gamma 90
+        loop_
+        _atom_site_label
+        _atom_site_type_symbol
+        _atom_site_fract_x
+        _atom_site_fract_y
+        _atom_site_fract_z
+        C1 C 0.10 0.1 0.1
+        C2 C 0.13 0.1 0.1
+        O1 O 0.50 0.5 0.5
+        """))
+    counts = {}
+    for merge in ("--merge_duplicates", "--nomerge_duplicates"):
+        out = tmp_path / f"{merge}.npz"
+        proc = run_cli("--k=2", f"--out={out}", merge, str(cif))
+        assert proc.returncode == 0, proc.stderr
+        counts[merge] = len(np.load(out)["distances"])
+    assert counts == {"--merge_duplicates": 2, "--nomerge_duplicates": 3}

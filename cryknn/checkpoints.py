@@ -1,0 +1,200 @@
+"""The workdir of a training run: its run definition, orbax checkpoints, trained models.
+
+Workdir layout:
+  config.json        the run definition: flags, resolved elements, input scaling, dataset
+                     build; what prediction needs to rebuild the model
+  checkpoints/<step>/  orbax: train state and per-epoch history (resume from the latest)
+
+A workdir holds one run. Resuming with a flag that defines the run changed, or with
+checkpoints whose run definition is unknown (config.json missing), is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cryknn import config as config_lib
+from cryknn import errors
+from cryknn import models
+from cryknn import util
+
+CONFIG_JSON = "config.json"
+CHECKPOINTS = "checkpoints"
+ITEMS = ("state", "history")
+
+
+def check_workdir(workdir: str) -> None:
+    """Create workdir and prove it is writable, or raise ConfigError."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise errors.ConfigError(f"cannot write to --workdir={workdir}: {e.strerror or e}") from None
+
+
+def run_definition(config: config_lib.Config, prepared: Any, input_stats: tuple | None,
+                   num_params: int) -> dict:
+    """config.json: the flags plus everything needed to rebuild and interpret the model."""
+    mean, std = input_stats if input_stats is not None else (None, None)
+    return {
+        "config": dataclasses.asdict(config),
+        **{name: getattr(config, name) for name in config_lib.run_defining_fields()},
+        "elements_resolved": prepared.symbols,
+        "atomic_numbers": prepared.element_list,
+        "model_hyperparameters": models.hyperparameters(config),
+        "input_mean": mean,
+        "input_std": std,
+        "class_weights": prepared.class_weights.tolist(),
+        "train_atoms_per_element": dict(zip(prepared.symbols, prepared.train_counts.tolist())),
+        "num_params": num_params,
+        "dataset_fingerprint": prepared.dataset["fingerprint"],
+        "dataset_build": prepared.dataset["build_info"],
+    }
+
+
+def _run_keys() -> tuple[str, ...]:
+    return config_lib.run_defining_fields() + ("elements_resolved", "dataset_fingerprint")
+
+
+def check_same_run(workdir: str, new: dict) -> None:
+    """Raise ConfigError unless workdir is empty or holds the run `new` defines."""
+    path = os.path.join(workdir, CONFIG_JSON)
+    has_checkpoints = latest_step(workdir) is not None
+    if not os.path.exists(path):
+        if has_checkpoints:
+            raise errors.ConfigError(
+                f"--workdir={workdir} has checkpoints but no {CONFIG_JSON}, so what they were "
+                f"trained on is unknown; use a new --workdir")
+        return
+    old = read_run(workdir)
+    for key in _run_keys():
+        if key in old and old[key] != new[key]:
+            raise errors.ConfigError(
+                f"--workdir={workdir} holds a run with {key}={old[key]!r}, not {new[key]!r}; "
+                f"use a new --workdir or the same flags to resume")
+
+
+def read_run(workdir: str) -> dict:
+    """The workdir's config.json; ModelError when it is missing or unreadable."""
+    path = os.path.join(workdir, CONFIG_JSON)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        if not isinstance(run, dict) or "config" not in run:
+            raise ValueError("no 'config' entry")
+        return run
+    except FileNotFoundError:
+        raise errors.ModelError(f"no trained model in {workdir} ({path} not found); train one "
+                                f"with: python -m cryknn.main --workdir={workdir}") from None
+    except (OSError, ValueError) as e:
+        raise errors.ModelError(f"cannot read {path}: {util.one_line(e, 200)}") from None
+
+
+def write_run(workdir: str, run: dict) -> None:
+    util.write_json(os.path.join(workdir, CONFIG_JSON), run)
+
+
+# ----------------------------------------------------------------------------
+# Orbax checkpoints.
+
+
+def manager(workdir: str, create: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create),
+        item_names=ITEMS)
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest checkpoint step in workdir (None when there is none)."""
+    folder = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return None
+    steps = [int(name) for name in os.listdir(folder) if name.isdigit()]
+    return max(steps) if steps else None
+
+
+def save(mngr: ocp.CheckpointManager, state: Any, history: list) -> None:
+    mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+
+
+def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None
+            ) -> tuple[Any, list]:
+    """(state shaped like target, history) of the given (default: latest) step."""
+    step = mngr.latest_step() if step is None else step
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
+    return restored["state"], list(restored["history"] or [])
+
+
+# ----------------------------------------------------------------------------
+# A trained model read back from a workdir.
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model: what prediction and warm starts need."""
+
+    run: dict  # config.json
+    config: config_lib.Config
+    model: Any  # flax module
+    params: Any
+    step: int
+    total_steps: int | None
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self.run["elements_resolved"])
+
+    @property
+    def atomic_numbers(self) -> list[int]:
+        return [int(z) for z in self.run["atomic_numbers"]]
+
+
+def model_of_run(run: dict) -> tuple[config_lib.Config, Any]:
+    """(config, flax module) described by a run definition (config.json)."""
+    config = config_lib.from_dict(run["config"])
+    mean = run.get("input_mean", run.get("feature_mean"))  # feature_*: before cryknn 0.2
+    std = run.get("input_std", run.get("feature_std"))
+    stats = (mean, std) if mean is not None else None
+    return config, models.create_model(config, len(run["elements_resolved"]), stats)
+
+
+def load_trained(workdir: str, step: int | None = None) -> Trained:
+    """Model and parameters of the latest (or given) checkpoint in workdir.
+
+    Only the parameters are restored (no optimiser state). Raises ModelError when the
+    workdir holds no usable trained model.
+    """
+    run = read_run(workdir)
+    config, model = model_of_run(run)
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise errors.ModelError(f"no checkpoints in {workdir}; train one with: "
+                                f"python -m cryknn.main --workdir={workdir}")
+    mngr = manager(workdir, create=False)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    params = restored["state"]["params"]
+    history = list(restored["history"] or [])
+    total = history[-1]["step"] * config.epochs // history[-1]["epoch"] if history else None
+    return Trained(run, config, model, _as_numpy(params), int(step), total)
+
+
+def _as_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _as_numpy(value) for key, value in tree.items()}
+    return np.asarray(tree)

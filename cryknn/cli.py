@@ -1,0 +1,43 @@
+"""The `cryknn` command: `cryknn train | featurize | data | predict [flags] [args]`.
+
+Each subcommand is the module that `python -m cryknn.<module>` runs; only the chosen one is
+imported, so `cryknn predict` never loads the training or dataset code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+SUBCOMMANDS = {
+    "train": ("cryknn.main", "train and evaluate the element predictor"),
+    "featurize": ("cryknn.featurize", "exact periodic k-NN distances of CIF files, as .npz"),
+    "data": ("cryknn.data", "build a dataset of structures, or show its element statistics"),
+    "predict": ("cryknn.predict", "score the element of every site of CIF files"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: cryknn {" + ",".join(SUBCOMMANDS) + "} [flags] [arguments]", ""]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "cryknn SUBCOMMAND --help shows the subcommand's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1]
+    if name not in SUBCOMMANDS:
+        print(f"error: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module.run([f"cryknn {name}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()

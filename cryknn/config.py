@@ -1,0 +1,120 @@
+"""The run configuration: one dataclass, the single source of truth.
+
+Every field is a command-line flag of `cryknn.main` (and of the experiments) with the same
+name, type, default and help (`cryknn.command.define_dataclass_flags`). Fields marked
+`defines_run` decide what a workdir's checkpoints mean: resuming a workdir with any of them
+changed is refused (`cryknn.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cryknn import errors
+from cryknn import elements as elements_lib
+from cryknn.datasets.crystal_structures import DEFAULT_DATASET
+
+CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
+MODEL_ALIASES = {"seed": "two_stage"}
+
+
+def _field(default: Any, help_text: str, *, defines_run: bool = False) -> Any:
+    return dataclasses.field(default=default,
+                             metadata={"help": help_text, "defines_run": defines_run})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run depends on."""
+
+    # Data.
+    dataset: str = _field(DEFAULT_DATASET, "TFDS dataset name/config of crystal structures.",
+                          defines_run=True)
+    data_dir: str | None = _field(None, "TFDS data directory, also holding the feature cache "
+                                  "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+    k: int = _field(5, "Nearest-neighbour distances per atom (>= 1).", defines_run=True)
+    num_elements: int = _field(20, "Classify the N most abundant elements of the train split.")
+    elements: str | None = _field(None, "Explicit element list, e.g. C,N,O,Li,Na,K "
+                                  "(overrides --num_elements).")
+    max_per_element: int = _field(40000, "Cap on training atoms per element (0: no cap).",
+                                  defines_run=True)
+    # Model.
+    model: str = _field("mlp", "mlp (default), or two_stage: the original research's two-stage "
+                        "sigmoid model, called 'seed' there (--model=seed works too).",
+                        defines_run=True)
+    width: int = _field(128, "mlp: hidden width.", defines_run=True)
+    depth: int = _field(2, "mlp: residual blocks.", defines_run=True)
+    dropout: float = _field(0.1, "mlp: dropout rate in [0, 1).", defines_run=True)
+    input_map: str = _field("raw", "mlp: input features, raw (the distances) or "
+                            "inverse_log_diff ([1/d, log d, d[i+1]-d[i]]).", defines_run=True)
+    # Optimisation.
+    class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
+                                  "inverse_frequency or sqrt_inverse_frequency.",
+                                  defines_run=True)
+    epochs: int = _field(15, "Passes over the selected training atoms.", defines_run=True)
+    batch_size: int = _field(512, "Global batch size (atoms).", defines_run=True)
+    learning_rate: float = _field(2e-3, "Peak learning rate (AdamW, warmup + cosine decay).",
+                                  defines_run=True)
+    weight_decay: float = _field(1e-4, "AdamW weight decay.", defines_run=True)
+    warmup_steps: int = _field(200, "Linear warmup steps (at most a tenth of the run).",
+                               defines_run=True)
+    seed: int = _field(0, "Random seed: initialisation, atom cap, batch order, dropout.",
+                       defines_run=True)
+    # Monitoring and scale-out.
+    log_every: int = _field(200, "Steps between progress lines.")
+    monitor_per_element: int = _field(2000, "Validation atoms per element for the per-epoch "
+                                      "estimate (the training curves).")
+    multihost: bool = _field(False, "Call jax.distributed.initialize() first (a multi-process "
+                             "run; each process reads its own part of the data; build the "
+                             "dataset first).")
+
+    def __post_init__(self):
+        # The research called its two-stage model 'seed'; the name stays usable.
+        if self.model in MODEL_ALIASES:
+            object.__setattr__(self, "model", MODEL_ALIASES[self.model])
+
+
+def run_defining_fields() -> tuple[str, ...]:
+    """Names of the Config fields that define what a workdir's checkpoints mean."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["defines_run"])
+
+
+def from_dict(values: dict) -> Config:
+    """A Config from a stored dict (config.json), ignoring keys it does not know."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    renamed = {"features": "input_map"}  # the field's name before cryknn 0.2
+    values = {renamed.get(key, key): value for key, value in values.items()}
+    return Config(**{key: value for key, value in values.items() if key in names})
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError (one line) for values that cannot work, before any data is read."""
+    from cryknn import models  # flax: only once a run is really starting
+
+    if config.k < 1:
+        raise errors.ConfigError(f"--k must be at least 1, got {config.k}")
+    models.check_model_config(config)
+    if config.class_weighting not in CLASS_WEIGHTINGS:
+        raise errors.ConfigError(f"--class_weighting must be one of "
+                                 f"{', '.join(CLASS_WEIGHTINGS)}, got {config.class_weighting!r}")
+    if config.elements:
+        try:
+            elements_lib.parse_element_list(config.elements)
+        except errors.UnknownElementError as e:
+            raise errors.ConfigError(f"--elements: {e}") from None
+    elif config.num_elements < 2:
+        raise errors.ConfigError(f"--num_elements must be at least 2, got {config.num_elements}")
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(config, name) < 1:
+            raise errors.ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.max_per_element < 0:
+        raise errors.ConfigError(f"--max_per_element must be >= 0 (0: no cap), "
+                                 f"got {config.max_per_element}")
+    if config.monitor_per_element < 1:
+        raise errors.ConfigError(f"--monitor_per_element must be at least 1, "
+                                 f"got {config.monitor_per_element}")
+    if not 0 < config.learning_rate < float("inf"):
+        raise errors.ConfigError(f"--learning_rate must be positive, got {config.learning_rate}")
+    if not 0 <= config.weight_decay < float("inf") or config.warmup_steps < 0:
+        raise errors.ConfigError("--weight_decay and --warmup_steps must be >= 0")

@@ -1,0 +1,274 @@
+"""What the `crystal_structures` builder does to each CIF: tasks, parsing workers, counts.
+
+A `ParseTask` names one CIF (a file, or the bytes of an archive member); workers turn tasks
+into `Structure`s and `Skip`s. The family, and so the split, of a task is known from its
+file stem before it is parsed, so each split's generator parses only its own files.
+
+Local builds parse in a pool of spawned processes (`Parser`); Beam builds run
+`beam_parse` on the workers. Both feed the same examples, skip rows and element counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from cryknn import elements as elements_lib
+from cryknn import families
+from cryknn import structures as structures_lib
+from cryknn.datasets.crystal_structures import ENV_WORKERS
+
+
+@dataclasses.dataclass(frozen=True)
+class ParseTask:
+    """One CIF to parse.
+
+    Attributes:
+      stem: file name without .cif; decides the family and split before parsing.
+      source: the file's path, or `<archive>!<member>`; recorded in every result.
+      data: the CIF's bytes, or None to read the file at `source`.
+    """
+
+    stem: str
+    source: str
+    data: bytes | None = None
+
+    @property
+    def split(self) -> str:
+        return families.split_of_id(self.stem)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveShard:
+    """A Beam task: every `shards`-th CIF of one split of a core-mof archive, from `shard`."""
+
+    version: str
+    split: str
+    shard: int
+    shards: int
+    limit: int | None
+
+
+def file_tasks(root: str, limit: int | None = None) -> Iterator[ParseTask]:
+    """Tasks of the `*.cif` files under root, in `structures.iter_cif_paths` order."""
+    for count, path in enumerate(structures_lib.iter_cif_paths([root])):
+        if limit is not None and count >= limit:
+            return
+        yield ParseTask(families.file_stem(os.fspath(path)), os.fspath(path))
+
+
+def archive_tasks(archive: str, limit: int | None = None, *, label: str | None = None,
+                  with_data: bool = True) -> Iterator[ParseTask]:
+    """Tasks of the `*.cif` members of a tar archive, sources `<label>!<member>`.
+
+    label defaults to the archive's file name; with_data=False streams names only.
+    """
+    label = label or os.path.basename(archive)
+    for member, data in structures_lib.iter_tar_cifs(archive, limit):
+        yield ParseTask(families.file_stem(member), f"{label}!{member}",
+                        data if with_data else b"")
+
+
+def core_mof_tasks(version: str, limit: int | None = None, *, with_data: bool = True
+                   ) -> Iterator[ParseTask]:
+    """Tasks of the installed core-mof package's `<version>.tar.xz` ('2019-ASR', '2014')."""
+    archive = os.fspath(structures_lib.core_mof_archive(version))
+    return archive_tasks(archive, limit, with_data=with_data)
+
+
+def in_split(tasks: Iterable[ParseTask], split: str) -> Iterator[ParseTask]:
+    """The tasks whose file name puts them in `split`."""
+    return (task for task in tasks if task.split == split)
+
+
+def parse_task(task: ParseTask, options: structures_lib.ReadOptions | None = None
+               ) -> list[structures_lib.Structure | structures_lib.Skip]:
+    """Structures and Skips of one task; a reader bug becomes a Skip, never an exception."""
+    options = options or structures_lib.ReadOptions()
+    try:
+        if task.data is None:
+            structures, skips = structures_lib.read_cif(task.source, options)
+        else:
+            structures, skips = structures_lib.read_cif_text(task.data, task.stem, options,
+                                                             source=task.source)
+    except Exception as e:  # noqa: BLE001 - a reader bug must not end a big build: record it
+        return [structures_lib.Skip(task.source, "", f"reader error: {type(e).__name__}: {e}")]
+    return list(structures) + list(skips)
+
+
+def parse_chunk(tasks: Sequence[ParseTask]) -> list[tuple[str, list]]:
+    """Worker entry point: (source, results) of each task, in order."""
+    return [(task.source, parse_task(task)) for task in tasks]
+
+
+def default_workers() -> int:
+    """Parsing processes: $CRYKNN_DATA_WORKERS, else the CPUs this process may use."""
+    env = os.environ.get(ENV_WORKERS)
+    if env:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Parser:
+    """Parses tasks in worker processes (or here when num_workers <= 1), keeping their order.
+
+    `parse(tasks)` yields (source, [Structure | Skip, ...]) per task. At most
+    `2 * num_workers` chunks are in flight, so memory does not grow with the number of
+    files. Workers are spawned, not forked: the parent runs TensorFlow's threads.
+    """
+
+    def __init__(self, num_workers: int, chunk_size: int = 8):
+        self.num_workers = max(0, int(num_workers))
+        self.chunk_size = chunk_size
+        self._pool = None
+        if self.num_workers > 1:
+            import multiprocessing
+
+            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+
+    def parse(self, tasks: Iterable[ParseTask]) -> Iterator[tuple[str, list]]:
+        if self._pool is None:
+            for task in tasks:
+                yield task.source, parse_task(task)
+            return
+        pending: collections.deque = collections.deque()
+        chunk: list[ParseTask] = []
+        for task in tasks:
+            chunk.append(task)
+            if len(chunk) >= self.chunk_size:
+                pending.append(self._pool.apply_async(parse_chunk, (chunk,)))
+                chunk = []
+                while len(pending) >= 2 * self.num_workers:
+                    yield from pending.popleft().get()
+        if chunk:
+            pending.append(self._pool.apply_async(parse_chunk, (chunk,)))
+        while pending:
+            yield from pending.popleft().get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+# ----------------------------------------------------------------------------
+# Examples, skip rows and element counts.
+
+
+def structure_example(structure: structures_lib.Structure) -> dict:
+    """The TFDS example of a Structure (features of `crystal_structures`)."""
+    n = int(structure.numbers.shape[0])
+    return {
+        "id": structure.id,
+        "family": families.family_of(structure.id),
+        "source": structure.source,
+        "lattice": np.asarray(structure.lattice, np.float64).reshape(3, 3),
+        "frac": np.asarray(structure.frac, np.float64).reshape(n, 3),
+        "numbers": np.asarray(structure.numbers, np.int32).reshape(n),
+        "labels": np.asarray([str(s) for s in structure.labels], dtype=object).reshape(n),
+        "occupancies": np.asarray(structure.occupancies, np.float32).reshape(n),
+        "num_atoms": np.int32(n),
+    }
+
+
+def skip_row(skip: structures_lib.Skip) -> list[str]:
+    return [str(skip.file), str(skip.block), str(skip.reason)]
+
+
+def csv_line(row: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(row)
+    return buf.getvalue()
+
+
+class ElementCounter:
+    """Atoms and structures per atomic number, for one split.
+
+    atoms: (119,) int64 sites per atomic number (index 0 unused);
+    structures: (119,) int64 structures containing the element at least once.
+    """
+
+    def __init__(self):
+        self.atoms = np.zeros(elements_lib.NUM_ELEMENTS + 1, np.int64)
+        self.structures = np.zeros(elements_lib.NUM_ELEMENTS + 1, np.int64)
+        self.num_structures = 0
+
+    def add(self, numbers: np.ndarray) -> None:
+        """Count one structure with (N,) atomic numbers."""
+        counts = np.bincount(np.asarray(numbers, np.int64), minlength=self.atoms.shape[0])
+        self.atoms += counts
+        self.structures += counts > 0
+        self.num_structures += 1
+
+    def merge(self, other: "ElementCounter") -> "ElementCounter":
+        self.atoms += other.atoms
+        self.structures += other.structures
+        self.num_structures += other.num_structures
+        return self
+
+    @classmethod
+    def merged(cls, counters: Iterable["ElementCounter"]) -> "ElementCounter":
+        total = cls()
+        for c in counters:
+            total.merge(c)
+        return total
+
+    def to_json(self) -> dict:
+        """{'structures', 'atoms', 'elements': {symbol: {'atoms', 'structures'}}}, most atoms first."""
+        order = sorted(np.nonzero(self.atoms)[0].tolist(), key=lambda z: (-self.atoms[z], z))
+        return {
+            "structures": int(self.num_structures),
+            "atoms": int(self.atoms.sum()),
+            "elements": {elements_lib.symbol(z): {"atoms": int(self.atoms[z]),
+                                                  "structures": int(self.structures[z])}
+                         for z in order},
+        }
+
+
+def write_stats_json(counter: ElementCounter, path: str) -> None:
+    from etils import epath  # local paths and gs:// alike
+
+    epath.Path(path).write_text(json.dumps(counter.to_json(), indent=1))
+
+
+# --- Beam workers (apache_beam imported only on the workers that run these) ---------------
+
+
+def beam_parse(chunk: Sequence[ParseTask | ArchiveShard]) -> Iterator[Any]:
+    """Beam FlatMap: (key, example) per structure; TaggedOutput('skips', row) per skip.
+
+    A chunk holds file tasks, or one ArchiveShard: stream that core-mof archive and parse
+    every shards-th member of its split.
+    """
+    import apache_beam as beam
+
+    for item in chunk:
+        if isinstance(item, ArchiveShard):
+            members = in_split(core_mof_tasks(item.version, item.limit), item.split)
+            tasks: Iterable[ParseTask] = (t for i, t in enumerate(members)
+                                          if i % item.shards == item.shard)
+        else:
+            tasks = [item]
+        for task in tasks:
+            for i, result in enumerate(parse_task(task)):
+                if isinstance(result, structures_lib.Skip):
+                    yield beam.pvalue.TaggedOutput("skips", skip_row(result))
+                else:
+                    yield f"{task.source}#{i}", structure_example(result)
+
+
+def counter_of_example(key_example: tuple[str, dict]) -> ElementCounter:
+    counter = ElementCounter()
+    counter.add(key_example[1]["numbers"])
+    return counter

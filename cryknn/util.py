@@ -1,0 +1,86 @@
+"""Small helpers every layer uses: one-line messages, chunking, atomic file writes.
+
+Atomic writes: every file a cryknn tool writes goes to a temporary file in the same folder
+first and is renamed over the target only when complete, so a crash or `kill -9` leaves
+either the old file or the new one, never a truncated one.
+
+This module imports nothing from cryknn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` with all runs of white space (newlines included) folded to one space,
+    cut to `limit` characters with '...' when longer."""
+    line = " ".join(str(text).split())
+    if limit is not None and len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """A temporary path beside `path`; renamed to `path` when the block ends without error,
+    removed otherwise. `suffix` keeps an extension that a writer insists on (numpy adds
+    '.npz' to names without it)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
+                               dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """open() for writing whose result appears at `path` only once fully written."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+    """Writes strictly valid JSON atomically: NaN and infinities become null."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(finite_json(value), f, indent=indent, allow_nan=False)
+        f.write("\n")

@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: paths, running the CLIs in a subprocess, small CIFs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_COD = REPO.parent / "shared" / "data" / "cod"  # absent in a user's clone: skip
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment of a child Python: this checkout first on the path, JAX on the CPU."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, timeout: float = 300, **env: str
+               ) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` in the repository, output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+
+
+def run_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -c code` in the repository, output captured as text."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The non-empty lines a CLI wrote to stderr."""
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def make_cif(sites, cell="5 6 7 90 90 90", block="test", symmetry="", site_columns=None):
+    """A CIF block: sites are rows of values for site_columns (default label, type, x, y, z);
+    cell is 'a b c alpha beta gamma' (None: no cell); symmetry is raw CIF text."""
+    columns = site_columns or ["label", "type_symbol", "fract_x", "fract_y", "fract_z"]
+    lines = [f"data_{block}"]
+    if cell is not None:
+        for tag, value in zip(["length_a", "length_b", "length_c",
+                               "angle_alpha", "angle_beta", "angle_gamma"], cell.split()):
+            lines.append(f"_cell_{tag} {value}")
+    lines.append(symmetry)
+    lines.append("loop_")
+    lines += [f"_atom_site_{c}" for c in columns]
+    lines += [" ".join(str(v) for v in row) for row in sites]
+    return "\n".join(lines) + "\n"
+
+
+def symmetry_ops(ops) -> str:
+    """A `_symmetry_equiv_pos_as_xyz` loop of the given operations ('x,y,z', ...)."""
+    return "loop_\n_symmetry_equiv_pos_as_xyz\n" + "".join(f"'{op}'\n" for op in ops)
+
+
+# Rock salt from its H-M symbol: 8 atoms in the unit cell, every first neighbour at a / 2.
+NACL_CIF = make_cif([("Na1", "Na", 0, 0, 0), ("Cl1", "Cl", 0.5, 0.5, 0.5)],
+                    cell="5.64 5.64 5.64 90 90 90", block="nacl",
+                    symmetry="_space_group_name_H-M_alt 'F m -3 m'")
+
+# Methane in a P1 box, plus an O and a Zn atom (an element most models do not know).
+METHANE_CIF = make_cif([
+    ("C1", "C", 0.5, 0.5, 0.5),
+    ("H1", "H", 0.6049, 0.6049, 0.6049),
+    ("H2", "H", 0.3951, 0.3951, 0.6049),
+    ("H3", "H", 0.3951, 0.6049, 0.3951),
+    ("H4", "H", 0.6049, 0.3951, 0.3951),
+    ("O1", "O", 0.0, 0.0, 0.0),
+    ("Zn1", "Zn", 0.0, 0.5, 0.0),
+], cell="6 6 6 90 90 90", block="methane", symmetry="_symmetry_space_group_name_H-M 'P 1'")
