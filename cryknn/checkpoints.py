@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from cryknn import config as config_lib
 from cryknn import errors
 from cryknn import models
+from cryknn import saved_model
 from cryknn import util
 
 CONFIG_JSON = "config.json"
@@ -128,70 +129,101 @@ def save(mngr: ocp.CheckpointManager, state: Any, history: list) -> None:
         state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
 
 
-def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None
-            ) -> tuple[Any, list]:
-    """(state shaped like target, history) of the given (default: latest) step."""
-    step = mngr.latest_step() if step is None else step
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
-    return restored["state"], list(restored["history"] or [])
+def restore(mngr: ocp.CheckpointManager, target: Any = None, log=print) -> tuple[Any, list, int]:
+    """(state, history, step) of the newest intact checkpoint; a damaged newer one is
+    skipped and said so. target: the state's structure (None: nested dicts of arrays)."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
+            return restored["state"], list(restored["history"] or []), int(step)
+        except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+            log(f"note: checkpoint {mngr.directory}/{step} is damaged "
+                f"({util.one_line(e, 120)}); trying an older one")
+    raise errors.ModelError(f"no intact checkpoint in {mngr.directory} (tried steps "
+                            f"{', '.join(map(str, steps)) or 'none'})")
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the length of a run: a second run on the same
+    workdir is refused instead of both writing the same checkpoints."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._file = None
+
+    def __enter__(self) -> "WorkdirLock":
+        import fcntl
+
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise errors.ConfigError(f"--workdir={os.path.dirname(self.path)} is in use by "
+                                     f"another run ({holder}); wait for it or use another "
+                                     f"--workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # closing releases the lock
 
 
 # ----------------------------------------------------------------------------
 # A trained model read back from a workdir.
 
-
-@dataclasses.dataclass
-class Trained:
-    """A trained model: what prediction and warm starts need."""
-
-    run: dict  # config.json
-    config: config_lib.Config
-    model: Any  # flax module
-    params: Any
-    step: int
-    total_steps: int | None
-
-    @property
-    def symbols(self) -> list[str]:
-        return list(self.run["elements_resolved"])
-
-    @property
-    def atomic_numbers(self) -> list[int]:
-        return [int(z) for z in self.run["atomic_numbers"]]
+MODEL_FOLDER = "model"  # the params-only export of a finished run (cryknn.saved_model)
 
 
-def model_of_run(run: dict) -> tuple[config_lib.Config, Any]:
-    """(config, flax module) described by a run definition (config.json)."""
-    config = config_lib.from_dict(run["config"])
-    mean = run.get("input_mean", run.get("feature_mean"))  # feature_*: before cryknn 0.2
-    std = run.get("input_std", run.get("feature_std"))
-    stats = (mean, std) if mean is not None else None
-    return config, models.create_model(config, len(run["elements_resolved"]), stats)
+def load_trained(workdir: str, step: int | None = None) -> saved_model.SavedModel:
+    """The model of a workdir: its params-only export when the run finished (fast), else
+    the parameters of the latest (or given) checkpoint, no optimiser state.
 
-
-def load_trained(workdir: str, step: int | None = None) -> Trained:
-    """Model and parameters of the latest (or given) checkpoint in workdir.
-
-    Only the parameters are restored (no optimiser state). Raises ModelError when the
-    workdir holds no usable trained model.
+    Raises ModelError when the workdir holds no usable trained model.
     """
+    export = os.path.join(workdir, MODEL_FOLDER)
+    damaged = None
+    if step is None and saved_model.exists(export):
+        try:
+            return saved_model.load(export)
+        except errors.ModelError as e:  # fall back on the checkpoints, and say so
+            damaged = f"note: {e}; using the checkpoints instead"
     run = read_run(workdir)
-    config, model = model_of_run(run)
+    config, model = saved_model.module_of_run(run)
     step = latest_step(workdir) if step is None else step
     if step is None:
         raise errors.ModelError(f"no checkpoints in {workdir}; train one with: "
                                 f"python -m cryknn.main --workdir={workdir}")
     mngr = manager(workdir, create=False)
+    notes = []
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
+        if step is not None and step != latest_step(workdir):
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
+            state, history = restored["state"], list(restored["history"] or [])
+        else:
+            state, history, step = restore(mngr, log=notes.append)
     finally:
         mngr.close()
-    params = restored["state"]["params"]
-    history = list(restored["history"] or [])
     total = history[-1]["step"] * config.epochs // history[-1]["epoch"] if history else None
-    return Trained(run, config, model, _as_numpy(params), int(step), total)
+    info = {"run": run, "step": int(step), "total_steps": total,
+            "notes": ([damaged] if damaged else []) + notes}
+    return saved_model.SavedModel(info, config, model, _as_numpy(state["params"]))
+
+
+def export(workdir: str, params: Any, run: dict, metrics: dict, step: int,
+           total_steps: int) -> str:
+    """Writes the params-only model of a finished run to <workdir>/model; returns the path."""
+    folder = os.path.join(workdir, MODEL_FOLDER)
+    saved_model.save(folder, run, params, metrics=metrics, step=step, total_steps=total_steps)
+    return folder
 
 
 def _as_numpy(tree: Any) -> Any:

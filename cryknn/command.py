@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from typing import Any, Callable, Sequence
@@ -29,13 +30,21 @@ FLAGS = flags.FLAGS
 HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 
 
-def run_tool(main: Callable[[list[str]], int | None], *, usage: str,
+def run_tool(main: Callable[[list[str]], int | None], *, usage: str, module: str,
              define_flags: Callable[[], None] | None = None,
              argv: Sequence[str] | None = None) -> None:
-    """Defines the tool's flags, parses argv, runs main and exits with its status."""
+    """Defines the tool's flags, parses argv, runs main and exits with its status.
+
+    usage: the help text; '{prog}' in it becomes how the tool was called
+    (`cryknn <subcommand>`, or `python -m <module>`).
+    """
     argv = list(sys.argv if argv is None else argv)
+    prog = f"python -m {module}" if argv[0].endswith(".py") else argv[0]
+    usage = usage.replace("{prog}", prog)
     # Quiet by default: absl would show INFO records, and JAX logs its TPU probe there.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if hasattr(signal, "SIGPIPE"):  # `cryknn ... | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if define_flags is not None:
         define_flags()
 

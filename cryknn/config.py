@@ -48,6 +48,13 @@ class Config:
     dropout: float = _field(0.1, "mlp: dropout rate in [0, 1).", defines_run=True)
     input_map: str = _field("raw", "mlp: input features, raw (the distances) or "
                             "inverse_log_diff ([1/d, log d, d[i+1]-d[i]]).", defines_run=True)
+    hops: int = _field(2, "graph: message-passing rounds over the periodic k-NN graph; each "
+                       "atom sees its neighbours' distances up to this many hops away.",
+                       defines_run=True)
+    neighbour_elements: bool = _field(False, "Masked-atom mode (graph model): the model also "
+                                      "sees the elements of each atom's neighbours, as when "
+                                      "checking one site of a known structure.",
+                                      defines_run=True)
     # Optimisation.
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",
@@ -73,6 +80,22 @@ class Config:
         # The research called its two-stage model 'seed'; the name stays usable.
         if self.model in MODEL_ALIASES:
             object.__setattr__(self, "model", MODEL_ALIASES[self.model])
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model reads of each atom: its k distances and, for graph models, the
+    distances (and in masked-atom mode the elements) of its neighbours up to `hops` hops."""
+
+    k: int
+    hops: int = 0
+    neighbour_elements: bool = False
+
+
+def input_spec(config: Config) -> InputSpec:
+    if config.model != "graph":
+        return InputSpec(config.k)
+    return InputSpec(config.k, config.hops, config.neighbour_elements)
 
 
 def run_defining_fields() -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from cryknn import command
 from cryknn import errors
 
 USAGE = """\
-usage: python -m cryknn.data build|stats [--dataset=crystal_structures/CONFIG] [flags]
+usage: {prog} build|stats [--dataset=crystal_structures/CONFIG] [flags]
 
 build: build the TFDS dataset (configs core_mof_2019_asr, core_mof_2014, cif_dir with
        --manual_dir); prints what was read and what was skipped, with reasons.
@@ -103,7 +103,8 @@ def main(argv: list[str]) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+    command.run_tool(main, usage=USAGE, module="cryknn.data", define_flags=define_flags,
+                     argv=argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from cryknn import structures as structures_lib
 from cryknn import util
 
 USAGE = """\
-usage: python -m cryknn.featurize --k=K --out=FILE.npz PATH [PATH ...]
+usage: {prog} --k=K --out=FILE.npz PATH [PATH ...]
 
 Exact periodic k-nearest-neighbour distances of every atom in CIF files or folders
 (searched recursively), written as one .npz row per unit-cell atom."""
@@ -178,7 +178,8 @@ class _ProgressBar:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+    command.run_tool(main, usage=USAGE, module="cryknn.featurize", define_flags=define_flags,
+                     argv=argv)
 
 
 if __name__ == "__main__":

@@ -412,39 +412,64 @@ def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool) -> 
     return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
 
 
-def model_inputs(atoms: LabelledAtoms, index: np.ndarray) -> dict:
-    """Model inputs of the selected atoms at `index`: {'distances': (B, k) float32}."""
-    return {"distances": atoms.table.distances[atoms.rows[index]]}
+def gather_inputs(table: AtomTable, rows: np.ndarray, spec: config_lib.InputSpec) -> dict:
+    """Model inputs of the atoms at `rows` (B,) of `table`:
+
+      'distances': (B, k) float32, each atom's own k-NN distances;
+    and for h = 1..spec.hops (the periodic k-NN graph, neighbours at each hop in the
+    order of the featuriser, images resolved to their motif atom):
+      'neighbour_distances_<h>': (B, k**h, k) float32, the distances of the neighbours at hop h;
+      'neighbour_elements_<h>': (B, k**h) int32 their atomic numbers (masked-atom mode only).
+    Never the element of the atom itself.
+    """
+    rows = np.asarray(rows)
+    inputs = {"distances": table.distances[rows, :spec.k]}
+    index = rows[:, None]
+    for hop in range(1, spec.hops + 1):
+        index = table.neighbour_index[index, :spec.k].reshape(len(rows), -1)
+        inputs[f"neighbour_distances_{hop}"] = table.distances[index, :spec.k]
+        if spec.neighbour_elements:
+            inputs[f"neighbour_elements_{hop}"] = table.atomic_number[index]
+    return inputs
 
 
-def filler_inputs(k: int, batch_size: int) -> dict:
-    """Model inputs of `batch_size` dummy atoms (a process with no atoms left still steps)."""
-    return {"distances": np.ones((batch_size, k), np.float32)}
+def filler_inputs(spec: config_lib.InputSpec, batch_size: int) -> dict:
+    """Model inputs of `batch_size` dummy atoms (init shapes; a process with no atoms left
+    still steps with the others)."""
+    inputs = {"distances": np.ones((batch_size, spec.k), np.float32)}
+    for hop in range(1, spec.hops + 1):
+        inputs[f"neighbour_distances_{hop}"] = np.ones((batch_size, spec.k ** hop, spec.k),
+                                                       np.float32)
+        if spec.neighbour_elements:
+            inputs[f"neighbour_elements_{hop}"] = np.ones((batch_size, spec.k ** hop), np.int32)
+    return inputs
 
 
-def epoch_batches(atoms: LabelledAtoms, batch_size: int, *, seed: int, epoch: int,
-                  start: int = 0) -> Iterator[dict]:
+def epoch_batches(atoms: LabelledAtoms, batch_size: int, spec: config_lib.InputSpec, *,
+                  seed: int, epoch: int, start: int = 0) -> Iterator[dict]:
     """Shuffled training batches of one epoch, dropping the remainder.
 
     The order depends only on (seed, epoch), so a resumed run continues with the same
-    batches; `start` skips that many batches. Yields {'inputs': model inputs,
+    batches; `start` skips that many batches. Yields {'inputs': `gather_inputs`,
     'label': (B,) int32, 'mask': (B,) float32}.
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(atoms))
     for b in range(start, num_batches(len(atoms), batch_size, drop_remainder=True)):
         index = order[b * batch_size:(b + 1) * batch_size]
-        yield {"inputs": model_inputs(atoms, index), "label": atoms.labels[index],
-               "mask": np.ones(len(index), np.float32)}
+        yield {"inputs": gather_inputs(atoms.table, atoms.rows[index], spec),
+               "label": atoms.labels[index], "mask": np.ones(len(index), np.float32)}
 
 
-def eval_batches(atoms: LabelledAtoms, batch_size: int) -> Iterator[dict]:
+def eval_batches(atoms: LabelledAtoms, batch_size: int,
+                 spec: config_lib.InputSpec) -> Iterator[dict]:
     """All selected atoms in order, the last batch padded (mask 0) to full size."""
     n = len(atoms)
     for b in range(num_batches(n, batch_size, drop_remainder=False)):
         index = np.arange(b * batch_size, min((b + 1) * batch_size, n))
         pad = batch_size - len(index)
         padded = np.pad(index, (0, pad), mode="edge" if len(index) else "constant")
-        yield {"inputs": model_inputs(atoms, padded), "label": atoms.labels[padded],
+        yield {"inputs": gather_inputs(atoms.table, atoms.rows[padded], spec),
+               "label": atoms.labels[padded],
                "mask": (np.arange(batch_size) < len(index)).astype(np.float32)}
 
 

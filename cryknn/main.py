@@ -16,7 +16,7 @@ from cryknn import config as config_lib
 from cryknn import errors
 
 USAGE = """\
-usage: python -m cryknn.main [--k=5] [--workdir=W] [flags]
+usage: {prog} [--k=5] [--workdir=W] [flags]
 
 Builds the dataset if needed (default: the embedded CoRE MOF 2019-ASR), featurises it
 (cached per k), trains the element predictor and evaluates it on the test split; rerunning
@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+    command.run_tool(main, usage=USAGE, module="cryknn.main", define_flags=define_flags,
+                     argv=argv)
 
 
 if __name__ == "__main__":

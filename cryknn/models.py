@@ -13,10 +13,22 @@ Models (`--model`):
   in the same steps, with a stop-gradient between them, so each stage still optimises only
   its own loss (stage 1: class-weighted binary cross-entropy; stage 2: class-weighted
   softmax cross-entropy) — see `train.loss_fn`.
-- `mlp` (`MLPModel`, the default): the distances standardised with training-set statistics
+- `mlp` (`MLPModel`): the distances standardised with training-set statistics
   (optionally first mapped to [1/d, log d, d[i+1] - d[i]]: `input_map='inverse_log_diff'`,
   which measured no better on validation at k = 5), then a pre-LayerNorm residual MLP with
   GELU and dropout, trained with AdamW and a cosine schedule like the two-stage model.
+- `graph` (`GraphModel`): message passing over the periodic k-NN graph. Every atom is a
+  node whose input is its own k distances; its k nearest neighbours are its edges, with
+  their distances. `hops` rounds of distance-filtered, permutation-invariant message passing
+  refine the atom's embedding from its neighbours', neighbours' neighbours' ... geometry;
+  a head predicts its element. Geometry only, unless `neighbour_elements` (masked-atom
+  mode) also embeds the elements of the neighbours (never the atom's own).
+
+The graph model reads the inputs of `input_pipeline.gather_inputs`: besides 'distances',
+'neighbour_distances_<h>' (B, k**h, k) for h = 1..hops (and 'neighbour_elements_<h>'
+(B, k**h)), the computation tree of each atom unrolled to depth `hops`: node n at hop h
+has its k children at positions n*k .. n*k + k - 1 of hop h + 1, at the distances
+listed in node n's own row.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import numpy as np
 
 from cryknn import errors
 
-MODEL_NAMES = ("mlp", "two_stage")
+MODEL_NAMES = ("mlp", "two_stage", "graph")
 INPUT_MAPS = ("raw", "inverse_log_diff")
 
 # Distances below this are clipped before 1/d and log d (overlapping sites give d ~ 0).
@@ -140,11 +152,94 @@ class MLPModel(nn.Module):
         return {"logits": nn.Dense(self.num_classes, name="head")(x)}
 
 
+def radial_basis(d: jnp.ndarray, num: int, d_max: float) -> jnp.ndarray:
+    """(..., num) Gaussian expansion of distances d (...,) on num centres in [0, d_max]."""
+    centres = jnp.linspace(0.0, d_max, num, dtype=d.dtype)
+    width = d_max / num
+    return jnp.exp(-0.5 * ((d[..., None] - centres) / width) ** 2)
+
+
+class Interaction(nn.Module):
+    """One round of message passing from k children to each parent node.
+
+    message_j = Dense(h_child_j) * filter(d_j), filter a small MLP of the radial basis of
+    the edge distance (a continuous convolution); the parent sums its children's messages
+    (invariant to their order) and updates its embedding through a residual MLP.
+    """
+
+    width: int
+    num_rbf: int = 24
+    d_max: float = 6.0
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, parent: jnp.ndarray, children: jnp.ndarray, edges: jnp.ndarray, *,
+                 train: bool) -> jnp.ndarray:
+        """parent (B, n, W), children (B, n * k, W), edges (B, n, k) -> (B, n, W)."""
+        batch, n, k = edges.shape
+        rbf = radial_basis(edges, self.num_rbf, self.d_max)  # (B, n, k, R)
+        filt = nn.Dense(self.width, name="filter_out")(
+            nn.gelu(nn.Dense(self.width, name="filter_in")(rbf)))
+        messages = nn.Dense(self.width, name="message")(children).reshape(
+            batch, n, k, self.width) * filt
+        pooled = messages.sum(axis=2) / k
+        y = nn.LayerNorm(name="norm")(jnp.concatenate([parent, pooled], axis=-1))
+        y = nn.Dense(self.width, name="update_out")(
+            nn.gelu(nn.Dense(2 * self.width, name="update_in")(y)))
+        return parent + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class GraphModel(nn.Module):
+    """Message passing over the periodic k-NN graph, unrolled to depth `hops` per atom.
+
+    input_mean / input_std: (k,) statistics of the training atoms' own distances; every
+    node's k distances are standardised with them.
+    """
+
+    num_classes: int
+    input_mean: Sequence[float]
+    input_std: Sequence[float]
+    hops: int = 2
+    width: int = 64
+    dropout: float = 0.1
+    neighbour_elements: bool = False
+
+    @nn.compact
+    def __call__(self, inputs: dict, *, train: bool = False) -> dict:
+        own = inputs["distances"]
+        rows = [own[:, None, :]] + [inputs[f"neighbour_distances_{h}"]
+                                    for h in range(1, self.hops + 1)]  # (B, k**h, k)
+        mean = jnp.asarray(self.input_mean, own.dtype)
+        std = jnp.asarray(self.input_std, own.dtype)
+        encode_in = nn.Dense(self.width, name="encode_in")
+        encode_out = nn.Dense(self.width, name="encode_out")
+        nodes = [encode_out(nn.gelu(encode_in((r - mean) / std))) for r in rows]
+        if self.neighbour_elements:
+            embed = nn.Embed(elements_count(), self.width, name="element_embedding")
+            for h in range(1, self.hops + 1):
+                nodes[h] = nodes[h] + embed(inputs[f"neighbour_elements_{h}"])
+        for r in range(self.hops):
+            interact = Interaction(self.width, dropout=self.dropout, name=f"round{r}")
+            nodes = [interact(nodes[h], nodes[h + 1], rows[h], train=train)
+                     for h in range(self.hops - r)]
+        x = nn.gelu(nn.LayerNorm(name="final_norm")(nodes[0][:, 0]))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return {"logits": nn.Dense(self.num_classes, name="head")(x)}
+
+
+def elements_count() -> int:
+    """Rows of the element embedding: atomic numbers 0..118 (0 unused)."""
+    return 119
+
+
 def hyperparameters(config: Any) -> dict:
     """The configuration fields the chosen model is built from (its architecture)."""
     if config.model == "mlp":
         return {"width": config.width, "depth": config.depth, "dropout": config.dropout,
                 "input_map": config.input_map}
+    if config.model == "graph":
+        return {"width": config.width, "hops": config.hops, "dropout": config.dropout,
+                "neighbour_elements": config.neighbour_elements}
     return {}
 
 
@@ -157,14 +252,19 @@ def check_model_config(config: Any) -> None:
         if config.input_map not in INPUT_MAPS:
             raise errors.ConfigError(f"--input_map must be one of {', '.join(INPUT_MAPS)}, got "
                                      f"{config.input_map!r}")
+    if config.model in ("mlp", "graph"):
         if config.width < 1 or config.depth < 0:
             raise errors.ConfigError("--width must be >= 1 and --depth >= 0")
         if not 0 <= config.dropout < 1:
             raise errors.ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.model == "graph" and not 1 <= config.hops <= 4:
+        raise errors.ConfigError(f"--hops must be 1 to 4, got {config.hops}")
+    if config.neighbour_elements and config.model != "graph":
+        raise errors.ConfigError("--neighbour_elements needs --model=graph")
 
 
 def needs_input_statistics(config: Any) -> bool:
-    return config.model == "mlp"
+    return config.model in ("mlp", "graph")
 
 
 def create_model(config: Any, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
@@ -178,21 +278,29 @@ def create_model(config: Any, num_classes: int, input_stats: tuple | None = None
         return TwoStageModel(num_classes=num_classes)
     kwargs = hyperparameters(config)
     if input_stats is None:
-        num = input_map(np.ones((1, config.k), np.float32), config.input_map).shape[-1]
+        kind = config.input_map if config.model == "mlp" else "raw"
+        num = input_map(np.ones((1, config.k), np.float32), kind).shape[-1]
         input_stats = ([0.0] * num, [1.0] * num)
     mean, std = input_stats
-    return MLPModel(num_classes=num_classes, input_mean=tuple(mean), input_std=tuple(std),
-                    **kwargs)
+    cls = MLPModel if config.model == "mlp" else GraphModel
+    return cls(num_classes=num_classes, input_mean=tuple(mean), input_std=tuple(std), **kwargs)
 
 
-def example_inputs(k: int, batch: int = 1) -> dict:
-    """Inputs of the right shapes for `init`."""
-    return {"distances": jnp.ones((batch, k), jnp.float32)}
+def input_statistics_of(config: Any, distances: np.ndarray,
+                        sum_fn: Callable[[np.ndarray], np.ndarray] = np.asarray):
+    """The model's input statistics from (A, k) training distances (None if it needs none)."""
+    if not needs_input_statistics(config):
+        return None
+    kind = config.input_map if config.model == "mlp" else "raw"
+    return input_statistics(distances, kind, sum_fn=sum_fn)
 
 
-def init_params(model: nn.Module, k: int, rng: jax.Array) -> Any:
-    """Parameters of `model` for inputs of k distances."""
-    return model.init(rng, example_inputs(k), train=False)["params"]
+def init_params(model: nn.Module, k: int, rng: jax.Array, inputs: dict | None = None) -> Any:
+    """Parameters of `model`, from example inputs (default: k distances, enough for the
+    models that read only an atom's own distances)."""
+    if inputs is None:
+        inputs = {"distances": jnp.ones((1, k), jnp.float32)}
+    return model.init(rng, inputs, train=False)["params"]
 
 
 def param_count(params) -> int:

@@ -1,21 +1,20 @@
-"""Score the elements of new structures with a trained model.
+"""Score the element of every site of crystal structures.
 
-  python -m cryknn.predict --workdir=W [--out=F.csv] [--threshold=0.05] FILE.cif ...
-  cryknn predict --workdir=W FILE.cif ...
+  python -m cryknn.predict [--workdir=W | --model_name=NAME] [--out=F.csv] PATH ...
+  cryknn predict PATH ...
 
-For every structure read from the files (any CIF the reader accepts; ids are
-`<file stem>:<block>`), every site gets one line: its given element, the element the model
-predicts from the site's k-NN distances with its probability, and p(given), the
-probability the model gives the element the file states. Sites with p(given) < --threshold
-are marked IMPLAUSIBLE. Each structure gets a plausibility score: the geometric mean of
-p(given) over its atoms whose element the model knows (1 = the model agrees everywhere).
-Sites of elements outside the model's element list are shown with p(given) '-' and left
-out of the score (`cryknn.scoring`).
+PATHs are CIF files or folders (searched recursively). Without --workdir the model shipped
+with the package scores them (`--model_name`, default 'default'); --workdir selects a model
+you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
+symmetry copies; `--per_atom` for one line per unit-cell atom) gets one line: the given
+element, the element the model predicts with its probability, and p(given), the model's
+probability of the element the file states. Sites with p(given) < --threshold are marked
+IMPLAUSIBLE. Each structure gets a plausibility score (the geometric mean of p(given) over
+its atoms whose element the model knows) and warnings where its geometry is absurd.
 
 Files that yield no structure are named on one line each with the reason; blocks skipped
 inside otherwise readable files are noted the same way. Exit status: 0 when every file was
-read, 1 when some were not, 2 for bad flags or a workdir without a trained model. Never a
-traceback.
+read, 1 when some were not, 2 for bad flags or an unusable model. Never a traceback.
 """
 
 from __future__ import annotations
@@ -25,54 +24,69 @@ from typing import Sequence
 
 from cryknn import command
 from cryknn import errors
+from cryknn import structures as structures_lib
 from cryknn import util
 
 USAGE = """\
-usage: python -m cryknn.predict [--workdir=W] [--out=F.csv] FILE.cif [FILE.cif ...]
+usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] PATH [PATH ...]
 
-Scores every site of the structures in the CIF files: the predicted element, and
-p(given), the model's probability of the element the file states."""
+Scores every site of the structures in CIF files or folders (recursive): the predicted
+element, and p(given), the model's probability of the element the file states."""
 
 
 def define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("workdir", "./workdir/k5", "Workdir of a trained model (cryknn.main).")
-    flags.DEFINE_string("out", None, "Also write one CSV row per site here.")
-    flags.DEFINE_float("threshold", 0.05, "Mark sites whose given element has p below this.")
+    flags.DEFINE_string("workdir", None, "Workdir of a model you trained (cryknn train); "
+                        "default: the model shipped with cryknn.")
+    flags.DEFINE_string("model_name", "default", "Which shipped model scores (without "
+                        "--workdir): default (geometry only) or masked (also sees the "
+                        "neighbours' elements).")
+    flags.DEFINE_string("out", None, "Also write one CSV row per site (or atom) here.")
+    flags.DEFINE_float("threshold", 0.05, "Mark sites whose given element has p below this; "
+                       "in (0, 1).")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
                       "line of every structure is still printed; --out still gets every site).")
+    flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
+                      "of per site.")
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
+    command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
-def run_predict(paths: Sequence[str], workdir: str, out: str | None, threshold: float,
-                batch_size: int = 4096, implausible_only: bool = False, stdout=sys.stdout,
-                stderr=sys.stderr) -> int:
+def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> None:
+    if not paths:
+        raise errors.ConfigError("name at least one CIF file or folder")
+    if not 0 < threshold < 1:
+        raise errors.ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    if out is not None:
+        import os
+
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise errors.ConfigError(f"cannot write --out={out}")
+
+
+def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
+                threshold: float, *, batch_size: int = 4096, implausible_only: bool = False,
+                per_atom: bool = False, options: structures_lib.ReadOptions | None = None,
+                stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
-    from cryknn import checkpoints
+    from cryknn import neighbours
     from cryknn import scoring
 
-    if not paths:
-        raise errors.ConfigError("name at least one CIF file")
-    trained = checkpoints.load_trained(workdir)
-    if out is not None:
-        try:
-            open(out, "a").close()
-        except OSError as e:
-            raise errors.ConfigError(f"cannot write --out={out}: {e.strerror or e}") from None
-    structures, messages, all_read = scoring.read_files(paths)
+    check_arguments(paths, threshold, out)
+    model = scoring.load_model(workdir, model_name)
+    neighbours.enable_compilation_cache()
+    structures, messages, all_read = scoring.read_files(paths, options)
     for m in messages:
         print(m, file=stderr)
-    scores = scoring.score_structures(structures, trained, batch_size)
-    note = ("" if trained.total_steps is None or trained.step >= trained.total_steps
-            else f", training unfinished: step {trained.step} of {trained.total_steps}")
-    print(f"model {trained.config.model} (k={trained.config.k}, elements "
-          f"{','.join(trained.symbols)}) from {workdir}{note}", file=stdout)
+    scores = model.score(structures, per_atom=per_atom, batch_size=batch_size)
+    print(model.describe(), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
     if out is not None:
         scoring.write_csv(out, scores)
-        print(f"wrote {sum(len(s.sites) for s in scores)} sites to {out}", file=stdout)
+        print(f"wrote {sum(len(s.sites) for s in scores)} rows to {out}", file=stdout)
     return 0 if all_read else 1
 
 
@@ -81,8 +95,10 @@ def main(argv: list[str]) -> int:
 
     FLAGS = flags.FLAGS
     try:
-        return run_predict(argv[1:], FLAGS.workdir, FLAGS.out, FLAGS.threshold,
-                           FLAGS.batch_size, FLAGS.implausible_only)
+        return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
+                           FLAGS.threshold, batch_size=FLAGS.batch_size,
+                           implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
+                           options=command.dataclass_from_flags(structures_lib.ReadOptions))
     except (errors.UserError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - a scoring tool never shows a traceback
@@ -91,7 +107,8 @@ def main(argv: list[str]) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    command.run_tool(main, usage=USAGE, define_flags=define_flags, argv=argv)
+    command.run_tool(main, usage=USAGE, module="cryknn.predict", define_flags=define_flags,
+                     argv=argv)
 
 
 if __name__ == "__main__":

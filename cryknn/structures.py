@@ -79,6 +79,53 @@ class Structure:
         """(N, 3) float64 Cartesian coordinates in angstrom."""
         return self.frac @ self.lattice
 
+    @classmethod
+    def from_arrays(cls, lattice, frac, numbers, id: str = "structure:structure",
+                    source: str = "") -> "Structure":
+        """A structure with one site per atom, labels like 'C1', 'C2', 'H1'."""
+        lattice = np.asarray(lattice, np.float64).reshape(3, 3)
+        numbers = np.asarray(numbers, np.int32).reshape(-1)
+        frac = np.asarray(frac, np.float64).reshape(len(numbers), 3)
+        if numbers.size and (numbers.min() < 1 or numbers.max() > elements.NUM_ELEMENTS):
+            raise errors.DataFormatError(f"{id}: atomic numbers outside 1..118")
+        return cls(id=id, source=source or id, lattice=lattice, frac=_wrap(frac),
+                   numbers=numbers, labels=_site_labels(numbers),
+                   occupancies=np.ones(len(numbers), np.float32))
+
+    @classmethod
+    def from_ase(cls, atoms, id: str | None = None) -> "Structure":
+        """From an ase.Atoms with a periodic 3-D cell (one site per atom)."""
+        if not all(atoms.pbc) or atoms.cell.rank != 3:
+            raise errors.DataFormatError("ase.Atoms must be periodic in 3 dimensions with a "
+                                         "full cell")
+        name = id or f"{atoms.get_chemical_formula()}:{atoms.get_chemical_formula()}"
+        return cls.from_arrays(atoms.cell.array, atoms.get_scaled_positions(wrap=True),
+                               atoms.numbers, id=name)
+
+    @classmethod
+    def from_pymatgen(cls, structure, id: str | None = None) -> "Structure":
+        """From an ordered pymatgen Structure (one site per atom)."""
+        if not structure.is_ordered:
+            raise errors.DataFormatError("pymatgen structure has partially occupied sites; "
+                                         "order it first")
+        name = id or f"{structure.formula.replace(' ', '')}:{structure.formula.replace(' ', '')}"
+        return cls.from_arrays(structure.lattice.matrix, structure.frac_coords,
+                               [site.specie.Z for site in structure], id=name)
+
+    def to_ase(self):
+        """This structure as an ase.Atoms (needs ase: pip install 'cryknn[ase]')."""
+        ase = _import_ase()
+        return ase.Atoms(numbers=self.numbers, cell=self.lattice, scaled_positions=self.frac,
+                         pbc=True)
+
+
+def _import_ase():
+    try:
+        import ase
+    except ImportError:
+        raise errors.UserError("this needs ase: pip install 'cryknn[ase]'") from None
+    return ase
+
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
@@ -1163,14 +1210,7 @@ def read_pyxtal_db(path: str | os.PathLike | None = None) -> list[Structure]:
         except (TypeError, ValueError) as err:
             raise errors.DataFormatError(f"{path} row {row_id}: {err}") from None
         code = key_values.get("csd_code") or key_values.get("name") or f"row{row_id}"
-        frac = _wrap(np.linalg.solve(lattice.T, positions.T).T)
-        structures.append(Structure(
-            id=f"test:{code}",
-            source=f"{path}#{row_id}",
-            lattice=lattice,
-            frac=frac,
-            numbers=numbers,
-            labels=_site_labels(numbers),
-            occupancies=np.ones(numbers.shape[0], dtype=np.float32),
-        ))
+        frac = np.linalg.solve(lattice.T, positions.T).T
+        structures.append(Structure.from_arrays(lattice, frac, numbers, id=f"test:{code}",
+                                                source=f"{path}#{row_id}"))
     return structures

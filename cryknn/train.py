@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -49,18 +50,24 @@ TrainState = train_state.TrainState
 Log = Callable[[str], None]
 
 
-def make_optimizer(config: config_lib.Config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to 1% over the whole run."""
+def learning_rate_schedule(config: config_lib.Config, total_steps: int) -> optax.Schedule:
+    """Linear warmup (at most a tenth of the run), then cosine decay to 1% at the end."""
     warmup = min(config.warmup_steps, max(total_steps // 10, 1))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=config.learning_rate * 0.01)
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def make_optimizer(config: config_lib.Config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on `learning_rate_schedule`."""
+    return optax.adamw(learning_rate_schedule(config, total_steps),
+                       weight_decay=config.weight_decay)
 
 
 def create_train_state(model: nn.Module, config: config_lib.Config,
                        total_steps: int) -> TrainState:
-    params = models.init_params(model, config.k, jax.random.key(config.seed))
+    inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
+    params = models.init_params(model, config.k, jax.random.key(config.seed), inputs)
     return TrainState.create(apply_fn=model.apply, params=params,
                              tx=make_optimizer(config, total_steps))
 
@@ -140,6 +147,40 @@ def checkpoint_hook(mngr) -> Hook:
                 at_epoch_end=True)
 
 
+def log_hooks(workdir: str) -> list[Hook]:
+    """At the end of every epoch: metrics.jsonl (one line per epoch so far, rewritten
+    atomically) and TensorBoard summaries in <workdir>/tensorboard (process 0 only)."""
+    if jax.process_index() != 0:
+        return []
+    path = os.path.join(workdir, "metrics.jsonl")
+
+    def write_jsonl(trainer: "Trainer") -> None:
+        with util.atomic_open(path, "w") as f:
+            for entry in trainer.history:
+                f.write(json.dumps(util.finite_json(entry), allow_nan=False) + "\n")
+
+    hooks = [Hook(write_jsonl, at_epoch_end=True)]
+    writer = _summary_writer(os.path.join(workdir, "tensorboard"))
+    if writer is not None:
+        def summarise(trainer: "Trainer") -> None:
+            entry = trainer.history[-1]
+            writer.write_scalars(entry["step"], {k: v for k, v in entry.items()
+                                                 if k not in ("epoch", "step") and v is not None})
+            writer.flush()
+
+        hooks.append(Hook(summarise, at_epoch_end=True))
+    return hooks
+
+
+def _summary_writer(folder: str):
+    """flax's TensorBoard writer (it needs TensorFlow, which the train extra installs)."""
+    try:
+        from flax.metrics import tensorboard
+    except ImportError:
+        return None
+    return tensorboard.SummaryWriter(folder)
+
+
 @dataclasses.dataclass
 class Trainer:
     """A model, its train state and the data-parallel machinery for one prepared data set."""
@@ -154,6 +195,7 @@ class Trainer:
     history: list = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0  # training steps only: evaluation and hooks excluded
     trained_atoms: int = 0
+    _epoch_start_s: float = 0.0  # train_seconds when the current epoch began
 
     @classmethod
     def create(cls, config: config_lib.Config, data: input_pipeline.PreparedData) -> "Trainer":
@@ -166,10 +208,8 @@ class Trainer:
         if steps_per_epoch < 1:
             raise errors.ConfigError(f"--batch_size={config.batch_size} is larger than the "
                                      f"{len(data.train)} selected training atoms")
-        input_stats = None
-        if models.needs_input_statistics(config):
-            input_stats = models.input_statistics(data.train.distances, config.input_map,
-                                                  sum_fn=parallel.global_sum)
+        input_stats = models.input_statistics_of(config, data.train.distances,
+                                                 sum_fn=parallel.global_sum)
         model = models.create_model(config, len(data.symbols), input_stats)
         state = create_train_state(model, config, steps_per_epoch * config.epochs)
         return cls(config, data, par, model, par.replicate(state), input_stats,
@@ -182,6 +222,10 @@ class Trainer:
     @property
     def local_batch(self) -> int:
         return self.config.batch_size // jax.process_count()
+
+    @property
+    def input_spec(self) -> config_lib.InputSpec:
+        return config_lib.input_spec(self.config)
 
     @property
     def num_params(self) -> int:
@@ -197,12 +241,13 @@ class Trainer:
         num_classes = len(self.data.symbols)
         steps = parallel.global_max(input_pipeline.num_batches(len(atoms), self.local_batch,
                                                                drop_remainder=False))
-        batches = input_pipeline.eval_batches(atoms, self.local_batch)
+        batches = input_pipeline.eval_batches(atoms, self.local_batch, self.input_spec)
         out = []
         for _ in range(steps):
             batch = next(batches, None)
             if batch is None:  # this process is out of atoms; keep in step with the others
-                batch = {"inputs": input_pipeline.filler_inputs(self.config.k, self.local_batch)}
+                batch = {"inputs": input_pipeline.filler_inputs(self.input_spec,
+                                                                self.local_batch)}
             inputs = self.parallel.global_batch(batch["inputs"])
             out.append(self.parallel.local(self._predict(self.state.params, inputs)))
         if not out:
@@ -215,11 +260,11 @@ class Trainer:
         return evaluate.monitor_metrics(self.probs(monitor), monitor.labels,
                                         self.data.validation_support)
 
-    def restore(self, mngr) -> bool:
-        """Continue from the latest checkpoint of mngr, if there is one."""
+    def restore(self, mngr, log: Log = parallel.log) -> bool:
+        """Continue from the newest intact checkpoint of mngr, if there is one."""
         if mngr.latest_step() is None:
             return False
-        self.state, self.history = checkpoints.restore(mngr, self.state)
+        self.state, self.history, _ = checkpoints.restore(mngr, self.state, log=log)
         return True
 
     def fit(self, hooks: Sequence[Hook] = (), until_epoch: int | None = None,
@@ -239,8 +284,8 @@ class Trainer:
         window, epoch_sums = [], []
         clock = t_window = time.perf_counter()
         for local in input_pipeline.epoch_batches(
-                self.data.train, self.local_batch, seed=config.seed + jax.process_index(),
-                epoch=epoch, start=start):
+                self.data.train, self.local_batch, self.input_spec,
+                seed=config.seed + jax.process_index(), epoch=epoch, start=start):
             if step >= (epoch + 1) * self.steps_per_epoch:
                 break
             self.state, metrics = step_fn(self.state, par.global_batch(local), weights,
@@ -293,7 +338,10 @@ class Trainer:
             "train_loss": total["loss_sum"] / total["count"],
             "train_accuracy": total["correct"] / total["count"],
             "validation_loss": val["loss"], "validation_accuracy": val["accuracy"],
-            "validation_balanced_accuracy": val["balanced_accuracy"]})
+            "validation_balanced_accuracy": val["balanced_accuracy"],
+            "learning_rate": float(learning_rate_schedule(self.config, self.total_steps)(step)),
+            "atoms_per_s": total["count"] / max(self.train_seconds - self._epoch_start_s, 1e-9)})
+        self._epoch_start_s = self.train_seconds
         log(f"epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f} balanced "
             f"{val['balanced_accuracy']:.4f} (estimated from {len(self.data.monitor)} atoms, "
             f"{time.perf_counter() - t_val:.1f} s)")
@@ -320,9 +368,16 @@ def train_and_evaluate(config: config_lib.Config, workdir: str) -> dict:
     """Train `config.model` on the train split, checkpoint to workdir (resuming from the latest
     checkpoint there), evaluate on validation and test, and write the reports. Returns the
     metrics dict written to metrics.json."""
-    t_start = time.time()
     config_lib.validate(config)
     checkpoints.check_workdir(workdir)
+    if jax.process_index() != 0:
+        return _train_and_evaluate(config, workdir)
+    with checkpoints.WorkdirLock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: config_lib.Config, workdir: str) -> dict:
+    t_start = time.time()
     data = input_pipeline.prepare(config)
     trainer = Trainer.create(config, data)
     run = checkpoints.run_definition(config, data, trainer.input_stats, trainer.num_params)
@@ -337,7 +392,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str) -> dict:
                  f"{config.epochs} epochs, batch {config.batch_size} on "
                  f"{jax.device_count()} device(s)")
     try:
-        trainer.fit(hooks=[checkpoint_hook(mngr)])
+        trainer.fit(hooks=[checkpoint_hook(mngr), *log_hooks(workdir)])
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -349,6 +404,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str) -> dict:
               "evaluate_s": time.time() - t_eval, "devices": jax.device_count(),
               "processes": jax.process_count()}
     metrics = write_reports(workdir, trainer, results, timing, t_start)
+    if jax.process_index() == 0:
+        checkpoints.export(workdir, jax.device_get(trainer.state.params), run, metrics,
+                           int(trainer.state.step), trainer.total_steps)
     t = metrics["test"]
     parallel.log(f"test: accuracy {t['accuracy']:.4f}, balanced accuracy "
                  f"{t['balanced_accuracy']:.4f}, top-3 {t['top3_accuracy']:.4f} (majority "

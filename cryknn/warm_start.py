@@ -15,9 +15,14 @@ Where the inputs enter each model (cryknn.models):
       W'[p(j)] = W[j] * std'[p(j)] / std[j]
       b'       = b + sum_j W[j] * (mean'[p(j)] - mean[j]) / std[j]
   (when the statistics agree, as they do for the same training atoms, this is a plain copy).
-- `TwoStageModel` ('two_stage'): Dense 'stage1_dense0' reads the k raw distances (rows 0..k-1) and
-  Dense 'stage2_dense0' reads [distances (k) ++ stage-1 probabilities (C)]; the old rows are
-  copied to rows 0..k-1 and k'..k'+C-1 respectively. No input scaling.
+- `TwoStageModel` ('two_stage'): Dense 'stage1_dense0' reads the k raw distances (rows
+  0..k-1) and Dense 'stage2_dense0' reads [distances (k) ++ stage-1 probabilities (C)]; the
+  old rows are copied to rows 0..k-1 and k'..k'+C-1 respectively. No input scaling.
+- `GraphModel` ('graph'): every node's standardised k distances enter through Dense
+  'encode_in', whose rows are copied and rescaled as the mlp's 'embed'; everything else is
+  copied. This is NOT exact at step 0: the k'-model's nodes average the messages of k'
+  neighbours instead of k (and see k'-neighbourhoods hops away), so its outputs start near,
+  not at, the old model's; training continues from there.
 
 API: `warm_start_params(old_model, old_params, new_model, new_params)` on Flax modules and
 param pytrees (new_params only gives shapes and dtypes, e.g. `models.init_params`), and
@@ -48,9 +53,9 @@ def feature_positions(input_map: str, k_old: int, k_new: int) -> np.ndarray:
     raise errors.WarmStartError(f"unknown input map {input_map!r}")
 
 
-def _k_of_mlp(model: models.MLPModel) -> int:
+def _k_of(model: Any) -> int:
     n = len(model.input_mean)
-    return n if model.input_map == "raw" else (n + 1) // 3
+    return n if getattr(model, "input_map", "raw") == "raw" else (n + 1) // 3
 
 
 def _check_same_architecture(old: Any, new: Any) -> None:
@@ -64,7 +69,7 @@ def _check_same_architecture(old: Any, new: Any) -> None:
         a, b = getattr(old, field), getattr(new, field)
         if a != b:
             raise errors.WarmStartError(f"models differ in {field} ({a!r} vs {b!r}); only the "
-                                 f"number of distances may change")
+                                        f"number of distances may change")
 
 
 def _copy_tree(old: Any, new: Any, skip: set[str], path: str = "") -> Any:
@@ -72,14 +77,15 @@ def _copy_tree(old: Any, new: Any, skip: set[str], path: str = "") -> Any:
     if isinstance(new, dict) or hasattr(new, "items"):
         missing = set(new) ^ set(old)
         if missing:
-            raise errors.WarmStartError(f"parameter trees differ at {path or '/'}: {sorted(missing)}")
+            raise errors.WarmStartError(f"parameter trees differ at {path or '/'}: "
+                                        f"{sorted(missing)}")
         return {key: (new[key] if f"{path}/{key}" in skip
                       else _copy_tree(old[key], new[key], skip, f"{path}/{key}"))
                 for key in new}
     old_arr, new_arr = np.asarray(old), np.asarray(new)
     if old_arr.shape != new_arr.shape:
-        raise errors.WarmStartError(f"parameter {path} has shape {old_arr.shape} in the old model and "
-                             f"{new_arr.shape} in the new one")
+        raise errors.WarmStartError(f"parameter {path} has shape {old_arr.shape} in the old "
+                                    f"model and {new_arr.shape} in the new one")
     return old_arr.astype(new_arr.dtype)
 
 
@@ -94,22 +100,27 @@ def warm_start_params(old_model: Any, old_params: Any, new_model: Any, new_param
     old_params = jax.device_get(old_params)
     new_params = jax.device_get(new_params)
     if isinstance(old_model, models.MLPModel):
-        return _warm_start_mlp(old_model, old_params, new_model, new_params)
+        return _warm_start_input_layer(old_model, old_params, new_model, new_params, "embed")
+    if isinstance(old_model, models.GraphModel):
+        return _warm_start_input_layer(old_model, old_params, new_model, new_params,
+                                       "encode_in")
     if isinstance(old_model, models.TwoStageModel):
         return _warm_start_two_stage(old_params, new_params)
     raise errors.WarmStartError(f"no warm start for {type(old_model).__name__}")
 
 
-def _warm_start_mlp(old_model, old_params, new_model, new_params) -> dict:
-    k_old, k_new = _k_of_mlp(old_model), _k_of_mlp(new_model)
-    pos = feature_positions(old_model.input_map, k_old, k_new)
-    out = _copy_tree(old_params, new_params, {"/embed"})
-    w_old = np.asarray(old_params["embed"]["kernel"], np.float64)  # (F_old, width)
-    b_old = np.asarray(old_params["embed"]["bias"], np.float64)
-    new_kernel = np.asarray(new_params["embed"]["kernel"])
+def _warm_start_input_layer(old_model, old_params, new_model, new_params, layer: str) -> dict:
+    """Copy everything; rows of the input layer `layer` move to their new positions,
+    rescaled for the new input statistics (see the module docstring)."""
+    k_old, k_new = _k_of(old_model), _k_of(new_model)
+    pos = feature_positions(getattr(old_model, "input_map", "raw"), k_old, k_new)
+    out = _copy_tree(old_params, new_params, {f"/{layer}"})
+    w_old = np.asarray(old_params[layer]["kernel"], np.float64)  # (F_old, width)
+    b_old = np.asarray(old_params[layer]["bias"], np.float64)
+    new_kernel = np.asarray(new_params[layer]["kernel"])
     if w_old.shape[0] != len(pos) or new_kernel.shape[0] <= pos.max(initial=-1):
-        raise errors.WarmStartError(f"embed kernels {w_old.shape} -> {new_kernel.shape} do not match "
-                             f"k {k_old} -> {k_new}")
+        raise errors.WarmStartError(f"{layer} kernels {w_old.shape} -> {new_kernel.shape} do "
+                                    f"not match k {k_old} -> {k_new}")
     mean_old = np.asarray(old_model.input_mean, np.float64)
     std_old = np.asarray(old_model.input_std, np.float64)
     mean_new = np.asarray(new_model.input_mean, np.float64)[pos]
@@ -117,8 +128,8 @@ def _warm_start_mlp(old_model, old_params, new_model, new_params) -> dict:
     kernel = np.zeros(new_kernel.shape, np.float64)
     kernel[pos] = w_old * (std_new / std_old)[:, None]
     bias = b_old + ((mean_new - mean_old) / std_old) @ w_old
-    out["embed"] = {"kernel": kernel.astype(new_kernel.dtype),
-                    "bias": bias.astype(np.asarray(new_params["embed"]["bias"]).dtype)}
+    out[layer] = {"kernel": kernel.astype(new_kernel.dtype),
+                  "bias": bias.astype(np.asarray(new_params[layer]["bias"]).dtype)}
     return out
 
 

@@ -164,4 +164,5 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from cryknn import command
 
-    command.run_tool(main, usage=__doc__, define_flags=define_flags)
+    command.run_tool(main, usage=__doc__, module="experiments/bench_train_keras.py",
+                     define_flags=define_flags)

@@ -236,4 +236,5 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     from cryknn import command
 
-    command.run_tool(main, usage=__doc__, define_flags=define_flags)
+    command.run_tool(main, usage=__doc__, module="experiments/k_sweep.py",
+                     define_flags=define_flags)

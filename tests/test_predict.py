@@ -4,7 +4,6 @@ import csv
 
 import pytest
 
-from cryknn import checkpoints
 from cryknn import config as config_lib
 from cryknn import input_pipeline
 from cryknn import scoring
@@ -37,11 +36,11 @@ def _predict(*args):
 
 
 def test_scores_every_site_in_process(workdir, cifs, tmp_path):
-    trained = checkpoints.load_trained(workdir)
-    assert trained.symbols == ["H", "C", "O"] and trained.config.k == 5
+    model = scoring.load_model(workdir)
+    assert model.elements == ["H", "C", "O"] and model.k == 5
     structures, messages, all_read = scoring.read_files([cifs[0]])
     assert all_read and not messages
-    (score,) = scoring.score_structures(structures, trained)
+    (score,) = model.score(structures)
     assert score.structure_id == "methane:methane"
     by_label = {s.site_label: s for s in score.sites}
     assert set(by_label) == {"C1", "H1", "H2", "H3", "H4", "O1", "Zn1"}

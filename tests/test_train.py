@@ -180,7 +180,7 @@ def test_one_training_step_lowers_the_loss(data_dir):
     trainer = train.Trainer.create(cfg, data)
     step = trainer.parallel.jit_step(train.train_step, num_replicated_args=2)
     batch = trainer.parallel.global_batch(
-        next(input_pipeline.epoch_batches(data.train, 64, seed=0, epoch=0)))
+        next(input_pipeline.epoch_batches(data.train, 64, trainer.input_spec, seed=0, epoch=0)))
     weights = jnp.asarray(data.class_weights)
     losses = []
     state = trainer.state

@@ -1,0 +1,158 @@
+"""A trained model as two small files: what scoring needs, nothing for training.
+
+  <folder>/model.json      the run definition (config, elements, input scaling), the
+                           dataset build it was trained on, its test metrics, code version
+  <folder>/params.msgpack  the parameters only (flax.serialization), no optimiser state
+
+Every finished training run exports one to `<workdir>/model/`; the package ships its
+pretrained models the same way in `cryknn/pretrained/<name>/`. Loading one needs neither
+orbax nor optax nor TensorFlow, so scoring starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from cryknn import config as config_lib
+from cryknn import errors
+from cryknn import models
+from cryknn import util
+
+MODEL_JSON = "model.json"
+PARAMS = "params.msgpack"
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class SavedModel:
+    """A model ready to score: flax module, parameters and what they mean."""
+
+    info: dict  # model.json: {'run': config.json of the training run, 'step', ...}
+    config: config_lib.Config
+    model: Any  # flax module
+    params: Any  # nested dict of numpy arrays
+
+    @property
+    def run(self) -> dict:
+        return self.info["run"]
+
+    @property
+    def step(self) -> int | None:
+        return self.info.get("step")
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.info.get("total_steps")
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self.info["run"]["elements_resolved"])
+
+    @property
+    def atomic_numbers(self) -> list[int]:
+        return [int(z) for z in self.info["run"]["atomic_numbers"]]
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+
+def module_of_run(run: dict) -> tuple[config_lib.Config, Any]:
+    """(config, flax module) a run definition (a workdir's config.json) describes."""
+    config = config_lib.from_dict(run["config"])
+    mean = run.get("input_mean", run.get("feature_mean"))  # feature_*: before cryknn 0.2
+    std = run.get("input_std", run.get("feature_std"))
+    stats = (mean, std) if mean is not None else None
+    return config, models.create_model(config, len(run["elements_resolved"]), stats)
+
+
+def code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cryknn")
+    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
+        return "unknown"
+
+
+def save(folder: str, run: dict, params: Any, *, metrics: dict | None = None,
+         step: int | None = None, total_steps: int | None = None) -> None:
+    """Writes model.json and params.msgpack (atomically) into folder."""
+    from flax import serialization
+
+    os.makedirs(folder, exist_ok=True)
+    params = _finite_params(params, folder)
+    with util.atomic_open(os.path.join(folder, PARAMS), "wb") as f:
+        f.write(serialization.msgpack_serialize(params))
+    info = {"format": FORMAT, "run": run, "step": step, "total_steps": total_steps,
+            "num_params": models.param_count(params), "code_version": code_version(),
+            "dataset_fingerprint": run.get("dataset_fingerprint"),
+            "test_metrics": _headline(metrics)}
+    util.write_json(os.path.join(folder, MODEL_JSON), info)
+
+
+def _headline(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    keep = ("num_atoms", "accuracy", "balanced_accuracy", "top3_accuracy", "per_element")
+    return {key: metrics["test"][key] for key in keep if key in metrics["test"]}
+
+
+def _finite_params(params: Any, where: str) -> dict:
+    params = _as_numpy(params)
+    leaves = [leaf for leaf in _leaves(params)]
+    if not all(np.all(np.isfinite(leaf)) for leaf in leaves):
+        raise errors.ModelError(f"refusing to save a model with non-finite parameters to {where}")
+    return params
+
+
+def _as_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {key: _as_numpy(value) for key, value in tree.items()}
+    return np.asarray(tree)
+
+
+def _leaves(tree: Any):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
+
+
+def exists(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name)) for name in (MODEL_JSON, PARAMS))
+
+
+def load(folder: str) -> SavedModel:
+    """The model saved in folder; ModelError (one line, naming the file) when it is missing,
+    damaged, or has non-finite parameters."""
+    from flax import serialization
+
+    path = os.path.join(folder, MODEL_JSON)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        config, model = module_of_run(info["run"])
+    except FileNotFoundError:
+        raise errors.ModelError(f"no saved model in {folder} ({path} not found)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise errors.ModelError(f"cannot read {path}: {util.one_line(e, 200)}") from None
+    path = os.path.join(folder, PARAMS)
+    try:
+        with open(path, "rb") as f:
+            params = serialization.msgpack_restore(f.read())
+    except FileNotFoundError:
+        raise errors.ModelError(f"{path} not found") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise errors.ModelError(f"cannot read {path} (damaged?): {util.one_line(e, 160)}") \
+            from None
+    params = _as_numpy(params)
+    if not all(np.all(np.isfinite(leaf)) for leaf in _leaves(params)):
+        raise errors.ModelError(f"{path} holds non-finite parameters: not a usable model")
+    return SavedModel(info, config, model, params)

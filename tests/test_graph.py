@@ -1,0 +1,98 @@
+"""The k-NN graph model: its inputs follow the periodic k-NN graph, message passing is
+invariant to the order of neighbours, it trains, scores, and has a masked-atom mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cryknn import config as config_lib
+from cryknn import errors
+from cryknn import input_pipeline
+from cryknn import models
+from cryknn import scoring
+from cryknn import structures
+from cryknn import train
+from tests.conftest import NACL_CIF
+
+QUIET = lambda message: None  # noqa: E731
+
+
+def test_gather_inputs_follows_the_knn_graph():
+    table = input_pipeline.toy_features((1, 6, 8, 30), 25, 4, seed=3)
+    rows = np.array([0, 7, 42, 99])
+    spec = config_lib.InputSpec(k=3, hops=2, neighbour_elements=True)
+    inputs = input_pipeline.gather_inputs(table, rows, spec)
+    assert inputs["distances"].shape == (4, 3)
+    assert inputs["neighbour_distances_1"].shape == (4, 3, 3)
+    assert inputs["neighbour_distances_2"].shape == (4, 9, 3)
+    nbr = table.neighbour_index
+    for b, row in enumerate(rows):
+        np.testing.assert_array_equal(inputs["distances"][b], table.distances[row, :3])
+        for n in range(3):
+            child = nbr[row, n]
+            np.testing.assert_array_equal(inputs["neighbour_distances_1"][b, n],
+                                          table.distances[child, :3])
+            assert inputs["neighbour_elements_1"][b, n] == table.atomic_number[child]
+            for j in range(3):  # node n's children sit at n * k + j of the next hop
+                np.testing.assert_array_equal(inputs["neighbour_distances_2"][b, 3 * n + j],
+                                              table.distances[nbr[child, j], :3])
+    geometry = input_pipeline.gather_inputs(table, rows, config_lib.InputSpec(k=3, hops=2))
+    assert sorted(geometry) == ["distances", "neighbour_distances_1", "neighbour_distances_2"]
+
+
+def test_interaction_is_invariant_to_the_order_of_children():
+    layer = models.Interaction(width=16)
+    rng = np.random.default_rng(0)
+    parent = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
+    children = jnp.asarray(rng.normal(size=(2, 3 * 4, 16)), jnp.float32)
+    edges = jnp.asarray(rng.uniform(0.8, 4.0, (2, 3, 4)), jnp.float32)
+    params = layer.init(jax.random.key(0), parent, children, edges, train=False)
+    out = layer.apply(params, parent, children, edges, train=False)
+    perm = rng.permutation(4)
+    shuffled = children.reshape(2, 3, 4, 16)[:, :, perm].reshape(2, 12, 16)
+    again = layer.apply(params, parent, shuffled, edges[:, :, perm], train=False)
+    np.testing.assert_allclose(out, again, rtol=1e-5, atol=1e-5)
+    moved = layer.apply(params, parent, children, edges + 0.5, train=False)
+    assert not np.allclose(out, moved)  # the edge distances matter
+
+
+@pytest.mark.parametrize("hops,masked", [(1, False), (2, False), (2, True)])
+def test_graph_model_shapes_and_inputs(hops, masked):
+    config = config_lib.Config(model="graph", k=4, hops=hops, width=16,
+                               neighbour_elements=masked)
+    model = models.create_model(config, 5)
+    inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 3)
+    params = models.init_params(model, 4, jax.random.key(0), inputs)
+    assert ("element_embedding" in params) == masked
+    assert sorted(k for k in params if k.startswith("round")) == [f"round{r}" for r in range(hops)]
+    out = model.apply({"params": params}, inputs)
+    assert out["logits"].shape == (3, 5)
+
+
+def test_neighbour_elements_needs_the_graph_model():
+    with pytest.raises(errors.ConfigError, match="neighbour_elements"):
+        models.create_model(config_lib.Config(model="mlp", neighbour_elements=True), 3)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    input_pipeline.write_toy_cache(data_dir, "toy/graph", 5, (11, 17, 8))
+    return data_dir
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_graph_model_trains_and_scores_a_structure(toy_data, tmp_path, masked):
+    config = config_lib.Config(dataset="toy/graph", data_dir=toy_data, k=5, model="graph",
+                               hops=2, width=16, num_elements=3, epochs=2, batch_size=64,
+                               log_every=1000, monitor_per_element=40, neighbour_elements=masked)
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert metrics["test"]["accuracy"] > 0.5 and np.isfinite(metrics["test"]["loss"])
+    model = scoring.load_model(str(tmp_path))
+    assert model.spec.hops == 2 and model.spec.neighbour_elements == masked
+    assert ("masked-atom" in model.describe()) == masked
+    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    (score,) = model.score(found)
+    assert {s.site_label for s in score.sites} == {"Na1", "Cl1"}
+    assert sum(s.multiplicity for s in score.sites) == 8 and 0 < score.plausibility <= 1
