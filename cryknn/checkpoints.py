@@ -194,13 +194,15 @@ def load_trained(workdir: str, step: int | None = None) -> saved_model.SavedMode
         try:
             return saved_model.load(export)
         except errors.ModelError as e:  # fall back on the checkpoints, and say so
-            damaged = f"note: {e}; using the checkpoints instead"
-    run = read_run(workdir)
-    config, model = saved_model.module_of_run(run)
-    step = latest_step(workdir) if step is None else step
-    if step is None:
+            damaged = str(e)
+    if latest_step(workdir) is None:
+        if damaged:
+            raise errors.ModelError(damaged)
+        read_run(workdir)  # says "no trained model in ..." when there is none at all
         raise errors.ModelError(f"no checkpoints in {workdir}; train one with: "
                                 f"python -m cryknn.main --workdir={workdir}")
+    run = read_run(workdir)
+    config, model = saved_model.module_of_run(run)
     mngr = manager(workdir, create=False)
     notes = []
     try:
@@ -214,7 +216,8 @@ def load_trained(workdir: str, step: int | None = None) -> saved_model.SavedMode
         mngr.close()
     total = history[-1]["step"] * config.epochs // history[-1]["epoch"] if history else None
     info = {"run": run, "step": int(step), "total_steps": total,
-            "notes": ([damaged] if damaged else []) + notes}
+            "notes": ([f"note: {damaged}; using the checkpoints instead"] if damaged else [])
+            + notes}
     return saved_model.SavedModel(info, config, model, _as_numpy(state["params"]))
 
 

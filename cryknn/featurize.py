@@ -74,6 +74,7 @@ class Rows:
             "atomic_number": []}
         self.num_atoms = 0
         self.num_structures = 0
+        self.removed = structures_lib.RemovalCounter()  # atoms the reading policies removed
 
     def add(self, structure: structures_lib.Structure, distances: np.ndarray,
             indices: np.ndarray) -> None:
@@ -85,6 +86,7 @@ class Rows:
         self.parts["atomic_number"].append(np.asarray(structure.numbers, np.int32))
         self.num_atoms += n
         self.num_structures += 1
+        self.removed.add(structure)
 
     def arrays(self) -> dict[str, np.ndarray]:
         empty = {"distances": np.zeros((0, self.k), np.float32),
@@ -156,6 +158,11 @@ def main(argv: list[str]) -> int:
     print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
           f"k={FLAGS.k}, {time.perf_counter() - start:.1f} s")
     print(skip_report(skips))
+    removed = rows.removed.lines()
+    print("reading policies removed atoms:" if removed else
+          "reading policies removed no atoms")
+    if removed:
+        print("\n".join(removed))
     return 0
 
 

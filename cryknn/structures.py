@@ -164,6 +164,29 @@ def summarize_skips(reasons: Iterable[str], top: int = 12) -> list[str]:
     return lines
 
 
+POLICY_REMOVALS = {"duplicates_merged": "duplicate atoms merged (merge_duplicates)",
+                   "disorder_dropped": "disorder alternatives dropped (disorder='majority')"}
+
+
+class RemovalCounter:
+    """Atoms the reading policies removed, summed over structures, per policy."""
+
+    def __init__(self):
+        self.atoms = dict.fromkeys(POLICY_REMOVALS, 0)
+        self.structures = dict.fromkeys(POLICY_REMOVALS, 0)
+
+    def add(self, structure: "Structure") -> None:
+        for policy, n in structure.removed.items():
+            self.atoms[policy] += n
+            self.structures[policy] += n > 0
+
+    def lines(self) -> list[str]:
+        """'  N  <what> in M structures' per policy that removed anything."""
+        return [f"  {self.atoms[p]:7d}  {what} in {self.structures[p]} "
+                f"structure{'s' if self.structures[p] != 1 else ''}"
+                for p, what in POLICY_REMOVALS.items() if self.atoms[p]]
+
+
 def _option(default, help_text: str):
     """A ReadOptions field; its help becomes the command-line flag's help."""
     return dataclasses.field(default=default, metadata={"help": help_text})
@@ -1047,15 +1070,21 @@ def read_cif(path: str | os.PathLike, options: ReadOptions = ReadOptions()
 
 def _walk_cifs(folder: Path) -> Iterator[Path]:
     """CIF files under folder in path order (entries sorted by name, folders entered
-    where they sort); symbolic links to folders are not followed (no cycles)."""
+    where they sort); symbolic links to folders are not followed (no cycles). Every
+    `*.cif` entry that is not a folder is yielded, links included, so that one that cannot
+    be read (a dangling or looping link) is reported by `read_cif`, not lost."""
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:
         return
     for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
+        try:
+            is_folder = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_folder = False
+        if is_folder:
             yield from _walk_cifs(Path(entry.path))
-        elif entry.name.lower().endswith(".cif") and entry.is_file():
+        elif entry.name.lower().endswith(".cif"):
             yield Path(entry.path)
 
 

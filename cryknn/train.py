@@ -164,8 +164,9 @@ def log_hooks(workdir: str) -> list[Hook]:
     if writer is not None:
         def summarise(trainer: "Trainer") -> None:
             entry = trainer.history[-1]
-            writer.write_scalars(entry["step"], {k: v for k, v in entry.items()
-                                                 if k not in ("epoch", "step") and v is not None})
+            for key, value in entry.items():
+                if key not in ("epoch", "step") and value is not None:
+                    writer.scalar(key, value, entry["step"])
             writer.flush()
 
         hooks.append(Hook(summarise, at_epoch_end=True))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_COD = REPO.parent / "shared" / "data" / "cod"  # absent in a user's clone: skip
 
@@ -74,3 +76,17 @@ METHANE_CIF = make_cif([
     ("O1", "O", 0.0, 0.0, 0.0),
     ("Zn1", "Zn", 0.0, 0.5, 0.0),
 ], cell="6 6 6 90 90 90", block="methane", symmetry="_symmetry_space_group_name_H-M 'P 1'")
+
+
+@pytest.fixture(scope="session")
+def toy_workdir(tmp_path_factory) -> str:
+    """A workdir with a small mlp trained on toy features of H, C and O (k = 5)."""
+    from cryknn import config, input_pipeline, train
+
+    data_dir = str(tmp_path_factory.mktemp("toy_data"))
+    input_pipeline.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
+    workdir = str(tmp_path_factory.mktemp("toy_workdir"))
+    train.train_and_evaluate(
+        config.Config(dataset="toy/predict", data_dir=data_dir, k=5, num_elements=3, epochs=1,
+                      batch_size=64, width=16, depth=1, log_every=1000), workdir)
+    return workdir

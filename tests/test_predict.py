@@ -4,22 +4,13 @@ import csv
 
 import pytest
 
-from cryknn import config as config_lib
-from cryknn import input_pipeline
 from cryknn import scoring
-from cryknn import train
 from tests.conftest import METHANE_CIF, error_lines, run_module
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    input_pipeline.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
-    w = str(tmp_path_factory.mktemp("w"))
-    train.train_and_evaluate(
-        config_lib.Config(dataset="toy/predict", data_dir=data_dir, k=5, num_elements=3, epochs=1,
-                     batch_size=64, width=16, depth=1, log_every=1000), w)
-    return w
+@pytest.fixture()
+def workdir(toy_workdir):
+    return toy_workdir
 
 
 @pytest.fixture()

@@ -244,16 +244,18 @@ def test_unwritable_workdir_exits_with_one_line(data_dir, tmp_path):
 
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from cryknn import config, models, parallel, train
+    from cryknn import config, input_pipeline, models, parallel, train
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
-    batch = {"inputs": {"distances": rng.uniform(0.9, 3.0, (64, 5)).astype(np.float32)},
-             "label": rng.integers(0, 4, 64).astype(np.int32),
-             "mask": np.r_[np.ones(60), np.zeros(4)].astype(np.float32)}
     weights = jnp.asarray([0.5, 1.0, 2.0, 1.5])
     results = {}
-    for model in ("mlp", "two_stage"):
-        cfg = config.Config(k=5, model=model, width=32, depth=2, dropout=0.0, batch_size=64)
+    for model in ("mlp", "two_stage", "graph"):
+        cfg = config.Config(k=5, model=model, width=32, depth=2, dropout=0.0, batch_size=64,
+                            hops=2)
+        inputs = {name: (rng.uniform(0.9, 3.0, x.shape).astype(np.float32)) for name, x in
+                  input_pipeline.filler_inputs(config.input_spec(cfg), 64).items()}
+        batch = {"inputs": inputs, "label": rng.integers(0, 4, 64).astype(np.int32),
+                 "mask": np.r_[np.ones(60), np.zeros(4)].astype(np.float32)}
         for n in (8, 1):
             par = parallel.DataParallel.create(jax.devices()[:n])
             state = par.replicate(train.create_train_state(models.create_model(cfg, 4), cfg, 100))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -101,8 +102,8 @@ def build_fingerprint(dataset: str, data_dir: str | None = None) -> dict:
     info = read_build_info(folder)
     if not info or not os.path.isfile(os.path.join(folder, "dataset_info.json")):
         raise not_built_error(dataset, data_dir, folder)
-    keys = ("dataset", "version", "manual_dir", "archive", "limit", "files", "structures",
-            "skipped")
+    keys = ("dataset", "version", "manual_dir", "archive", "limit", "read_options", "files",
+            "structures", "skipped")
     identity = json.dumps({key: info.get(key) for key in keys}, sort_keys=True)
     digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12]
     return {"fingerprint": digest, "build_info": info}
@@ -125,11 +126,19 @@ def read_skips(dataset_dir: str) -> list[tuple[str, str, str]] | None:
     return [tuple(r) for r in rows[1:]]
 
 
-def _check_build_info(builder, manual_dir: str | None, limit: int | None) -> None:
-    """Refuse to reuse a cif_dir build made from another folder, or a limited build."""
+def _check_build_info(builder, manual_dir: str | None, limit: int | None,
+                      read_options: Any) -> None:
+    """Refuse to reuse a cif_dir build made from another folder, a limited build, or one
+    read with other reading policies."""
     info = read_build_info(builder.data_dir)
     if not info:
         return
+    if read_options is not None and "read_options" in info:
+        wanted = dataclasses.asdict(read_options)
+        if info["read_options"] != wanted:
+            raise errors.DataError(
+                f"{builder.data_dir} was read with {info['read_options']}, not {wanted}: "
+                "use another --data_dir, or --overwrite")
     if manual_dir and info.get("manual_dir") not in (None, os.path.abspath(manual_dir)):
         raise errors.DataError(
             f"{builder.data_dir} was built from {info.get('manual_dir')}, not {manual_dir}: "
@@ -173,7 +182,8 @@ def _beam_options(beam_runner: Any, beam_options: Any) -> Any:
 def build(dataset: str = names.DEFAULT_DATASET, data_dir: str | None = None, *,
           manual_dir: str | None = None, limit: int | None = None,
           num_workers: int | None = None, beam_runner: Any = None, beam_options: Any = None,
-          overwrite: bool = False, log: Callable[[str], None] = print):
+          read_options: Any = None, overwrite: bool = False,
+          log: Callable[[str], None] = print):
     """Builds `dataset` in data_dir (unless already built) and returns its TFDS builder.
 
     manual_dir: the CIF folder tree for `cif_dir` (required there, refused otherwise).
@@ -181,15 +191,17 @@ def build(dataset: str = names.DEFAULT_DATASET, data_dir: str | None = None, *,
     num_workers: parsing processes (default: the CPUs this process may use).
     beam_runner / beam_options: build as an Apache Beam pipeline (e.g. 'DirectRunner', or
       PipelineOptions for Dataflow/Flink/Spark); needs `pip install apache-beam`.
+    read_options: the CIF reader's policies (structures.ReadOptions; default: its defaults).
     Prints the skip summary through `log`. Raises DataError for anything the user can fix.
     """
     _check_build_arguments(dataset, data_dir, manual_dir)
     beam_options = _beam_options(beam_runner, beam_options)
-    kwargs = {key: value for key, value in (("limit", limit), ("num_workers", num_workers))
+    kwargs = {key: value for key, value in (("limit", limit), ("num_workers", num_workers),
+                                            ("read_options", read_options))
               if value is not None}
     builder = get_builder(dataset, data_dir, **kwargs)
     if is_built(builder) and not overwrite:
-        _check_build_info(builder, manual_dir, limit)
+        _check_build_info(builder, manual_dir, limit, read_options)
         log(f"{dataset} is already built in {builder.data_dir}")
     else:
         _download_and_prepare(builder, dataset, manual_dir, beam_runner, beam_options,
@@ -241,6 +253,12 @@ def summarize_build(dataset_dir: str, top: int = 12) -> str:
         lines.append(f"skipped: {len(skips)} blocks or files in {files} files"
                      f" (report: {os.path.join(dataset_dir, names.SKIPPED_CSV)})")
         lines.extend(structures_lib.summarize_skips((s[2] for s in skips), top))
+    removed = {p: n for p, n in (info.get("removed_atoms") or {}).items() if n}
+    if removed:
+        lines.append(f"reading policies removed atoms (report: "
+                     f"{os.path.join(dataset_dir, names.REMOVED_CSV)}):")
+        lines.extend(f"  {n:7d}  {structures_lib.POLICY_REMOVALS.get(p, p)}"
+                     for p, n in removed.items())
     return "\n".join(lines)
 
 

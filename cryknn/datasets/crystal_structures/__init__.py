@@ -17,6 +17,8 @@ SKIPPED_CSV = "skipped.csv"  # file, block, reason: everything the reader could 
 ELEMENT_STATS_JSON = "element_stats.json"  # per split: structures, atoms, per element
 BUILD_INFO_JSON = "build_info.json"  # what it was built from, counts, seconds taken
 SKIP_FIELDS = ("file", "block", "reason")
+REMOVED_CSV = "removed.csv"  # atoms the reading policies removed, per structure and policy
+REMOVED_FIELDS = ("structure_id", "source", "policy", "atoms")
 
 # Environment variables read by the builder (a builder kwarg of the same name wins).
 ENV_LIMIT = "CRYKNN_DATA_LIMIT"  # read only the first N CIF files / archive members

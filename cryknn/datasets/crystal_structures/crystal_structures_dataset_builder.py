@@ -40,7 +40,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -140,8 +140,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     DEFAULT_BUILDER_CONFIG_NAME = "core_mof_2019_asr"
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
 
-    def __init__(self, *, limit: int | None = None, num_workers: int | None = None, **kwargs):
+    def __init__(self, *, limit: int | None = None, num_workers: int | None = None,
+                 read_options: structures_lib.ReadOptions | None = None, **kwargs):
         super().__init__(**kwargs)
+        self._read_options = read_options or structures_lib.ReadOptions()
         if limit is None and os.environ.get(names.ENV_LIMIT):
             limit = int(os.environ[names.ENV_LIMIT])
         if limit is not None and limit < 1:
@@ -206,7 +208,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         epath.Path(self._tmp).mkdir(parents=True, exist_ok=True)
         start = time.time()
         if not self._beam and self._num_workers > 1:
-            self._parser = parsing.Parser(self._num_workers)
+            self._parser = parsing.Parser(self._num_workers, options=self._read_options)
         try:
             super()._download_and_prepare(dl_manager, download_config)
         finally:
@@ -284,18 +286,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         from tqdm import tqdm
 
         counter = parsing.ElementCounter()
-        parser = self._parser or parsing.Parser(0)
+        parser = self._parser or parsing.Parser(0, options=self._read_options)
         tasks = self._local_tasks(split)
         with epath.Path(self._tmp, f"skipped-{split}.csv").open("w") as skip_file, \
+                epath.Path(self._tmp, f"removed-{split}.csv").open("w") as removed_file, \
                 tqdm(total=self._candidates.get(split), desc=f"Reading {split} CIFs",
                      unit=" files", mininterval=1.0) as bar:
-            skips = csv.writer(skip_file)
+            skips, removed = csv.writer(skip_file), csv.writer(removed_file)
             for key, results in parser.parse(tasks):
                 bar.update(1)
                 for i, result in enumerate(results):
                     if isinstance(result, structures_lib.Skip):
                         skips.writerow(parsing.skip_row(result))
                     else:
+                        removed.writerows(parsing.removal_rows(result))
                         counter.add(result.numbers)
                         yield f"{key}#{i}", parsing.structure_example(result)
         parsing.write_stats_json(counter, os.path.join(self._tmp, f"stats-{split}.json"))
@@ -308,24 +312,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             shards = max(1, min(16, self._num_workers))
             tasks = [[parsing.ArchiveShard(self.builder_config.archive, split, i, shards,
                                            self._limit)] for i in range(shards)]
-        return _beam_parse(beam, tasks, split, self._tmp)
+        return _beam_parse(beam, tasks, split, self._tmp, self._read_options)
 
     def _finish(self, seconds: float) -> None:
-        """Merges the per-split skip reports and statistics into the dataset folder."""
+        """Merges the per-split skip and removal reports and statistics into the dataset
+        folder, and writes build_info.json."""
         out = epath.Path(self.data_dir)
         tmp = epath.Path(self._tmp)
-        rows = [list(names.SKIP_FIELDS)]
-        splits = {}
-        for split in self._candidates:
-            for part in sorted(tmp.glob(f"skipped-{split}*")):
-                rows += [r for r in csv.reader(io.StringIO(part.read_text(encoding="utf-8")))
-                         if r]
-            stats = tmp / f"stats-{split}.json"
-            if stats.exists():
-                splits[split] = json.loads(stats.read_text())
-        buf = io.StringIO()
-        csv.writer(buf).writerows(rows)
-        (out / names.SKIPPED_CSV).write_text(buf.getvalue(), encoding="utf-8")
+        skips = _merge_csv(tmp, "skipped", self._candidates, out / names.SKIPPED_CSV,
+                           names.SKIP_FIELDS)
+        removed = _merge_csv(tmp, "removed", self._candidates, out / names.REMOVED_CSV,
+                             names.REMOVED_FIELDS)
+        removed_atoms = dict.fromkeys(structures_lib.POLICY_REMOVALS, 0)
+        for row in removed:
+            removed_atoms[row[2]] += int(row[3])
+        splits = {split: json.loads((tmp / f"stats-{split}.json").read_text())
+                  for split in self._candidates if (tmp / f"stats-{split}.json").exists()}
         name = f"{self.name}/{self.builder_config.name}"
         _write_json(out / names.ELEMENT_STATS_JSON,
                     {"dataset": name, "version": str(self.version), "splits": splits})
@@ -335,9 +337,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "manual_dir": os.path.abspath(self._root) if self._root else None,
             "archive": self.builder_config.archive,
             "limit": self._limit,
+            "read_options": dataclasses.asdict(self._read_options),
             "files": self._candidates,
             "structures": {s: v["structures"] for s, v in splits.items()},
-            "skipped": len(rows) - 1,
+            "skipped": len(skips),
+            "removed_atoms": removed_atoms,
             "beam": self._beam,
             "num_workers": None if self._beam else self._num_workers,
             "seconds": round(seconds, 1),
@@ -345,12 +349,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         tmp.rmtree(missing_ok=True)
 
 
+def _merge_csv(tmp: epath.Path, prefix: str, splits, path: epath.Path,
+               header: Sequence[str]) -> list[list[str]]:
+    """The rows of every split's <prefix>-<split>*.csv part, written as one CSV at path."""
+    rows = []
+    for split in splits:
+        for part in sorted(tmp.glob(f"{prefix}-{split}*")):
+            rows += [r for r in csv.reader(io.StringIO(part.read_text(encoding="utf-8"))) if r]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([list(header)] + rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return rows
+
+
 def _write_json(path: epath.Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1))
 
 
-def _beam_parse(beam, tasks, split, tmp):
-    """The Beam PTransform of one split: tasks -> (key, example), plus skip CSV and stats."""
+def _beam_parse(beam, tasks, split, tmp, options):
+    """The Beam PTransform of one split: tasks -> (key, example), plus the skip and removal
+    CSVs and the element statistics."""
 
     class BeamParse(beam.PTransform):
 
@@ -359,12 +377,13 @@ def _beam_parse(beam, tasks, split, tmp):
                 pbegin
                 | "Tasks" >> beam.Create(tasks)
                 | "Spread" >> beam.Reshuffle()
-                | "Parse" >> beam.FlatMap(parsing.beam_parse).with_outputs(
-                    "skips", main="examples"))
-            _ = (parsed.skips
-                 | "SkipLines" >> beam.Map(parsing.csv_line)
-                 | "WriteSkips" >> beam.io.WriteToText(
-                     os.path.join(tmp, f"skipped-{split}"), file_name_suffix=".csv"))
+                | "Parse" >> beam.FlatMap(parsing.beam_parse, options=options).with_outputs(
+                    "skips", "removed", main="examples"))
+            for tag, prefix in (("skips", "skipped"), ("removed", "removed")):
+                _ = (parsed[tag]
+                     | f"{tag}Lines" >> beam.Map(parsing.csv_line)
+                     | f"Write{tag}" >> beam.io.WriteToText(
+                         os.path.join(tmp, f"{prefix}-{split}"), file_name_suffix=".csv"))
             _ = (parsed.examples
                  | "Count" >> beam.Map(parsing.counter_of_example)
                  | "Sum" >> beam.CombineGlobally(parsing.ElementCounter.merged)

@@ -103,9 +103,10 @@ def parse_task(task: ParseTask, options: structures_lib.ReadOptions | None = Non
     return list(structures) + list(skips)
 
 
-def parse_chunk(tasks: Sequence[ParseTask]) -> list[tuple[str, list]]:
+def parse_chunk(tasks: Sequence[ParseTask], options: structures_lib.ReadOptions | None = None
+                ) -> list[tuple[str, list]]:
     """Worker entry point: (source, results) of each task, in order."""
-    return [(task.source, parse_task(task)) for task in tasks]
+    return [(task.source, parse_task(task, options)) for task in tasks]
 
 
 def default_workers() -> int:
@@ -127,9 +128,11 @@ class Parser:
     files. Workers are spawned, not forked: the parent runs TensorFlow's threads.
     """
 
-    def __init__(self, num_workers: int, chunk_size: int = 8):
+    def __init__(self, num_workers: int, chunk_size: int = 8,
+                 options: structures_lib.ReadOptions | None = None):
         self.num_workers = max(0, int(num_workers))
         self.chunk_size = chunk_size
+        self.options = options
         self._pool = None
         if self.num_workers > 1:
             import multiprocessing
@@ -139,19 +142,19 @@ class Parser:
     def parse(self, tasks: Iterable[ParseTask]) -> Iterator[tuple[str, list]]:
         if self._pool is None:
             for task in tasks:
-                yield task.source, parse_task(task)
+                yield task.source, parse_task(task, self.options)
             return
         pending: collections.deque = collections.deque()
         chunk: list[ParseTask] = []
         for task in tasks:
             chunk.append(task)
             if len(chunk) >= self.chunk_size:
-                pending.append(self._pool.apply_async(parse_chunk, (chunk,)))
+                pending.append(self._pool.apply_async(parse_chunk, (chunk, self.options)))
                 chunk = []
                 while len(pending) >= 2 * self.num_workers:
                     yield from pending.popleft().get()
         if chunk:
-            pending.append(self._pool.apply_async(parse_chunk, (chunk,)))
+            pending.append(self._pool.apply_async(parse_chunk, (chunk, self.options)))
         while pending:
             yield from pending.popleft().get()
 
@@ -184,6 +187,12 @@ def structure_example(structure: structures_lib.Structure) -> dict:
 
 def skip_row(skip: structures_lib.Skip) -> list[str]:
     return [str(skip.file), str(skip.block), str(skip.reason)]
+
+
+def removal_rows(structure: structures_lib.Structure) -> list[list[str]]:
+    """Rows (structure id, source, policy, atoms) of the atoms reading policies removed."""
+    return [[structure.id, structure.source, policy, str(n)]
+            for policy, n in structure.removed.items() if n]
 
 
 def csv_line(row: Sequence[str]) -> str:
@@ -245,8 +254,10 @@ def write_stats_json(counter: ElementCounter, path: str) -> None:
 # --- Beam workers (apache_beam imported only on the workers that run these) ---------------
 
 
-def beam_parse(chunk: Sequence[ParseTask | ArchiveShard]) -> Iterator[Any]:
-    """Beam FlatMap: (key, example) per structure; TaggedOutput('skips', row) per skip.
+def beam_parse(chunk: Sequence[ParseTask | ArchiveShard],
+               options: structures_lib.ReadOptions | None = None) -> Iterator[Any]:
+    """Beam FlatMap: (key, example) per structure; TaggedOutput('skips', row) per skip and
+    TaggedOutput('removed', row) per policy that removed atoms of a structure.
 
     A chunk holds file tasks, or one ArchiveShard: stream that core-mof archive and parse
     every shards-th member of its split.
@@ -261,10 +272,12 @@ def beam_parse(chunk: Sequence[ParseTask | ArchiveShard]) -> Iterator[Any]:
         else:
             tasks = [item]
         for task in tasks:
-            for i, result in enumerate(parse_task(task)):
+            for i, result in enumerate(parse_task(task, options)):
                 if isinstance(result, structures_lib.Skip):
                     yield beam.pvalue.TaggedOutput("skips", skip_row(result))
                 else:
+                    for row in removal_rows(result):
+                        yield beam.pvalue.TaggedOutput("removed", row)
                     yield f"{task.source}#{i}", structure_example(result)
 
 

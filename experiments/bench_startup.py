@@ -1,0 +1,112 @@
+"""Start-up of `cryknn predict` on one CIF against importing JAX and Flax, side by side.
+
+    python experiments/bench_startup.py [--rounds=5] [--cif=FILE] [--json=F]
+
+Each round runs, one after another in fresh processes:
+  import     python -c "import jax, flax.linen"       (the floor any JAX tool pays)
+  cold       cryknn predict FILE with an empty XLA compilation cache
+  warm       cryknn predict FILE again, the cache now in place
+The medians over rounds and the ratios warm / import and cold / import are printed (the
+target: warm at most 2x import). FILE defaults to a CoRE MOF structure from the embedded
+archive (or NaCl when core-mof is not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NACL = """data_nacl
+_cell_length_a 5.64
+_cell_length_b 5.64
+_cell_length_c 5.64
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_space_group_name_H-M_alt 'F m -3 m'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+Na1 Na 0 0 0
+Cl1 Cl 0.5 0.5 0.5
+"""
+
+
+def example_cif(folder: str) -> str:
+    """The first CoRE MOF 2019-ASR structure as a CIF file (NaCl without core-mof)."""
+    from cryknn import errors, structures
+
+    path = os.path.join(folder, "example.cif")
+    try:
+        archive = structures.core_mof_archive("2019-ASR")
+        name, data = next(structures.iter_tar_cifs(archive, 1))
+        path = os.path.join(folder, os.path.basename(name))
+        Path(path).write_bytes(data)
+    except errors.DataNotFoundError:
+        Path(path).write_text(NACL)
+    return path
+
+
+def timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed: {result.stderr[-500:]}")
+    return seconds
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_integer("rounds", 5, "Rounds (each: import, cold predict, warm predict).")
+    flags.DEFINE_string("cif", None, "The CIF to score (default: a CoRE MOF structure).")
+    flags.DEFINE_string("json", None, "Write the results here.")
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    scratch = tempfile.mkdtemp(prefix="cryknn_startup_")
+    cif = FLAGS.cif or example_cif(scratch)
+    env = dict(os.environ, PYTHONPATH=str(common.REPO), JAX_PLATFORMS="cpu")
+    predict = [sys.executable, "-m", "cryknn.cli", "predict", cif]
+    times: dict[str, list[float]] = {"import": [], "cold": [], "warm": []}
+    for r in range(FLAGS.rounds):
+        cache = os.path.join(scratch, f"xla{r}")  # empty: a cold start
+        env_round = dict(env, CRYKNN_XLA_CACHE=cache)
+        times["import"].append(timed([sys.executable, "-c", "import jax, flax.linen"], env))
+        times["cold"].append(timed(predict, env_round))
+        times["warm"].append(timed(predict, env_round))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+              flush=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    results = {"cif": cif, "rounds": FLAGS.rounds, "seconds": times, "median_s": median,
+               "warm_over_import": median["warm"] / median["import"],
+               "cold_over_import": median["cold"] / median["import"]}
+    print(f"median: import jax+flax {median['import']:.2f} s, cryknn predict cold "
+          f"{median['cold']:.2f} s ({results['cold_over_import']:.2f}x), warm "
+          f"{median['warm']:.2f} s ({results['warm_over_import']:.2f}x)")
+    if FLAGS.json:
+        common.write_json(FLAGS.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    from cryknn import command
+
+    command.run_tool(main, usage=__doc__, module="experiments/bench_startup.py",
+                     define_flags=define_flags)

@@ -1,0 +1,102 @@
+"""The Python API: cryknn.read, Structure.from_ase / from_pymatgen / to_ase, cryknn.knn,
+load_model().predict_proba / score, one row per site, and a cheap `import cryknn`."""
+
+import sys
+
+import numpy as np
+import pytest
+
+import cryknn
+from cryknn import errors
+from cryknn import structures
+from tests.conftest import METHANE_CIF, NACL_CIF, make_cif, run_python
+
+# A P1 file as COF exporters write them: every carbon is labelled 'C'.
+REPEATED_LABELS_CIF = make_cif([("C", "C", 0.10, 0.10, 0.10), ("C", "C", 0.30, 0.10, 0.10),
+                                ("C", "C", 0.50, 0.10, 0.10), ("H", "H", 0.10, 0.30, 0.10),
+                                ("O", "O", 0.70, 0.60, 0.50)],
+                               cell="7 7 7 90 90 90", block="cof",
+                               symmetry="_symmetry_space_group_name_H-M 'P 1'")
+
+
+def test_import_is_cheap():
+    r = run_python("import sys, cryknn; heavy = {'jax', 'tensorflow', 'flax', 'gemmi'} & "
+                   "set(sys.modules); assert not heavy, heavy; print('ok')")
+    assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_read_keeps_what_it_skipped(tmp_path):
+    (tmp_path / "nacl.cif").write_text(NACL_CIF)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "broken.cif").write_text("not a CIF\n")
+    found = cryknn.read(tmp_path)
+    assert isinstance(found, cryknn.Structures) and len(found) == 1
+    assert [s.id for s in found] == ["nacl:nacl"] and found[0].num_atoms == 8
+    assert len(found.skips) == 1 and "broken.cif" in found.skips[0].file
+
+
+def test_ase_round_trip_gives_identical_probabilities(toy_workdir, tmp_path):
+    ase = pytest.importorskip("ase")
+    import ase.io
+    (tmp_path / "methane.cif").write_text(METHANE_CIF)
+    (from_cif,) = cryknn.read(tmp_path / "methane.cif")
+    atoms = from_cif.to_ase()
+    assert isinstance(atoms, ase.Atoms) and len(atoms) == 7
+    from_ase = cryknn.Structure.from_ase(atoms, id="methane:methane")
+    np.testing.assert_allclose(from_ase.frac, from_cif.frac, atol=1e-12)
+    model = cryknn.load_model(toy_workdir)
+    (p_cif,), (p_ase,) = model.predict_proba([from_cif]), model.predict_proba([from_ase])
+    np.testing.assert_allclose(p_ase, p_cif, atol=1e-6)
+    assert p_cif.shape == (7, len(model.elements))
+    # and ase's own file formats, through cryknn.read
+    ase.io.write(tmp_path / "POSCAR", atoms, format="vasp")
+    (from_poscar,) = cryknn.read(tmp_path / "POSCAR", format="vasp")
+    np.testing.assert_allclose(model.predict_proba([from_poscar])[0], p_cif, atol=1e-5)
+
+
+def test_from_pymatgen(toy_workdir):
+    pymatgen = pytest.importorskip("pymatgen.core")
+    lattice = pymatgen.Lattice.cubic(6.0)
+    s = pymatgen.Structure(lattice, ["C", "H", "O"], [[0.5, 0.5, 0.5], [0.6, 0.6, 0.6],
+                                                      [0, 0, 0]])
+    converted = cryknn.Structure.from_pymatgen(s)
+    assert converted.numbers.tolist() == [6, 1, 8] and converted.num_sites == 3
+    (probs,) = cryknn.load_model(toy_workdir).predict_proba([converted])
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_missing_ase_is_one_readable_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ase", None)
+    monkeypatch.setitem(sys.modules, "ase.io", None)
+    (tmp_path / "POSCAR").write_text("whatever\n")
+    with pytest.raises(errors.DataError, match=r"pip install 'cryknn\[ase\]'") as e:
+        cryknn.read(tmp_path / "POSCAR")
+    assert "\n" not in str(e.value)
+    with pytest.raises(errors.UserError, match="ase"):
+        structures.Structure.from_arrays(
+            np.eye(3), np.zeros((1, 3)), [6]).to_ase()
+
+
+def test_repeated_labels_give_one_row_per_site(toy_workdir):
+    found, _ = structures.read_cif_text(REPEATED_LABELS_CIF, "cof")
+    (score,) = cryknn.load_model(toy_workdir).score(found)
+    assert [s.site_label for s in score.sites] == ["C#1", "C#2", "C#3", "H", "O"]
+    assert [s.site_row for s in score.sites] == [1, 2, 3, 4, 5]
+    frame = cryknn.load_model(toy_workdir).score(found).to_pandas()
+    assert len(frame) == 5 and list(frame["multiplicity"]) == [1] * 5
+
+
+def test_multiplicities_add_up_to_the_unit_cell(toy_workdir):
+    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    model = cryknn.load_model(toy_workdir)
+    (score,) = model.score(found)
+    assert [(s.site_label, s.multiplicity) for s in score.sites] == [("Na1", 4), ("Cl1", 4)]
+    (per_atom,) = model.score(found, per_atom=True)
+    assert len(per_atom.sites) == 8 and {s.atom_index for s in per_atom.sites} == set(range(8))
+
+
+def test_knn():
+    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    (nb,) = cryknn.knn(found, k=6)
+    np.testing.assert_allclose(nb.distances, 2.82, atol=1e-4)
+    assert nb.indices.shape == (8, 6)
