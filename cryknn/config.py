@@ -33,6 +33,9 @@ class Config:
                           defines_run=True)
     data_dir: str | None = _field(None, "TFDS data directory, also holding the feature cache "
                                   "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+    manual_dir: str | None = _field(None, "With --dataset=crystal_structures/cif_dir: the folder "
+                                    "tree of CIF files the dataset is built from, if it is "
+                                    "not built yet.")
     k: int = _field(5, "Nearest-neighbour distances per atom (>= 1).", defines_run=True)
     num_elements: int = _field(20, "Classify the N most abundant elements of the train split.")
     elements: str | None = _field(None, "Explicit element list, e.g. C,N,O,Li,Na,K "
@@ -40,10 +43,12 @@ class Config:
     max_per_element: int = _field(40000, "Cap on training atoms per element (0: no cap).",
                                   defines_run=True)
     # Model.
-    model: str = _field("mlp", "mlp (default), or two_stage: the original research's two-stage "
-                        "sigmoid model, called 'seed' there (--model=seed works too).",
-                        defines_run=True)
-    width: int = _field(128, "mlp: hidden width.", defines_run=True)
+    model: str = _field("graph", "graph (default: message passing over the k-NN graph), mlp "
+                        "(the atom's own distances only), or two_stage: the original "
+                        "research's two-stage sigmoid model, called 'seed' there "
+                        "(--model=seed works too).", defines_run=True)
+    width: int | None = _field(None, "Hidden width of the mlp and graph models (default: 128 "
+                               "for mlp, 64 for graph).", defines_run=True)
     depth: int = _field(2, "mlp: residual blocks.", defines_run=True)
     dropout: float = _field(0.1, "mlp: dropout rate in [0, 1).", defines_run=True)
     input_map: str = _field("raw", "mlp: input features, raw (the distances) or "
@@ -59,7 +64,7 @@ class Config:
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",
                                   defines_run=True)
-    epochs: int = _field(15, "Passes over the selected training atoms.", defines_run=True)
+    epochs: int = _field(10, "Passes over the selected training atoms.", defines_run=True)
     batch_size: int = _field(512, "Global batch size (atoms).", defines_run=True)
     learning_rate: float = _field(2e-3, "Peak learning rate (AdamW, warmup + cosine decay).",
                                   defines_run=True)

@@ -119,10 +119,12 @@ class AtomTable:
 # Featurisation with an on-disk cache.
 
 
-def dataset_record(dataset: str, data_dir: str | None, *, build_if_missing: bool) -> dict:
+def dataset_record(dataset: str, data_dir: str | None, *, build_if_missing: bool,
+                   manual_dir: str | None = None) -> dict:
     """{'fingerprint', 'build_info'} of the dataset build features are computed from.
 
-    Builds a missing TFDS dataset first when build_if_missing (one process only).
+    Builds a missing TFDS dataset first when build_if_missing (one process only; cif_dir
+    builds from manual_dir).
     """
     if dataset.startswith(TOY_PREFIX):
         return {"fingerprint": TOY_FINGERPRINT, "build_info": {"dataset": dataset}}
@@ -133,7 +135,7 @@ def dataset_record(dataset: str, data_dir: str | None, *, build_if_missing: bool
     except errors.DataError:
         if not build_if_missing:
             raise
-    datasets.build(dataset, data_dir)
+    datasets.build(dataset, data_dir, manual_dir=manual_dir)
     return datasets.build_fingerprint(dataset, data_dir)
 
 
@@ -362,7 +364,7 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
     start = time.time()
     process_index, process_count = jax.process_index(), jax.process_count()
     record = dataset_record(config.dataset, config.data_dir,
-                            build_if_missing=process_count == 1)
+                            build_if_missing=process_count == 1, manual_dir=config.manual_dir)
     limit = record["build_info"].get("limit")
     if limit is not None:
         log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "

@@ -28,7 +28,8 @@ def define_flags() -> None:
 
     command.define_dataclass_flags(config_lib.Config)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go (default "
-                        "./workdir/k<K>, or ./workdir/k<K>_<model> for other models than mlp); "
+                        "./workdir/k<K>, or ./workdir/k<K>_<model> for other models than "
+                        "the default); "
                         "rerunning with the same workdir resumes from its latest checkpoint.")
     flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0 "
                         "(default: detected by JAX on TPU pods, SLURM, ...).")
@@ -39,7 +40,7 @@ def define_flags() -> None:
 
 
 def default_workdir(config: config_lib.Config) -> str:
-    suffix = "" if config.model == "mlp" else f"_{config.model}"
+    suffix = "" if config.model == config_lib.Config.model else f"_{config.model}"
     return os.path.join(".", "workdir", f"k{config.k}{suffix}")
 
 

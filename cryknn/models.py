@@ -232,13 +232,17 @@ def elements_count() -> int:
     return 119
 
 
+DEFAULT_WIDTH = {"mlp": 128, "graph": 64}
+
+
 def hyperparameters(config: Any) -> dict:
     """The configuration fields the chosen model is built from (its architecture)."""
+    width = config.width or DEFAULT_WIDTH.get(config.model)
     if config.model == "mlp":
-        return {"width": config.width, "depth": config.depth, "dropout": config.dropout,
+        return {"width": width, "depth": config.depth, "dropout": config.dropout,
                 "input_map": config.input_map}
     if config.model == "graph":
-        return {"width": config.width, "hops": config.hops, "dropout": config.dropout,
+        return {"width": width, "hops": config.hops, "dropout": config.dropout,
                 "neighbour_elements": config.neighbour_elements}
     return {}
 
@@ -253,7 +257,7 @@ def check_model_config(config: Any) -> None:
             raise errors.ConfigError(f"--input_map must be one of {', '.join(INPUT_MAPS)}, got "
                                      f"{config.input_map!r}")
     if config.model in ("mlp", "graph"):
-        if config.width < 1 or config.depth < 0:
+        if (config.width is not None and config.width < 1) or config.depth < 0:
             raise errors.ConfigError("--width must be >= 1 and --depth >= 0")
         if not 0 <= config.dropout < 1:
             raise errors.ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")

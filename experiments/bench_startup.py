@@ -7,8 +7,8 @@ Each round runs, one after another in fresh processes:
   cold       cryknn predict FILE with an empty XLA compilation cache
   warm       cryknn predict FILE again, the cache now in place
 The medians over rounds and the ratios warm / import and cold / import are printed (the
-target: warm at most 2x import). FILE defaults to a CoRE MOF structure from the embedded
-archive (or NaCl when core-mof is not installed).
+target: warm at most 2x import). FILE defaults to the first CoRE MOF structure of the
+embedded archive.
 """
 
 from __future__ import annotations
@@ -25,37 +25,15 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-NACL = """data_nacl
-_cell_length_a 5.64
-_cell_length_b 5.64
-_cell_length_c 5.64
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_space_group_name_H-M_alt 'F m -3 m'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-Na1 Na 0 0 0
-Cl1 Cl 0.5 0.5 0.5
-"""
 
 
 def example_cif(folder: str) -> str:
-    """The first CoRE MOF 2019-ASR structure as a CIF file (NaCl without core-mof)."""
-    from cryknn import errors, structures
+    """The first CoRE MOF 2019-ASR structure of the embedded archive, as a CIF file."""
+    from cryknn import structures
 
-    path = os.path.join(folder, "example.cif")
-    try:
-        archive = structures.core_mof_archive("2019-ASR")
-        name, data = next(structures.iter_tar_cifs(archive, 1))
-        path = os.path.join(folder, os.path.basename(name))
-        Path(path).write_bytes(data)
-    except errors.DataNotFoundError:
-        Path(path).write_text(NACL)
+    name, data = next(structures.iter_tar_cifs(structures.core_mof_archive("2019-ASR"), 1))
+    path = os.path.join(folder, os.path.basename(name))
+    Path(path).write_bytes(data)
     return path
 
 

@@ -1,10 +1,11 @@
 """Train a model on the embedded default data and ship it with the package.
 
-    python experiments/train_pretrained.py --name=default
-    python experiments/train_pretrained.py --name=masked --neighbour_elements
+    python experiments/train_pretrained.py --name=default [--workdir=W]
+    python experiments/train_pretrained.py --name=masked --neighbour_elements [--workdir=W]
         [any flag of python -m cryknn.main; the defaults train the default model]
 
-Trains with `train.train_and_evaluate` in --workroot/<name> (resumable), then copies the
+Trains with `train.train_and_evaluate` in --workdir (default --workroot/<name>; a finished
+run there is only read back, so a run made before can be shipped), then copies the
 run's params-only export (<workdir>/model: model.json with the run definition, dataset
 fingerprint and test metrics, and params.msgpack) to cryknn/pretrained/<name>/, where
 `cryknn.load_model(name=...)` and `cryknn predict --model_name=...` find it.
@@ -32,6 +33,7 @@ def define_flags() -> None:
     command.define_dataclass_flags(config.Config)
     flags.DEFINE_string("name", "default", "The shipped model's name (its folder).")
     flags.DEFINE_string("workroot", str(common.SCRATCH / "pretrained"), "Workdirs go here.")
+    flags.DEFINE_string("workdir", None, "The run's workdir (default: <workroot>/<name>).")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -40,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     from cryknn import checkpoints, saved_model, train
 
     FLAGS = flags.FLAGS
-    workdir = os.path.join(FLAGS.workroot, FLAGS.name)
+    workdir = FLAGS.workdir or os.path.join(FLAGS.workroot, FLAGS.name)
     metrics = train.train_and_evaluate(common.run_config(), workdir)
     source = os.path.join(workdir, checkpoints.MODEL_FOLDER)
     target = PRETRAINED / FLAGS.name

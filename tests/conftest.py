@@ -87,6 +87,7 @@ def toy_workdir(tmp_path_factory) -> str:
     input_pipeline.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
     workdir = str(tmp_path_factory.mktemp("toy_workdir"))
     train.train_and_evaluate(
-        config.Config(dataset="toy/predict", data_dir=data_dir, k=5, num_elements=3, epochs=1,
-                      batch_size=64, width=16, depth=1, log_every=1000), workdir)
+        config.Config(dataset="toy/predict", data_dir=data_dir, model="mlp", k=5,
+                      num_elements=3, epochs=1, batch_size=64, width=16, depth=1,
+                      log_every=1000), workdir)
     return workdir

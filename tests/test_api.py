@@ -37,7 +37,7 @@ def test_read_keeps_what_it_skipped(tmp_path):
 
 def test_ase_round_trip_gives_identical_probabilities(toy_workdir, tmp_path):
     ase = pytest.importorskip("ase")
-    import ase.io
+    ase_io = pytest.importorskip("ase.io")
     (tmp_path / "methane.cif").write_text(METHANE_CIF)
     (from_cif,) = cryknn.read(tmp_path / "methane.cif")
     atoms = from_cif.to_ase()
@@ -49,7 +49,7 @@ def test_ase_round_trip_gives_identical_probabilities(toy_workdir, tmp_path):
     np.testing.assert_allclose(p_ase, p_cif, atol=1e-6)
     assert p_cif.shape == (7, len(model.elements))
     # and ase's own file formats, through cryknn.read
-    ase.io.write(tmp_path / "POSCAR", atoms, format="vasp")
+    ase_io.write(tmp_path / "POSCAR", atoms, format="vasp")
     (from_poscar,) = cryknn.read(tmp_path / "POSCAR", format="vasp")
     np.testing.assert_allclose(model.predict_proba([from_poscar])[0], p_cif, atol=1e-5)
 

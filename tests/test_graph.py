@@ -96,3 +96,9 @@ def test_graph_model_trains_and_scores_a_structure(toy_data, tmp_path, masked):
     (score,) = model.score(found)
     assert {s.site_label for s in score.sites} == {"Na1", "Cl1"}
     assert sum(s.multiplicity for s in score.sites) == 8 and 0 < score.plausibility <= 1
+
+
+def test_each_model_has_its_own_default_width():
+    assert models.hyperparameters(config_lib.Config(model="graph"))["width"] == 64
+    assert models.hyperparameters(config_lib.Config(model="mlp"))["width"] == 128
+    assert models.hyperparameters(config_lib.Config(model="graph", width=32))["width"] == 32

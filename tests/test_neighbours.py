@@ -8,7 +8,7 @@ import pytest
 from cryknn import errors
 from cryknn import neighbours
 from cryknn import structures
-from tests.conftest import NACL_CIF, SHARED_COD, error_lines, run_module, run_python
+from tests.conftest import NACL_CIF, SHARED_COD, error_lines, make_cif, run_module, run_python
 from tests.oracle import brute_force_knn, cell_from_parameters
 
 TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
@@ -306,24 +306,9 @@ def test_cli_help_exits_0_and_shows_positional_paths(flag):
 def test_cli_reader_policy_flags(tmp_path):
     """--nomerge_duplicates keeps two same-element sites 0.3 A apart in a P1 file."""
     cif = tmp_path / "pair.cif"
-    cif.write_text(textwrap.dedent("""\
-        data_pair
-        _cell_length_a 10
-        _cell_length_b 10
-        _cell_length_c 10
-        _cell_angle_alpha 90
-        _cell_angle_beta 90
-        _cell_angle_gamma 90
-        loop_
-        _atom_site_label
-        _atom_site_type_symbol
-        _atom_site_fract_x
-        _atom_site_fract_y
-        _atom_site_fract_z
-        C1 C 0.10 0.1 0.1
-        C2 C 0.13 0.1 0.1
-        O1 O 0.50 0.5 0.5
-        """))
+    cif.write_text(make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
+                             ("O1", "O", 0.50, 0.5, 0.5)], cell="10 10 10 90 90 90",
+                            block="pair"))
     counts = {}
     for merge in ("--merge_duplicates", "--nomerge_duplicates"):
         out = tmp_path / f"{merge}.npz"

@@ -148,8 +148,8 @@ def test_warm_start_trainer_from_a_trained_workdir(tmp_path):
     """Train k=2 on toy data, warm start a k=4 train.Trainer: same validation probabilities."""
     data_dir, dataset = str(tmp_path / "data"), "toy/synthetic"
     input_pipeline.write_toy_cache(data_dir, dataset, 4, (1, 6, 8, 30))
-    base = dict(dataset=dataset, data_dir=data_dir, num_elements=4, epochs=1, batch_size=64,
-                log_every=1000, width=16, depth=1, monitor_per_element=40)
+    base = dict(dataset=dataset, data_dir=data_dir, model="mlp", num_elements=4, epochs=1,
+                batch_size=64, log_every=1000, width=16, depth=1, monitor_per_element=40)
     old_dir = str(tmp_path / "k2")
     train.train_and_evaluate(config_lib.Config(k=2, **base), old_dir)
     trained = checkpoints.load_trained(old_dir)
