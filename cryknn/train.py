@@ -176,7 +176,8 @@ def log_hooks(workdir: str) -> list[Hook]:
 def _summary_writer(folder: str):
     """flax's TensorBoard writer (it needs TensorFlow, which the train extra installs)."""
     try:
-        from flax.metrics import tensorboard
+        with util.stderr_silenced():  # TensorFlow's C++ start-up notices
+            from flax.metrics import tensorboard
     except ImportError:
         return None
     return tensorboard.SummaryWriter(folder)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -84,3 +85,22 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> N
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(finite_json(value), f, indent=indent, allow_nan=False)
         f.write("\n")
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Silences file descriptor 2 inside the block: the C++ start-up logging of native
+    libraries (TensorFlow's oneDNN notice, absl's pre-init warning) bypasses Python."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, captured)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

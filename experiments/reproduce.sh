@@ -27,6 +27,7 @@ headline() {
     python -m cryknn.main --seed="$s" --model=mlp --workdir="$ROOT/default/mlp_s$s"
     python -m cryknn.main --seed="$s" --neighbour_elements --workdir="$ROOT/default/masked_s$s"
   done
+  python experiments/headline.py --json="$ROOT/headline.json"
   # The mlp at its best k (ablation: 20) with the graph runs' training time.
   python experiments/equal_time.py --mlp_k=20 \
     --graph_workdirs="$ROOT/default/graph_s0,$ROOT/default/graph_s1,$ROOT/default/graph_s2"

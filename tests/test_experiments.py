@@ -27,6 +27,8 @@ distances = _load("distances")
 k_sweep = _load("k_sweep")
 warm_start_exp = _load("warm_start")
 confusions = _load("confusions")
+ablation = _load("ablation")
+headline = _load("headline")
 
 
 # ----------------------------------------------------------------------------
@@ -232,3 +234,37 @@ def test_confusions_from_workdirs(tmp_path):
     with pytest.raises(ValueError, match="element order"):
         confusions.stored_confusion({"test": {"confusion_matrix": {
             "elements": ["H", "C", "O"], "counts": cms[1]}}}, symbols)
+
+
+def test_ablation_summary_and_choice():
+    def run(variant, seed, val, test):
+        return {"variant": variant, "seed": seed, "validation_balanced_accuracy": val,
+                "test_balanced_accuracy": test, "test_accuracy": test + 0.1, "train_s": 10.0,
+                "num_params": 5}
+
+    rows = [run("mlp_k5", s, 0.70 + s / 100, 0.9) for s in range(3)]
+    rows += [run("graph_h2", s, 0.80, 0.5) for s in range(3)]
+    summary = ablation.summarise(rows)
+    assert [r["variant"] for r in summary] == ["mlp_k5", "graph_h2"]  # VARIANTS order
+    assert summary[0]["validation_balanced_accuracy_mean"] == pytest.approx(0.71)
+    # chosen on validation, never on test
+    assert ablation.best_variant(summary)["variant"] == "graph_h2"
+    assert ablation.best_variant(summary, "mlp")["variant"] == "mlp_k5"
+    assert "| graph_h2 | 3 | 0.800 |" in ablation.table_markdown(summary)
+
+
+def test_headline_aggregates_seeds(tmp_path):
+    for seed, bal in enumerate((0.8, 0.9)):
+        m = _metrics(bal, bal)
+        m["flags"] = {"epochs": 3}
+        m["elements"] = ["C", "H"]
+        m["test"]["per_element"] = {"C": {"recall": bal, "support": 4},
+                                    "H": {"recall": 1.0, "support": 2}}
+        (tmp_path / f"graph_s{seed}").mkdir()
+        (tmp_path / f"graph_s{seed}" / "metrics.json").write_text(json.dumps(m))
+    runs = headline.runs_of(tmp_path, "graph")
+    row = headline.model_row("graph", runs)
+    assert row["seeds"] == 2 and row["balanced_accuracy"] == pytest.approx(0.85)
+    assert row["balanced_accuracy_runs"] == "0.800 / 0.900"
+    assert headline.per_element(runs)[0] == {"element": "C", "recall": pytest.approx(0.85),
+                                             "support": 4}

@@ -6,7 +6,6 @@ this module is cheap.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -16,6 +15,7 @@ import sys
 from typing import Any, Callable
 
 from cryknn import errors
+from cryknn import util
 from cryknn.datasets import crystal_structures as names
 
 
@@ -37,29 +37,11 @@ def parse_dataset_name(dataset: str) -> tuple[str, str, str | None]:
     return name, config, version or None
 
 
-@contextlib.contextmanager
-def stderr_silenced():
-    """Silences file descriptor 2 (C++ logging of native libraries) inside the block."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, captured)
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def import_tfds():
     """tensorflow_datasets, importing TensorFlow first without its start-up chatter on stderr."""
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        with stderr_silenced():
+        with util.stderr_silenced():
             import tensorflow  # noqa: F401
     import tensorflow_datasets as tfds
 

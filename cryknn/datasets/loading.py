@@ -12,6 +12,7 @@ import numpy as np
 from cryknn import errors
 from cryknn import families
 from cryknn import structures as structures_lib
+from cryknn import util
 from cryknn.datasets import building
 from cryknn.datasets import crystal_structures as names
 
@@ -57,7 +58,7 @@ def load_split(dataset: str = names.DEFAULT_DATASET, split: str = "train",
     import tensorflow_datasets as tfds
 
     try:  # tf.data only feeds the host: keep TensorFlow off any accelerator JAX uses
-        with building.stderr_silenced():  # (and quiet about the CUDA it does not find)
+        with util.stderr_silenced():  # (and quiet about the CUDA it does not find)
             tf.config.set_visible_devices([], "GPU")
     except (RuntimeError, ValueError):
         pass
