@@ -227,7 +227,8 @@ def _site_labels(s: structures_lib.Structure) -> list[str]:
 
 
 def structure_warnings(s: structures_lib.Structure, first_distance: np.ndarray) -> list[str]:
-    """Why a structure's geometry looks physically absurd (empty when it does not)."""
+    """Why a structure's geometry looks physically absurd, and which atoms the reading
+    policies removed (empty when neither)."""
     low, high = SANE_FIRST_NEIGHBOUR
     warnings = []
     close = int(np.sum(first_distance < low))
@@ -239,6 +240,9 @@ def structure_warnings(s: structures_lib.Structure, first_distance: np.ndarray) 
     over = int(np.sum(s.occupancies > 1.0 + 1e-3))
     if over:
         warnings.append(f"{over} atoms have an occupancy above 1")
+    for policy, n in s.removed.items():
+        what = structures_lib.POLICY_REMOVALS.get(policy, policy)
+        warnings.append(f"reading removed {n} atoms: {what}")
     return warnings
 
 

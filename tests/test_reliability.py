@@ -200,3 +200,11 @@ def test_a_partial_build_is_announced(tmp_path):
     messages = []
     input_pipeline.prepare(config, log=messages.append)
     assert any("partial build" in m and "30" in m for m in messages), messages
+
+
+def test_atoms_removed_while_reading_are_noted_in_the_scores(toy_workdir):
+    cif = make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
+                    ("O1", "O", 0.5, 0.5, 0.5)], cell="10 10 10 90 90 90", block="dup")
+    found, _ = structures.read_cif_text(cif, "dup")
+    (score,) = scoring.load_model(toy_workdir).score(found)
+    assert any("removed 1 atoms: duplicate atoms merged" in w for w in score.warnings)
