@@ -53,6 +53,9 @@ class AtomTable:
       structure_index: (A,) int32 row of `structure_id` each atom belongs to.
       site_label: (A,) bytes CIF site label of each atom.
       structure_id: (S,) str ids `<file stem>:<block>`.
+      site: (A,) int64 the site each atom stands for, numbered across the table (its
+        symmetry copies share it), or None: every atom its own site (P1 data). Masked-atom
+        inputs hide the elements of every atom of the same site. Not cached.
     """
 
     distances: np.ndarray
@@ -61,6 +64,7 @@ class AtomTable:
     structure_index: np.ndarray
     site_label: np.ndarray
     structure_id: np.ndarray
+    site: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.atomic_number.shape[0])
@@ -421,7 +425,10 @@ def gather_inputs(table: AtomTable, rows: np.ndarray, spec: config_lib.InputSpec
     and for h = 1..spec.hops (the periodic k-NN graph, neighbours at each hop in the
     order of the featuriser, images resolved to their motif atom):
       'neighbour_distances_<h>': (B, k**h, k) float32, the distances of the neighbours at hop h;
-      'neighbour_elements_<h>': (B, k**h) int32 their atomic numbers (masked-atom mode only).
+      'neighbour_elements_<h>': (B, k**h) int32 their atomic numbers (masked-atom mode only),
+        0 (unknown) wherever the node is the atom itself, one of its periodic images, or
+        another atom of its site (`AtomTable.site`): a neighbour's neighbour is often the
+        atom again, and must not give its element away.
     Never the element of the atom itself.
     """
     rows = np.asarray(rows)
@@ -431,7 +438,10 @@ def gather_inputs(table: AtomTable, rows: np.ndarray, spec: config_lib.InputSpec
         index = table.neighbour_index[index, :spec.k].reshape(len(rows), -1)
         inputs[f"neighbour_distances_{hop}"] = table.distances[index, :spec.k]
         if spec.neighbour_elements:
-            inputs[f"neighbour_elements_{hop}"] = table.atomic_number[index]
+            own = (index == rows[:, None] if table.site is None
+                   else table.site[index] == table.site[rows][:, None])
+            inputs[f"neighbour_elements_{hop}"] = np.where(
+                own, 0, table.atomic_number[index]).astype(np.int32)
     return inputs
 
 

@@ -41,6 +41,23 @@ def test_gather_inputs_follows_the_knn_graph():
     assert sorted(geometry) == ["distances", "neighbour_distances_1", "neighbour_distances_2"]
 
 
+def test_masked_mode_never_shows_an_atom_its_own_element():
+    """A neighbour's neighbour is often the atom itself (and in small cells a neighbour is
+    its own periodic image): those nodes get element 0, unknown."""
+    table = input_pipeline.toy_features((1, 6, 8, 30), 4, 3, atoms_per_structure=4, seed=1)
+    rows = np.arange(len(table))
+    spec = config_lib.InputSpec(k=3, hops=2, neighbour_elements=True)
+    inputs = input_pipeline.gather_inputs(table, rows, spec)
+    nbr = table.neighbour_index[:, :3]
+    hop2 = nbr[nbr].reshape(len(rows), 9)
+    assert np.any(hop2 == rows[:, None])  # the atom does come back at hop 2
+    for hop, index in ((1, nbr), (2, hop2)):
+        elements = inputs[f"neighbour_elements_{hop}"]
+        assert np.all(elements[index == rows[:, None]] == 0)
+        others = index != rows[:, None]
+        np.testing.assert_array_equal(elements[others], table.atomic_number[index][others])
+
+
 def test_interaction_is_invariant_to_the_order_of_children():
     layer = models.Interaction(width=16)
     rng = np.random.default_rng(0)
@@ -102,3 +119,19 @@ def test_each_model_has_its_own_default_width():
     assert models.hyperparameters(config_lib.Config(model="graph"))["width"] == 64
     assert models.hyperparameters(config_lib.Config(model="mlp"))["width"] == 128
     assert models.hyperparameters(config_lib.Config(model="graph", width=32))["width"] == 32
+
+
+def test_masked_mode_hides_the_symmetry_copies_of_a_site():
+    """From a CIF, the symmetry copies of a site are that site: none shows its element."""
+    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    table = scoring.atom_table(found, 6)
+    assert len(np.unique(table.site)) == 2  # Na1 and Cl1, four atoms each
+    spec = config_lib.InputSpec(k=6, hops=2, neighbour_elements=True)
+    inputs = input_pipeline.gather_inputs(table, np.arange(8), spec)
+    # Every first neighbour is of the other site and shows its element; at hop 2 the
+    # atom's own site comes back and is hidden.
+    assert np.all(inputs["neighbour_elements_1"] == np.where(table.atomic_number == 11, 17,
+                                                             11)[:, None])
+    hop2 = inputs["neighbour_elements_2"]
+    assert np.all((hop2 == 0) | (hop2 != table.atomic_number[:, None]))
+    assert np.all(hop2 == 0)  # in rock salt the second shell is the atom's own site
