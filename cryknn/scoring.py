@@ -85,10 +85,6 @@ class StructureScore:
     num_atoms: int
     warnings: list[str]
 
-    @property
-    def num_implausible(self) -> int:
-        return len(self.implausible(0.05))
-
     def implausible(self, threshold: float) -> list[SiteScore]:
         return [s for s in self.sites if s.p_given is not None and s.p_given < threshold]
 
@@ -188,8 +184,11 @@ class Model:
         p_given_atoms = probs[np.arange(s.num_atoms), np.maximum(given_class, 0)]
         log_p = np.log(np.maximum(p_given_atoms[modelled], 1e-12))
         plausibility = float(math.exp(log_p.mean())) if modelled.any() else None
-        groups = ([[i] for i in range(s.num_atoms)] if per_atom else
-                  [list(np.flatnonzero(s.site_index == row)) for row in np.unique(s.site_index)])
+        if per_atom:
+            groups = [[i] for i in range(s.num_atoms)]
+        else:  # the atoms of each site, sites in the order of the CIF's rows
+            counts = np.unique(s.site_index, return_counts=True)[1]
+            groups = np.split(np.argsort(s.site_index, kind="stable"), np.cumsum(counts)[:-1])
         labels = _site_labels(s)
         sites = []
         for atoms in groups:
