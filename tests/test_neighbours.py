@@ -217,8 +217,8 @@ def test_assorted_real_structures_compile_a_handful_of_times():
     neighbours.knn_kernel.clear_cache()
     neighbours.featurize(sample, 5)
     compiles = neighbours.knn_kernel._cache_size()
-    # One per (atoms, window, images) bucket in use: 19 here, against 121
-    # distinct atom counts that would each compile without buckets.
+    # One per (candidate bucket, call size) in use; candidate buckets are half-octave
+    # steps, so however many distinct atom counts (more than 50 here) only a few.
     assert compiles <= 24, compiles
 
 
