@@ -12,9 +12,13 @@ Why it is exact on any cell (no minimum-image shortcut):
   length 2 R_a, i.e. at most S_a = floor(2 R_a) + 1 consecutive integers starting
   at t0_a = ceil(-R_a - delta_a). Enumerating those S_1 * S_2 * S_3 images per atom
   pair finds *every* point within r; if the k-th distance found is <= r, no unseen
-  point can be closer and the result is exact. Otherwise the k-th distance found is
-  still a true upper bound (all candidates are real points), so one retry with that
-  radius is guaranteed to succeed.
+  point can be closer and the result is exact. Candidates beyond r (computed with a
+  slack, so rounding drops none within r) are set to +inf before the top-k: they
+  could not make a result exact, and skipping them is most of top_k's saving.
+  Otherwise (some atom has fewer than k points within r) the structure is retried
+  with a larger radius: the farthest of any k + 1 real candidate points is a proven
+  upper bound on the k-th distance, so a retry with it must succeed; the retry
+  radius is that bound capped at 1.5 r, and grows geometrically past it.
 
 Only atoms that can be within the radius are examined: each structure's atoms are
 sorted along the axis with the narrowest reach, and each block of 32 consecutive
@@ -62,8 +66,10 @@ from cryknn import structures as structures_lib
 DEFAULT_CALL_BUDGET = 2**23
 # Triples per step of the device loop: temporaries of a few MB stay in cache.
 STEP_TRIPLES = 2**17
-# Radius safety factor over the density estimate; a miss costs one retry.
+# Radius safety factor over the density estimate; a miss costs a retry.
 RADIUS_SAFETY = 1.25
+# Largest radius growth per retry (3.4 times the volume); see _collect.
+RETRY_GROWTH = 1.5
 # Relative inflation of the enumeration box so float rounding never drops a
 # candidate that sits on the radius boundary.
 _BOX_SLACK = 1e-5
@@ -149,11 +155,11 @@ def _next_power_of_two(n):
 
 
 def candidate_bucket(count, k: int):
-    """Padded candidate slots per block: the next of {2^j, 1.5 * 2^j}, >= max(count, k).
+    """Padded candidate slots per block: the next of {2^j, 1.5 * 2^j}, > max(count, k).
 
     Half-octave steps waste a fifth on average; each bucket is one compiled program.
     """
-    count = np.maximum(np.maximum(count, k), MIN_CANDIDATES)
+    count = np.maximum(np.maximum(count, k + 1), MIN_CANDIDATES)
     upper = _next_power_of_two(count)
     return np.where(count <= upper * 3 // 4, upper * 3 // 4, upper)
 
@@ -285,6 +291,7 @@ class KnnBatch:
       lattice: (D, P, 3, 3) float32 lower-triangular cell rows (angstrom), a rotation
         of the structure's lattice.
       frac_radius: (D, P, 3) float32 search radius over each interplanar spacing.
+      radius: (D, P) float32 search radius (angstrom), inflated like frac_radius.
       image_counts: (D, P, 3) int32 S_a, images per axis.
       offset: (D, P) int32 table row of the structure's first atom.
       num_atoms: (D, P) int32 atoms of the structure (>= 1).
@@ -301,6 +308,7 @@ class KnnBatch:
     table: jax.Array
     lattice: jax.Array
     frac_radius: jax.Array
+    radius: jax.Array
     image_counts: jax.Array
     offset: jax.Array
     num_atoms: jax.Array
@@ -314,7 +322,7 @@ class KnnBatch:
     group: int = _static()
 
 
-_BLOCK_FIELDS = ("lattice", "frac_radius", "image_counts", "offset", "num_atoms", "first",
+_BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms", "first",
                  "window_start", "window_count")
 
 
@@ -323,7 +331,7 @@ def _candidates(table, block, window):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    lattice, frac_radius, counts, offset, n, first, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, first, start, count = block
     slot = jnp.arange(window, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
     atom = (start + slot - image * count) % n
@@ -340,9 +348,10 @@ def _knn_block(table, block, k, window):
       table: (T, 3) float32, see KnnBatch.
       block: one block's fields of _BLOCK_FIELDS (no batch axes).
     Returns:
-      distances (Q, k) float32 ascending, neighbour local sorted index (Q, k) int32.
+      distances (Q, k) float32 ascending (+inf beyond the radius), neighbour local
+      sorted index (Q, k) int32, and the retry bound (Q,) float32 (see _retry_bound).
     """
-    lattice, frac_radius, counts, offset, n, first, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, first, start, count = block
     near, atom, step, valid = _candidates(table, block, window)
     query = jax.lax.dynamic_slice_in_dim(table, offset + first, QUERY_BLOCK)  # (Q, 3)
     query_atom = first + jnp.arange(QUERY_BLOCK, dtype=jnp.int32)
@@ -356,14 +365,28 @@ def _knn_block(table, block, k, window):
     x = u[0] * lattice[0, 0] + u[1] * lattice[1, 0] + u[2] * lattice[2, 0] + shift[:, 0]
     y = u[1] * lattice[1, 1] + u[2] * lattice[2, 1] + shift[:, 1]
     z = u[2] * lattice[2, 2] + shift[:, 2]
-    d2 = x * x + y * y + z * z
+    raw = d2 = x * x + y * y + z * z
     # The atom itself is its own image at translation 0: for j == i, delta is exactly
     # 0, so that is the step -ceil(-R) (integer logic, no float test).
     self_step = jnp.all(step == -jnp.ceil(-frac_radius).astype(step.dtype), axis=-1)
     is_self = (atom[None, :] == query_atom[:, None]) & self_step[None, :]
-    d2 = jnp.where(valid[None, :] & ~is_self, d2, jnp.inf)
+    # Candidates beyond the radius cannot make a result proven exact; as +inf they
+    # never enter top_k's heap, which is most of its cost (a heap entry costs
+    # ~log k mispredicted comparisons, a rejected candidate one predictable one).
+    d2 = jnp.where(valid[None, :] & ~is_self & (d2 <= radius * radius), d2, jnp.inf)
     neg_d2, slot = jax.lax.top_k(-d2, k)
-    return jnp.sqrt(-neg_d2), atom[slot]
+    return jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k))
+
+
+def _retry_bound(d2, counts, count, k):
+    """(Q,) a proven upper bound on each query's squared k-th distance, or +inf.
+
+    Slots 0 ... k are k + 1 real points when the block has that many candidates,
+    at most one of them the atom itself (at distance 0): the farthest bounds the
+    k-th neighbour, so a retry with that radius must succeed.
+    """
+    enough = count * counts[0] * counts[1] * counts[2] >= k + 1
+    return jnp.where(enough, jnp.max(d2[:, : k + 1], axis=1), jnp.inf)
 
 
 def _kernel_local(batch: KnnBatch):
@@ -376,12 +399,12 @@ def _kernel_local(batch: KnnBatch):
 
     def step(i, out):
         part = [jax.lax.dynamic_slice_in_dim(f, i * g, g, axis=1) for f in fields]
-        dist, idx = run(*part)
-        return (jax.lax.dynamic_update_slice_in_dim(out[0], dist, i * g, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(out[1], idx, i * g, axis=1))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, i * g, axis=1)
+                     for o, r in zip(out, run(*part)))
 
     out = (jnp.zeros((devices, per_device, q, k), jnp.float32),
-           jnp.zeros((devices, per_device, q, k), jnp.int32))
+           jnp.zeros((devices, per_device, q, k), jnp.int32),
+           jnp.zeros((devices, per_device, q), jnp.float32))
     steps = (jnp.max(batch.num_blocks) + g - 1) // g
     return jax.lax.fori_loop(0, steps, step, out)
 
@@ -396,8 +419,9 @@ def knn_kernel(batch: KnnBatch):
     blocks against the replicated table (shard_map: no collectives).
 
     Returns:
-      distances (D, P, Q, k) float32 ascending and indices (D, P, Q, k) int32: the
-      local sorted position of each neighbour. Rows of padding are meaningless.
+      distances (D, P, Q, k) float32 ascending (+inf beyond the radius), indices
+      (D, P, Q, k) int32: the local sorted position of each neighbour, and a retry
+      bound (D, P, Q) float32 on each k-th distance. Rows of padding are meaningless.
     """
     sharding = jax.typeof(batch.num_blocks).sharding
     axis = sharding.spec[0] if len(sharding.spec) else None
@@ -456,6 +480,7 @@ def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int
     return KnnBatch(
         table, field(lower_triangular(p.lattice[s]), eye, np.float32, (3, 3)),
         field(p.frac_radius[s], 0.0, np.float32, (3,)),
+        field(p.radius[s] * (1.0 + _BOX_SLACK), 0.0, np.float32),
         field(p.image_counts[s], 1, np.int32, (3,)), field(p.offset[s], 0, np.int32),
         field(p.num_atoms[s], 1, np.int32), field(p.block_first[blocks], 0, np.int32),
         field(p.block_queries[blocks], 0, np.int32), field(p.window_start[blocks], 0, np.int32),
@@ -474,10 +499,11 @@ def _table(p: Plan, rows: int, sharding) -> jax.Array:
 
 
 def run_plan(p: Plan, k: int, budget: int, sharding, rows: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-NN of every atom of a plan, in sorted order.
 
-    Returns distances (A, k) float32 and neighbour local sorted positions (A, k) int32.
+    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
+    and the retry bound (A,) float32 of each atom (see knn_kernel).
     """
     devices = 1 if sharding is None else sharding.mesh.size
     table = _table(p, rows, sharding)
@@ -493,14 +519,13 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int
             if sharding is not None:
                 batch = jax.device_put(batch, _batch_sharding(batch, sharding))
             calls.append((blocks, size, knn_kernel(batch)))  # dispatched, not awaited
-    dist = np.empty((len(p.order), k), np.float32)
-    idx = np.empty((len(p.order), k), np.int32)
-    for blocks, size, out in calls:
+    outs = (np.empty((len(p.order), k), np.float32), np.empty((len(p.order), k), np.int32),
+            np.empty((len(p.order),), np.float32))
+    for blocks, size, result in calls:
         rows, keep, slots = _block_rows(p, blocks, size, devices)
-        d, i = jax.device_get(out)
-        dist[rows[keep]] = d.reshape(size, QUERY_BLOCK, k)[slots][keep]
-        idx[rows[keep]] = i.reshape(size, QUERY_BLOCK, k)[slots][keep]
-    return dist, idx
+        for out, got in zip(outs, jax.device_get(result)):
+            out[rows[keep]] = got.reshape((size, QUERY_BLOCK) + out.shape[1:])[slots][keep]
+    return outs
 
 
 def _batch_sharding(batch: KnnBatch, sharding):
@@ -558,25 +583,25 @@ def featurize_arrays(
     pending, radii = np.arange(len(lattices)), None
     while pending.size:
         p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii)
-        dist, idx = run_plan(p, k, budget, sharding, rows)
-        exact, radii = _collect(p, dist, idx, pending, results)
+        exact, radii = _collect(p, *run_plan(p, k, budget, sharding, rows), pending, results)
         if progress is not None:
             progress(int(p.num_atoms[exact].sum()))
         pending, radii = pending[~exact], radii[~exact]
     return results  # type: ignore[return-value]
 
 
-def _collect(p: Plan, dist: np.ndarray, idx: np.ndarray, which: np.ndarray,
-             results: list) -> tuple[np.ndarray, np.ndarray]:
+def _collect(p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
+             which: np.ndarray, results: list) -> tuple[np.ndarray, np.ndarray]:
     """Store the proven-exact structures of a pass in caller order.
 
     Args:
       dist, idx: (A, k) rows in sorted order, idx a local sorted position.
       which: (S,) caller index of each plan structure; results: filled in place.
     Returns:
-      exact (S,) bool, and the radius to retry each structure with: the largest
-      k-th distance found (a proven-sufficient radius), or twice the radius when
-      the box held fewer than k points.
+      exact (S,) bool, and the radius to retry each structure with (some atom has
+      fewer than k neighbours within the radius): the proven bound when it is within
+      RETRY_GROWTH times the radius (that retry must succeed), else RETRY_GROWTH
+      times the radius (which grows geometrically past the bound).
     """
     owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)
     kth = np.maximum.reduceat(dist[:, -1], p.offset)
@@ -590,9 +615,8 @@ def _collect(p: Plan, dist: np.ndarray, idx: np.ndarray, which: np.ndarray,
     for s in np.flatnonzero(exact):
         rows = slice(p.offset[s], p.offset[s] + p.num_atoms[s])
         results[which[s]] = Neighbours(out_dist[rows], out_idx[rows], float(p.radius[s]))
-    retry = np.where(np.isfinite(kth), np.maximum(kth * (1 + 1e-4) + 1e-6, p.radius),
-                     p.radius * 2.0)
-    return exact, retry
+    proven = np.maximum.reduceat(bound, p.offset).astype(np.float64) * (1 + 1e-4) + 1e-6
+    return exact, np.clip(proven, p.radius * 1.01, p.radius * RETRY_GROWTH)
 
 
 def featurize(structures: Sequence[structures_lib.Structure], k: int, **kwargs) -> list[Neighbours]:

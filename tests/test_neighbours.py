@@ -87,6 +87,19 @@ def test_k_far_above_atoms_per_cell():
     assert result.distances.shape == (2, 100)
 
 
+def test_isolated_atom_forces_a_retry_and_stays_exact():
+    # A dense cluster and one atom far from it: the density radius holds k
+    # neighbours for the cluster but not for the lone atom, so its structure is
+    # retried with a larger radius.
+    rng = np.random.default_rng(21)
+    lattice = cell_from_parameters(18.0, 19.0, 20.0, 85, 95, 100)
+    frac = np.concatenate([0.1 + 0.12 * rng.random((40, 3)), [[0.6, 0.55, 0.6]]])
+    k = 10
+    result = assert_matches_oracle(lattice, frac, k)
+    assert result.radius > neighbours.initial_radius(lattice, len(frac), k)
+    assert result.distances[-1, -1] <= result.radius
+
+
 def test_simple_cubic_shells():
     (result,) = neighbours.featurize_arrays([np.eye(3) * 2.0], [np.zeros((1, 3))], 26)
     expected = np.array([2.0] * 6 + [2.0 * np.sqrt(2)] * 12 + [2.0 * np.sqrt(3)] * 8)
