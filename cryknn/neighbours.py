@@ -66,8 +66,10 @@ from cryknn import structures as structures_lib
 DEFAULT_CALL_BUDGET = 2**23
 # Triples per step of the device loop: temporaries of a few MB stay in cache.
 STEP_TRIPLES = 2**17
-# Radius safety factor over the density estimate; a miss costs a retry.
-RADIUS_SAFETY = 1.25
+# The first radius holds 1 + RADIUS_MARGIN / sqrt(k + 1) times the k + 1 points
+# expected from the density: a Poisson count's relative spread falls as
+# 1/sqrt(k + 1), so large k needs little margin. Atoms that miss are retried alone.
+RADIUS_MARGIN = 2.3
 # Largest radius growth per retry (3.4 times the volume); see _collect.
 RETRY_GROWTH = 1.5
 # Relative inflation of the enumeration box so float rounding never drops a
@@ -129,13 +131,13 @@ def split_featurizable(structures: Sequence[structures_lib.Structure]
 def initial_radius(lattice: np.ndarray, num_atoms, k: int):
     """Radius (angstrom) expected to hold k neighbours, from the mean atom density.
 
-    A sphere of this radius holds RADIUS_SAFETY**3 * (k + 1) atoms on average
-    (`plan` grows it further when the image box holds fewer than k + 1 points).
-    Vectorised: lattice (..., 3, 3) and num_atoms (...) give radii (...).
+    A sphere of this radius holds (1 + RADIUS_MARGIN / sqrt(k + 1)) * (k + 1) atoms
+    on average (`plan` grows it further when the image box holds fewer than k + 1
+    points). Vectorised: lattice (..., 3, 3) and num_atoms (...) give radii (...).
     """
     volume = np.abs(np.linalg.det(np.asarray(lattice, np.float64)))
-    r = (3.0 * (k + 1) * volume / (4.0 * math.pi * np.asarray(num_atoms))) ** (1.0 / 3.0)
-    return RADIUS_SAFETY * r
+    points = (k + 1) * (1.0 + RADIUS_MARGIN / math.sqrt(k + 1))
+    return (3.0 * points * volume / (4.0 * math.pi * np.asarray(num_atoms))) ** (1.0 / 3.0)
 
 
 def interplanar_spacings(lattices: np.ndarray) -> np.ndarray:
@@ -166,12 +168,13 @@ def candidate_bucket(count, k: int):
 
 @dataclasses.dataclass
 class Plan:
-    """S structures planned for device calls: atoms sorted, cut into query blocks.
+    """S structures planned for device calls: atoms sorted, queries cut into blocks.
 
     Atoms of all structures are concatenated (structure s owns rows offset[s] ...
     offset[s] + num_atoms[s] - 1); within a structure they are sorted along the axis
-    with the narrowest reach. Block b holds `block_queries[b]` consecutive sorted
-    atoms of structure `block_structure[b]` starting at local position `block_first[b]`.
+    with the narrowest reach. Block b holds `block_queries[b]` consecutive query atoms
+    (all atoms, or the ones a retry asks for) of structure `block_structure[b]`, at
+    local sorted positions `block_atoms[b, :block_queries[b]]`.
     """
 
     lattice: np.ndarray  # (S, 3, 3) float64
@@ -183,7 +186,7 @@ class Plan:
     order: np.ndarray  # (A,) caller's row (concatenated) of each sorted position
     sorted_frac: np.ndarray  # (A, 3) float64 in [0, 1), sorted per structure
     block_structure: np.ndarray  # (blocks,)
-    block_first: np.ndarray  # (blocks,) local sorted position of the first query
+    block_atoms: np.ndarray  # (blocks, QUERY_BLOCK) local sorted positions of the queries
     block_queries: np.ndarray  # (blocks,) real queries, <= QUERY_BLOCK
     window_start: np.ndarray  # (blocks,) local sorted position of the first candidate
     window_count: np.ndarray  # (blocks,) candidate atoms, <= num_atoms
@@ -195,7 +198,7 @@ class Plan:
 
 
 def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
-         radii: np.ndarray | None = None) -> Plan:
+         radii: np.ndarray | None = None, queries: np.ndarray | None = None) -> Plan:
     """Radius, image counts, sort order and query blocks of every structure.
 
     Args:
@@ -203,6 +206,8 @@ def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
       k: neighbours per atom.
       radii: (S,) search radii; default from the density, grown until the image box
         holds k + 1 points.
+      queries: (sum N,) bool, the atoms to answer (caller order, concatenated);
+        default all. Every atom is still a candidate neighbour.
     """
     lattice = np.asarray(np.stack(lattices), np.float64)
     num_atoms = np.array([len(f) for f in fracs], np.int64)
@@ -226,14 +231,15 @@ def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
     owner = np.repeat(np.arange(len(num_atoms)), num_atoms)
     x = frac[np.arange(len(frac)), axis[owner]]
     order = np.lexsort((x, owner))
+    asked = np.ones(len(frac), bool) if queries is None else np.asarray(queries)[order]
     blocks = _blocks(x[order], owner, num_atoms, offset,
-                     frac_radius[np.arange(len(axis)), axis])
+                     frac_radius[np.arange(len(axis)), axis], np.flatnonzero(asked))
     return Plan(lattice, num_atoms, offset, radii, frac_radius, _image_counts(frac_radius),
                 order, frac[order], *blocks)
 
 
 def _blocks(x: np.ndarray, owner: np.ndarray, num_atoms: np.ndarray, offset: np.ndarray,
-            reach: np.ndarray) -> tuple[np.ndarray, ...]:
+            reach: np.ndarray, asked: np.ndarray) -> tuple[np.ndarray, ...]:
     """Query blocks and the cyclic window of atoms within reach of each.
 
     Args:
@@ -241,17 +247,24 @@ def _blocks(x: np.ndarray, owner: np.ndarray, num_atoms: np.ndarray, offset: np.
       owner: (A,) structure of each row; num_atoms, offset: (S,); reach: (S,) R_a
         along the axis. Any neighbour within the radius differs by at most R_a
         (cyclically), so the run holds every candidate.
+      asked: (A',) ascending sorted rows of the query atoms.
     Returns:
-      block_structure, block_first, block_queries, window_start, window_count (blocks,).
+      block_structure, block_atoms (blocks, Q), block_queries, window_start,
+      window_count (blocks,).
     """
-    per = -(-num_atoms // QUERY_BLOCK)
+    asked_per = np.bincount(owner[asked], minlength=len(num_atoms))
+    per = -(-asked_per // QUERY_BLOCK)
     structure = np.repeat(np.arange(len(num_atoms)), per)
+    first_asked = np.cumsum(asked_per) - asked_per  # into `asked`, per structure
     first = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * QUERY_BLOCK
+    queries = np.minimum(QUERY_BLOCK, asked_per[structure] - first)
+    last = (first_asked + asked_per - 1)[structure]
+    rows = asked[np.minimum((first_asked[structure] + first)[:, None]
+                            + np.arange(QUERY_BLOCK), last[:, None])]  # (blocks, Q)
     n = num_atoms[structure]
-    queries = np.minimum(QUERY_BLOCK, n - first)
     base = offset[structure]
-    lo = x[base + first] - reach[structure]
-    hi = x[base + first + queries - 1] + reach[structure]
+    lo = x[rows[:, 0]] - reach[structure]
+    hi = x[rows[np.arange(len(rows)), queries - 1]] + reach[structure]
     keys = owner + x  # ascending: sorted by (structure, x)
 
     def below(v, side):  # atoms of the cyclic cover below v: floor(v) * n + rank
@@ -264,7 +277,7 @@ def _blocks(x: np.ndarray, owner: np.ndarray, num_atoms: np.ndarray, offset: np.
     covers_all = (hi - lo >= 1.0) | (count >= n)
     start = np.where(covers_all, 0, start % n)
     count = np.where(covers_all, n, count)
-    return structure, first, queries, start, count
+    return structure, (rows - base[:, None]).astype(np.int32), queries, start, count
 
 
 # ----------------------------------------------------------------------------
@@ -295,7 +308,7 @@ class KnnBatch:
       image_counts: (D, P, 3) int32 S_a, images per axis.
       offset: (D, P) int32 table row of the structure's first atom.
       num_atoms: (D, P) int32 atoms of the structure (>= 1).
-      first: (D, P) int32 local sorted position of the block's first query.
+      query_atoms: (D, P, Q) int32 local sorted positions of the block's queries.
       num_queries: (D, P) int32 real queries of the block (<= Q).
       window_start: (D, P) int32 local sorted position of the first window atom.
       window_count: (D, P) int32 window atoms (window_count * images <= C).
@@ -312,7 +325,7 @@ class KnnBatch:
     image_counts: jax.Array
     offset: jax.Array
     num_atoms: jax.Array
-    first: jax.Array
+    query_atoms: jax.Array
     num_queries: jax.Array
     window_start: jax.Array
     window_count: jax.Array
@@ -322,7 +335,8 @@ class KnnBatch:
     group: int = _static()
 
 
-_BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms", "first",
+_BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms",
+                 "query_atoms",
                  "window_start", "window_count")
 
 
@@ -331,7 +345,7 @@ def _candidates(table, block, window):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    lattice, frac_radius, radius, counts, offset, n, first, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
     slot = jnp.arange(window, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
     atom = (start + slot - image * count) % n
@@ -351,10 +365,9 @@ def _knn_block(table, block, k, window):
       distances (Q, k) float32 ascending (+inf beyond the radius), neighbour local
       sorted index (Q, k) int32, and the retry bound (Q,) float32 (see _retry_bound).
     """
-    lattice, frac_radius, radius, counts, offset, n, first, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
     near, atom, step, valid = _candidates(table, block, window)
-    query = jax.lax.dynamic_slice_in_dim(table, offset + first, QUERY_BLOCK)  # (Q, 3)
-    query_atom = first + jnp.arange(QUERY_BLOCK, dtype=jnp.int32)
+    query = table[offset + query_atom]  # (Q, 3)
     shift = step.astype(lattice.dtype) @ lattice  # (C, 3) Cartesian image offsets
     # u_a: fractional offset of the first admissible image (in [-R_a, 1 - R_a)).
     u = []
@@ -482,7 +495,7 @@ def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int
         field(p.frac_radius[s], 0.0, np.float32, (3,)),
         field(p.radius[s] * (1.0 + _BOX_SLACK), 0.0, np.float32),
         field(p.image_counts[s], 1, np.int32, (3,)), field(p.offset[s], 0, np.int32),
-        field(p.num_atoms[s], 1, np.int32), field(p.block_first[blocks], 0, np.int32),
+        field(p.num_atoms[s], 1, np.int32), field(p.block_atoms[blocks], 0, np.int32, (QUERY_BLOCK,)),
         field(p.block_queries[blocks], 0, np.int32), field(p.window_start[blocks], 0, np.int32),
         field(p.window_count[blocks], 0, np.int32), num_blocks,
         k=k, window=window, group=group)
@@ -541,8 +554,7 @@ def _block_rows(p: Plan, blocks: np.ndarray, size: int, devices: int):
     (`pack` puts block i in device row i % D, column i // D)."""
     i = np.arange(len(blocks))
     slots = (i % devices) * (size // devices) + i // devices
-    rows = p.offset[p.block_structure[blocks]][:, None] + (
-        p.block_first[blocks][:, None] + np.arange(QUERY_BLOCK))
+    rows = p.offset[p.block_structure[blocks]][:, None] + p.block_atoms[blocks]
     keep = np.arange(QUERY_BLOCK) < p.block_queries[blocks][:, None]
     return rows, keep, slots
 
@@ -575,48 +587,65 @@ def featurize_arrays(
         raise errors.FeaturizeError("lattices and fracs differ in length")
     for lattice, frac in zip(lattices, fracs):
         validate_cell(lattice, frac)
-    results: list[Neighbours | None] = [None] * len(lattices)
-    if not results:
+    if not lattices:
         return []
+    sizes = np.array([len(f) for f in fracs], np.int64)
+    out = _Results(sizes, k)
     # One table size for every pass, so a retry reuses the compiled programs.
-    rows = int(_next_power_of_two(sum(len(f) for f in fracs) + QUERY_BLOCK))
-    pending, radii = np.arange(len(lattices)), None
+    rows = int(_next_power_of_two(sizes.sum() + QUERY_BLOCK))
+    pending, radii, asked = np.arange(len(sizes)), None, None
     while pending.size:
-        p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii)
-        exact, radii = _collect(p, *run_plan(p, k, budget, sharding, rows), pending, results)
+        p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
+        done, (pending, radii, asked) = out.collect(
+            p, *run_plan(p, k, budget, sharding, rows), pending)
         if progress is not None:
-            progress(int(p.num_atoms[exact].sum()))
-        pending, radii = pending[~exact], radii[~exact]
-    return results  # type: ignore[return-value]
+            progress(done)
+    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))
+            for a, n, r in zip(out.starts, sizes, out.radius)]
 
 
-def _collect(p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
-             which: np.ndarray, results: list) -> tuple[np.ndarray, np.ndarray]:
-    """Store the proven-exact structures of a pass in caller order.
+class _Results:
+    """Rows of every structure in caller order, filled atom by atom as proven exact."""
 
-    Args:
-      dist, idx: (A, k) rows in sorted order, idx a local sorted position.
-      which: (S,) caller index of each plan structure; results: filled in place.
-    Returns:
-      exact (S,) bool, and the radius to retry each structure with (some atom has
-      fewer than k neighbours within the radius): the proven bound when it is within
-      RETRY_GROWTH times the radius (that retry must succeed), else RETRY_GROWTH
-      times the radius (which grows geometrically past the bound).
-    """
-    owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)
-    kth = np.maximum.reduceat(dist[:, -1], p.offset)
-    exact = kth <= p.radius.astype(np.float32)
-    # Caller order: sorted row r holds caller row p.order[r]; neighbours likewise.
-    out_dist = np.empty_like(dist)
-    out_dist[p.order] = dist
-    out_idx = np.empty_like(idx)
-    out_idx[p.order] = (p.order[idx + p.offset[owner][:, None]]
-                        - p.offset[owner][:, None]).astype(np.int32)
-    for s in np.flatnonzero(exact):
-        rows = slice(p.offset[s], p.offset[s] + p.num_atoms[s])
-        results[which[s]] = Neighbours(out_dist[rows], out_idx[rows], float(p.radius[s]))
-    proven = np.maximum.reduceat(bound, p.offset).astype(np.float64) * (1 + 1e-4) + 1e-6
-    return exact, np.clip(proven, p.radius * 1.01, p.radius * RETRY_GROWTH)
+    def __init__(self, sizes: np.ndarray, k: int):
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.dist = np.empty((sizes.sum(), k), np.float32)
+        self.idx = np.empty((sizes.sum(), k), np.int32)
+        self.radius = np.zeros(len(sizes))
+
+    def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
+                which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Store the proven-exact atoms of a pass; plan the rest's retry.
+
+        An atom is exact when its own k-th distance is within its structure's radius
+        (every point within the radius was a candidate), whatever its neighbours do.
+
+        Args:
+          dist, idx, bound: run_plan's rows (sorted order; idx a local sorted position).
+          which: (S,) caller index of each plan structure.
+        Returns:
+          atoms stored, and the retry (caller indices, radii, asked atoms) for
+          `plan`: the radius is the failed atoms' proven bound when within
+          RETRY_GROWTH times the radius (that retry must succeed), else RETRY_GROWTH
+          times the radius (which grows geometrically past the bound).
+        """
+        rows = (p.offset[p.block_structure][:, None] + p.block_atoms)[
+            np.arange(QUERY_BLOCK) < p.block_queries[:, None]]
+        owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)[rows]
+        base = p.offset[owner]
+        target = self.starts[which[owner]] + p.order[rows] - base
+        ok = dist[rows, -1] <= p.radius[owner].astype(np.float32)
+        self.dist[target[ok]] = dist[rows[ok]]
+        self.idx[target[ok]] = p.order[base[ok, None] + idx[rows[ok]]] - base[ok, None]
+        self.radius[which] = p.radius
+        proven = np.zeros(len(p.num_atoms))
+        np.maximum.at(proven, owner[~ok], bound[rows[~ok]])
+        failed = np.unique(owner[~ok])
+        radii = np.clip(proven * (1 + 1e-4) + 1e-6, p.radius * 1.01, p.radius * RETRY_GROWTH)
+        asked = np.zeros(p.num_atoms[failed].sum(), bool)
+        new_offset = np.cumsum(p.num_atoms[failed]) - p.num_atoms[failed]
+        asked[new_offset[np.searchsorted(failed, owner[~ok])] + (p.order[rows] - base)[~ok]] = True
+        return int(ok.sum()), (which[failed], radii[failed], asked)
 
 
 def featurize(structures: Sequence[structures_lib.Structure], k: int, **kwargs) -> list[Neighbours]:

@@ -6,7 +6,7 @@
 Prints, per k: host time of planning (radius, image counts, sort, windows), packing
 and collecting rows; device time of the kernel calls; calls and compiled programs;
 and the work: real candidate (query, atom, image) triples per atom, the padded
-triples the kernel computes, and the triples inside the k-NN sphere (what an ideal
+triples the kernel computes, and the triples inside the k-NN sphere, k + 1 (what an ideal
 cell list would look at). Timings are the best of --rounds warm runs.
 """
 
@@ -67,7 +67,7 @@ def profile_once(lattices, fracs, k):
         "padded_triples_per_atom": float((buckets * p.block_queries).sum() / len(p.order)),
         "query_padding": float(len(p.block_queries) * neighbours.QUERY_BLOCK
                                / len(p.order)),
-        "sphere_triples_per_atom": (k + 1) * neighbours.RADIUS_SAFETY**3,
+        "sphere_triples_per_atom": k + 1,
         "images_median": float(np.median(np.prod(p.image_counts, axis=1))),
         "images_max": int(np.prod(p.image_counts, axis=1).max()),
         "window_fraction_median": float(np.median(
