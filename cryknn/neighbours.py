@@ -66,6 +66,10 @@ from cryknn import structures as structures_lib
 DEFAULT_CALL_BUDGET = 2**23
 # Triples per step of the device loop: temporaries of a few MB stay in cache.
 STEP_TRIPLES = 2**17
+# Buckets holding fewer than this fraction of a pass's blocks merge upward.
+RARE_BUCKET = 0.03
+# Neighbours (query, k) per call: bounds the outputs (~1 MB) a padded call moves.
+CALL_OUTPUTS = 2**17
 # The first radius holds 1 + RADIUS_MARGIN / sqrt(k + 1) times the k + 1 points
 # expected from the density: a Poisson count's relative spread falls as
 # 1/sqrt(k + 1), so large k needs little margin. Atoms that miss are retried alone.
@@ -422,7 +426,9 @@ def _kernel_local(batch: KnnBatch):
     return jax.lax.fori_loop(0, steps, step, out)
 
 
-@jax.jit
+# LLVM's expensive passes cost a quarter of each compilation and gain nothing
+# measurable on this kernel (same run time on CoRE MOF buckets).
+@functools.partial(jax.jit, compiler_options={"xla_llvm_disable_expensive_passes": True})
 def knn_kernel(batch: KnnBatch):
     """Exact periodic k-NN for a padded batch of query blocks.
 
@@ -451,6 +457,19 @@ def knn_kernel(batch: KnnBatch):
 # Host wrapper: bucket blocks, pack calls, collect rows, retry.
 
 
+def merge_rare_buckets(buckets: np.ndarray) -> np.ndarray:
+    """(blocks,) buckets, each rare one (< RARE_BUCKET of the blocks) merged into the
+    next larger common one (or the largest).
+
+    A compilation (~0.5 s on CPU) costs more than padding a few percent of the
+    blocks to the next size, so a cold run compiles only the common sizes.
+    """
+    sizes, counts = np.unique(buckets, return_counts=True)
+    keep = (counts >= RARE_BUCKET * len(buckets)) | (sizes == sizes[-1])
+    kept = sizes[keep]
+    return kept[np.searchsorted(kept, buckets)]
+
+
 def lower_triangular(lattices: np.ndarray) -> np.ndarray:
     """(S, 3, 3) rotations of lattice rows to lower-triangular form (same distances).
 
@@ -460,16 +479,23 @@ def lower_triangular(lattices: np.ndarray) -> np.ndarray:
     return np.swapaxes(r, 1, 2)
 
 
-def call_shape(window: int, budget: int, devices: int) -> tuple[int, int]:
+def call_shape(window: int, k: int, budget: int, devices: int) -> tuple[int, int]:
     """(blocks per call, blocks per loop step) for candidate bucket `window`.
 
-    A call holds about `budget` triples (memory); a loop step about STEP_TRIPLES.
-    Both are powers of two and the call a multiple of devices * step.
+    A call holds at most `budget` triples and CALL_OUTPUTS neighbours; a loop step
+    about STEP_TRIPLES triples. Both are powers of two and the call a multiple of
+    devices * step. Every call of a bucket has this size (padding blocks cost only
+    their share of the outputs), so a bucket compiles once.
     """
     per_block = QUERY_BLOCK * window
-    group = int(max(1, min(64, 2 ** int(np.log2(max(1, STEP_TRIPLES // per_block))))))
-    size = int(2 ** int(np.log2(max(1, budget // per_block))))
+    group = _power_of_two_below(min(64, STEP_TRIPLES // per_block))
+    size = _power_of_two_below(min(budget // per_block, CALL_OUTPUTS // (QUERY_BLOCK * k)))
     return max(size, group * devices), group
+
+
+def _power_of_two_below(n: int) -> int:
+    """Largest power of two <= n, at least 1."""
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
 def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int,
@@ -511,23 +537,31 @@ def _table(p: Plan, rows: int, sharding) -> jax.Array:
                                                             jax.sharding.PartitionSpec()))
 
 
-def run_plan(p: Plan, k: int, budget: int, sharding, rows: int
+def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-NN of every atom of a plan, in sorted order.
 
+    Args:
+      compiled: candidate buckets earlier passes used; a retry's few blocks go to the
+        smallest of them that fits rather than compile another size. Updated.
     Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
     and the retry bound (A,) float32 of each atom (see knn_kernel).
     """
     devices = 1 if sharding is None else sharding.mesh.size
     table = _table(p, rows, sharding)
-    buckets = candidate_bucket(p.block_candidates, k)
+    buckets = merge_rare_buckets(candidate_bucket(p.block_candidates, k))
+    if compiled:
+        known = np.array(sorted(compiled))
+        fits = np.searchsorted(known, buckets)
+        buckets = np.where(fits < len(known), known[np.minimum(fits, len(known) - 1)], buckets)
+    if compiled is not None:
+        compiled.update(buckets.tolist())
     calls = []
     for window in np.unique(buckets):
         todo = np.flatnonzero(buckets == window)
-        cap, group = call_shape(int(window), budget, devices)
-        for begin in range(0, len(todo), cap):
-            blocks = todo[begin : begin + cap]
-            size = max(group * devices, min(cap, int(_next_power_of_two(len(blocks)))))
+        size, group = call_shape(int(window), k, budget, devices)
+        for begin in range(0, len(todo), size):
+            blocks = todo[begin : begin + size]
             batch = pack(p, blocks, size, int(window), group, k, table, devices)
             if sharding is not None:
                 batch = jax.device_put(batch, _batch_sharding(batch, sharding))
@@ -593,11 +627,11 @@ def featurize_arrays(
     out = _Results(sizes, k)
     # One table size for every pass, so a retry reuses the compiled programs.
     rows = int(_next_power_of_two(sizes.sum() + QUERY_BLOCK))
-    pending, radii, asked = np.arange(len(sizes)), None, None
+    pending, radii, asked, compiled = np.arange(len(sizes)), None, None, set()
     while pending.size:
         p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
         done, (pending, radii, asked) = out.collect(
-            p, *run_plan(p, k, budget, sharding, rows), pending)
+            p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
         if progress is not None:
             progress(done)
     return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))

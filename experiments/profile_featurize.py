@@ -42,14 +42,13 @@ def profile_once(lattices, fracs, k):
     times["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = int(neighbours._next_power_of_two(len(p.order) + neighbours.QUERY_BLOCK))
-    buckets = neighbours.candidate_bucket(p.block_candidates, k)
+    buckets = neighbours.merge_rare_buckets(neighbours.candidate_bucket(p.block_candidates, k))
     batches = []
     for window in np.unique(buckets):
         todo = np.flatnonzero(buckets == window)
-        cap, group = neighbours.call_shape(int(window), neighbours.DEFAULT_CALL_BUDGET, 1)
-        for begin in range(0, len(todo), cap):
-            blocks = todo[begin : begin + cap]
-            size = max(group, min(cap, int(neighbours._next_power_of_two(len(blocks)))))
+        size, group = neighbours.call_shape(int(window), k, neighbours.DEFAULT_CALL_BUDGET, 1)
+        for begin in range(0, len(todo), size):
+            blocks = todo[begin : begin + size]
             batches.append(neighbours.pack(p, blocks, size, int(window), group, k,
                                            neighbours._table(p, rows, None)))
     times["pack_s"] = time.perf_counter() - t
