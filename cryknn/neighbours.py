@@ -52,14 +52,16 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cryknn import errors
-from cryknn import structures as structures_lib
+
+if TYPE_CHECKING:  # the CIF reader (gemmi) is not needed to featurise arrays
+    from cryknn import structures as structures_lib
 
 # Work per device call, counted in candidate (query, neighbour, image) triples; a
 # call's inputs and outputs stay near 10 MB at 2**23 whatever the structure sizes.
@@ -122,6 +124,8 @@ def split_featurizable(structures: Sequence[structures_lib.Structure]
                        ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
     """The structures whose cells can be featurised, and a Skip with the reason for each
     of the others (a degenerate lattice, non-finite coordinates)."""
+    from cryknn import structures as structures_lib
+
     good, skips = [], []
     for s in structures:
         try:

@@ -1,5 +1,8 @@
 """cryknn.neighbours against a brute-force float64 oracle, amd, and itself; the featurize CLI."""
 
+import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -8,7 +11,8 @@ import pytest
 from cryknn import errors
 from cryknn import neighbours
 from cryknn import structures
-from tests.conftest import NACL_CIF, SHARED_COD, error_lines, run_module, run_python
+from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, run_module, run_python,
+                            subprocess_env)
 from tests.oracle import brute_force_knn, cell_from_parameters
 
 TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
@@ -257,6 +261,24 @@ def test_sharded_path_matches_single_device(tmp_path):
     proc = run_python(script, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_on_cpu(tmp_path):
+    """experiments/device_check.sh in its CPU smoke mode writes the report it promises."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [str(REPO / "experiments" / "device_check.sh"), str(out), "--cpu", "--quick",
+         "--k=3", "--source=synthetic"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=subprocess_env(PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "cpu" and report["corpus"]["source"] == "synthetic"
+    row = report["featurize_k3"]
+    assert row["atoms_per_s"] > 0 and row["max_abs_err_vs_oracle"] < TOLERANCE
+    assert "skipped" in row["vesin_cuda"] or row["vesin_cuda"]["atoms_per_s_neighbour_list_only"] > 0
+    assert report["train"]["steps_timed"] > 0 and report["train"]["steps_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------
