@@ -12,13 +12,14 @@ Why it is exact on any cell (no minimum-image shortcut):
   length 2 R_a, i.e. at most S_a = floor(2 R_a) + 1 consecutive integers starting
   at t0_a = ceil(-R_a - delta_a). Enumerating those S_1 * S_2 * S_3 images per atom
   pair finds *every* point within r; if the k-th distance found is <= r, no unseen
-  point can be closer and the result is exact. Candidates beyond r (computed with a
-  slack, so rounding drops none within r) are set to +inf before the top-k: they
-  could not make a result exact, and skipping them is most of top_k's saving.
-  Otherwise (some atom has fewer than k points within r) the structure is retried
-  with a larger radius: the farthest of any k + 1 real candidate points is a proven
-  upper bound on the k-th distance, so a retry with it must succeed; the retry
-  radius is that bound capped at 1.5 r, and grows geometrically past it.
+  point can be closer and that atom's result is exact (whatever other atoms do).
+  Candidates beyond r (tested with a slack, so rounding drops none within r) are
+  set to +inf before the top-k: they could not make a result exact.
+  Atoms with fewer than k points within r are retried alone with a larger radius:
+  the farthest of any k + 1 real candidate points is a proven upper bound on the
+  k-th distance, so a retry with it must succeed; the retry radius is that bound
+  capped at 1.5 r (a far bound must not blow up the retry), so it grows
+  geometrically until it passes the bound.
 
 Only atoms that can be within the radius are examined: each structure's atoms are
 sorted along the axis with the narrowest reach, and each block of 32 consecutive
@@ -26,9 +27,10 @@ queries looks at the cyclic run of atoms within reach of it (its window). A bloc
 candidates are (window atom, image) pairs, flattened into one axis of C slots.
 
 Why blocks, not structures, are the unit of work (profiled on CoRE MOF, pyxtal and
-COD cells; see experiments/profile_featurize.py): XLA's top_k costs several ns per
-candidate (a comparator call each) while the distance itself costs well under one,
-so the time is the number of *padded* candidates. Padding whole structures to
+COD cells; see experiments/profile_featurize.py): XLA's CPU top_k (a scalar partial
+sort) costs several ns per candidate while the distance itself costs well under one,
+so the time is the number of *padded* candidates, plus the top_k heap entries (each
+~log k mispredicted comparisons), which the +inf beyond r keeps near k per query. Padding whole structures to
 (atoms, window, images) buckets tripled that number; padding each block's flat
 candidate count to the next of {2^j, 1.5 * 2^j} wastes about a fifth, and the
 compiled programs depend only on (C, k), not on the structure sizes, so a corpus
@@ -63,10 +65,10 @@ from cryknn import errors
 if TYPE_CHECKING:  # the CIF reader (gemmi) is not needed to featurise arrays
     from cryknn import structures as structures_lib
 
-# Work per device call, counted in candidate (query, neighbour, image) triples; a
-# call's inputs and outputs stay near 10 MB at 2**23 whatever the structure sizes.
+# Work per device call, counted in candidate (query, neighbour, image) triples.
 DEFAULT_CALL_BUDGET = 2**23
-# Triples per step of the device loop: temporaries of a few MB stay in cache.
+# Triples per step of the device loop (memory: ~40 bytes each, so a few MB; a
+# single block larger than this, e.g. a 2,000-atom cell at k=100, runs alone).
 STEP_TRIPLES = 2**17
 # Buckets holding fewer than this fraction of a pass's blocks merge upward.
 RARE_BUCKET = 0.03
@@ -74,9 +76,11 @@ RARE_BUCKET = 0.03
 CALL_OUTPUTS = 2**17
 # The first radius holds 1 + RADIUS_MARGIN / sqrt(k + 1) times the k + 1 points
 # expected from the density: a Poisson count's relative spread falls as
-# 1/sqrt(k + 1), so large k needs little margin. Atoms that miss are retried alone.
-RADIUS_MARGIN = 2.3
-# Largest radius growth per retry (3.4 times the volume); see _collect.
+# 1/sqrt(k + 1), so large k needs little margin. Atoms that miss are retried alone,
+# but a retry pass has a fixed cost (~3 ms), which small corpora notice: 3.0 (not
+# 2.3) spares pyxtal's 100 cells a retry at k=5 (+35%) for ~2-5% elsewhere.
+RADIUS_MARGIN = 3.0
+# Largest radius growth per retry (3.4 times the volume); see _Results.collect.
 RETRY_GROWTH = 1.5
 # Relative inflation of the enumeration box so float rounding never drops a
 # candidate that sits on the radius boundary.
