@@ -43,14 +43,14 @@ def profile_once(lattices, fracs, k):
     t = time.perf_counter()
     rows = int(neighbours._next_power_of_two(len(p.order) + neighbours.QUERY_BLOCK))
     buckets = neighbours.merge_rare_buckets(neighbours.candidate_bucket(p.block_candidates, k))
+    table = neighbours._table(p, rows, None)
     batches = []
     for window in np.unique(buckets):
         todo = np.flatnonzero(buckets == window)
         size, group = neighbours.call_shape(int(window), k, neighbours.DEFAULT_CALL_BUDGET, 1)
         for begin in range(0, len(todo), size):
             blocks = todo[begin : begin + size]
-            batches.append(neighbours.pack(p, blocks, size, int(window), group, k,
-                                           neighbours._table(p, rows, None)))
+            batches.append(neighbours.pack(p, blocks, size, int(window), group, k, table))
     times["pack_s"] = time.perf_counter() - t
     t = time.perf_counter()
     outs = [jax.block_until_ready(neighbours.knn_kernel(b)) for b in batches]
