@@ -7,28 +7,45 @@ Why it is exact on any cell (no minimum-image shortcut):
   Let h_a be the interplanar spacing of axis a (cell volume over the area of the
   opposite face). A Cartesian vector v has fractional coordinate u_a with
   |u_a| <= |v| / h_a. So every neighbour within a radius r of atom i has
-  |delta_a + t_a| <= R_a = r / h_a, where delta = frac_j - frac_i wrapped into
-  [-1/2, 1/2] and t is its integer lattice translation. The admissible t_a form an
-  interval of length 2 R_a, i.e. at most S_a = floor(2 R_a) + 1 consecutive
-  integers starting at t0_a = ceil(-R_a - delta_a). Enumerating those
-  S_1 * S_2 * S_3 images per atom pair finds *every* point within r; if the k-th
-  distance found is <= r, no unseen point can be closer and the result is exact.
-  Otherwise the k-th distance found is still a true upper bound (all candidates
-  are real points), so one retry with that radius is guaranteed to succeed.
+  |delta_a + t_a| <= R_a = r / h_a, where delta = frac_j - frac_i (both in [0, 1))
+  and t is its integer lattice translation. The admissible t_a form an interval of
+  length 2 R_a, i.e. at most S_a = floor(2 R_a) + 1 consecutive integers starting
+  at t0_a = ceil(-R_a - delta_a). Enumerating those S_1 * S_2 * S_3 images per atom
+  pair finds *every* point within r; if the k-th distance found is <= r, no unseen
+  point can be closer and that atom's result is exact (whatever other atoms do).
+  Candidates beyond r (tested with a slack, so rounding drops none within r) are
+  set to +inf before the top-k: they could not make a result exact.
+  Atoms with fewer than k points within r are retried alone with a larger radius:
+  the farthest of any k + 1 real candidate points is a proven upper bound on the
+  k-th distance, so a retry with it must succeed; the retry radius is that bound
+  capped at 1.5 r (a far bound must not blow up the retry), so it grows
+  geometrically until it passes the bound.
 
-Only atoms that can be within the radius are examined: atoms are sorted along
-the axis with the narrowest reach, and each block of 32 consecutive queries looks
-at the cyclic run of atoms within reach of it (its window), often a quarter of
-the cell. Shapes are static for jit: atom counts, window lengths and image counts
-are padded to a few buckets, and blocks run one after another so memory stays
-bounded for large cells and large k.
+Only atoms that can be within the radius are examined: each structure's atoms are
+sorted along the axis with the narrowest reach, and each block of 32 consecutive
+queries looks at the cyclic run of atoms within reach of it (its window). A block's
+candidates are (window atom, image) pairs, flattened into one axis of C slots.
 
-Arithmetic is float32 with coordinates relative to the query atom (the wrapped
-fractional difference), which keeps the error near 1e-6 angstrom.
+Why blocks, not structures, are the unit of work (profiled on CoRE MOF, pyxtal and
+COD cells; see experiments/profile_featurize.py): XLA's CPU top_k (a scalar partial
+sort) costs several ns per candidate while the distance itself costs well under one,
+so the time is the number of *padded* candidates, plus the top_k heap entries (each
+~log k mispredicted comparisons), which the +inf beyond r keeps near k per query. Padding whole structures to
+(atoms, window, images) buckets tripled that number; padding each block's flat
+candidate count to the next of {2^j, 1.5 * 2^j} wastes about a fifth, and the
+compiled programs depend only on (C, k), not on the structure sizes, so a corpus
+compiles a handful of small programs. Every call gathers its atoms from one table of
+all the structures' sorted atoms; a device loop runs over only the real blocks.
 
-Layers: `plan` (host, float64, per structure) -> `pack` (a padded `KnnBatch`, the
-device kernel's pytree input) -> `knn_kernel` (jit + vmap) -> `featurize_arrays`
-(bucketing, batching, retry, results in caller order).
+Arithmetic is float32 with coordinates relative to the query atom (the fractional
+difference), which keeps the error near 1e-6 angstrom. The lattice is rotated to a
+lower-triangular basis first (distances do not change), which saves three of the
+nine multiply-adds per candidate.
+
+Layers: `plan` (host, float64, vectorised over structures) -> `pack` (a padded
+`KnnBatch` of blocks, the device kernel's pytree input) -> `knn_kernel` (jit, loop
+over groups of vmapped blocks) -> `featurize_arrays` (bucketing, calls, retry,
+results in caller order).
 """
 
 from __future__ import annotations
@@ -37,24 +54,39 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cryknn import errors
-from cryknn import structures as structures_lib
 
-# Work per device call, counted in candidate (query, neighbour, image) triples;
-# one inner step holds at most this many, about 200 MB of temporaries at 2**23.
+if TYPE_CHECKING:  # the CIF reader (gemmi) is not needed to featurise arrays
+    from cryknn import structures as structures_lib
+
+# Work per device call, counted in candidate (query, neighbour, image) triples.
 DEFAULT_CALL_BUDGET = 2**23
-# Radius safety factor over the density estimate; a miss costs one retry.
-RADIUS_SAFETY = 1.25
+# Triples per step of the device loop (memory: ~40 bytes each, so a few MB; a
+# single block larger than this, e.g. a 2,000-atom cell at k=100, runs alone).
+STEP_TRIPLES = 2**17
+# Buckets holding fewer than this fraction of a pass's blocks merge upward.
+RARE_BUCKET = 0.03
+# Neighbours (query, k) per call: bounds the outputs (~1 MB) a padded call moves.
+CALL_OUTPUTS = 2**17
+# The first radius holds 1 + RADIUS_MARGIN / sqrt(k + 1) times the k + 1 points
+# expected from the density: a Poisson count's relative spread falls as
+# 1/sqrt(k + 1), so large k needs little margin. Atoms that miss are retried alone,
+# but a retry pass has a fixed cost (~3 ms), which small corpora notice: 3.0 (not
+# 2.3) spares pyxtal's 100 cells a retry at k=5 (+35%) for ~2-5% elsewhere.
+RADIUS_MARGIN = 3.0
+# Largest radius growth per retry (3.4 times the volume); see _Results.collect.
+RETRY_GROWTH = 1.5
 # Relative inflation of the enumeration box so float rounding never drops a
 # candidate that sits on the radius boundary.
 _BOX_SLACK = 1e-5
-QUERY_BLOCK = 32  # queries per window; smaller blocks give narrower windows
+QUERY_BLOCK = 32  # queries per block; smaller blocks give narrower windows
+MIN_CANDIDATES = 32  # smallest candidate bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +106,7 @@ class Neighbours:
 
 
 # ----------------------------------------------------------------------------
-# Host-side geometry: radius and image plan (float64, cheap, per structure).
+# Host-side geometry: radius and image plan (float64, vectorised over structures).
 
 
 def validate_cell(lattice: np.ndarray, frac: np.ndarray) -> None:
@@ -96,6 +128,8 @@ def split_featurizable(structures: Sequence[structures_lib.Structure]
                        ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
     """The structures whose cells can be featurised, and a Skip with the reason for each
     of the others (a degenerate lattice, non-finite coordinates)."""
+    from cryknn import structures as structures_lib
+
     good, skips = [], []
     for s in structures:
         try:
@@ -106,144 +140,160 @@ def split_featurizable(structures: Sequence[structures_lib.Structure]
     return good, skips
 
 
-def initial_radius(lattice: np.ndarray, num_atoms: int, k: int) -> float:
+def initial_radius(lattice: np.ndarray, num_atoms, k: int):
     """Radius (angstrom) expected to hold k neighbours, from the mean atom density.
 
-    A sphere of this radius holds RADIUS_SAFETY**3 * (k + 1) atoms on average
-    (`plan` grows it further when the image box holds fewer than k + 1 points).
+    A sphere of this radius holds (1 + RADIUS_MARGIN / sqrt(k + 1)) * (k + 1) atoms
+    on average (`plan` grows it further when the image box holds fewer than k + 1
+    points). Vectorised: lattice (..., 3, 3) and num_atoms (...) give radii (...).
     """
-    volume = abs(np.linalg.det(lattice))
-    r = (3.0 * (k + 1) * volume / (4.0 * math.pi * num_atoms)) ** (1.0 / 3.0)
-    return RADIUS_SAFETY * r
+    volume = np.abs(np.linalg.det(np.asarray(lattice, np.float64)))
+    points = (k + 1) * (1.0 + RADIUS_MARGIN / math.sqrt(k + 1))
+    return (3.0 * points * volume / (4.0 * math.pi * np.asarray(num_atoms))) ** (1.0 / 3.0)
+
+
+def interplanar_spacings(lattices: np.ndarray) -> np.ndarray:
+    """(S, 3) plane spacings of (S, 3, 3) lattices: 1 / |column a of the inverse|."""
+    return 1.0 / np.linalg.norm(np.linalg.inv(lattices), axis=1)
 
 
 def _image_counts(frac_radius: np.ndarray) -> np.ndarray:
-    """(3,) int: floor(2 R_a) + 1 consecutive translations per axis."""
+    """(..., 3) int: floor(2 R_a) + 1 consecutive translations per axis."""
     return np.floor(2.0 * frac_radius).astype(np.int64) + 1
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
+def _next_power_of_two(n):
+    """Elementwise smallest power of two >= n (n >= 1)."""
+    n = np.asarray(n, np.int64)
+    return np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64))
 
 
-def atom_bucket(num_atoms: int) -> int:
-    """Padded atom count: the next power of two, at least 8.
+def candidate_bucket(count, k: int):
+    """Padded candidate slots per block: the next of {2^j, 1.5 * 2^j}, > max(count, k).
 
-    Padding only costs on the neighbour axis (queries are chunked), so a factor
-    up to 2 is cheap, and a few hundred real structures compile about ten shapes.
+    Half-octave steps waste a fifth on average; each bucket is one compiled program.
     """
-    return max(8, _next_power_of_two(num_atoms))
-
-
-def image_bucket(num_images: int) -> int:
-    return _next_power_of_two(num_images)
-
-
-def window_bucket(count: int, atoms: int) -> int:
-    """Window length: a quarter, half or all of the padded atoms.
-
-    Coarse on purpose: finer steps save little work but add compilations.
-    """
-    for fraction in (4, 2):
-        if count <= atoms // fraction:
-            return atoms // fraction
-    return atoms
-
-
-def step_table(counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All integer offsets in [0, S_1) x [0, S_2) x [0, S_3), padded to size.
-
-    Returns (steps (size, 3) int32, mask (size,) bool); cached, do not modify.
-    """
-    return _step_table(tuple(int(c) for c in counts), size)
-
-
-@functools.lru_cache(maxsize=256)
-def _step_table(counts: tuple[int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
-    grid = np.stack(np.meshgrid(*(np.arange(c) for c in counts), indexing="ij"), -1)
-    grid = grid.reshape(-1, 3)
-    steps = np.zeros((size, 3), np.int32)
-    steps[: len(grid)] = grid
-    mask = np.zeros((size,), bool)
-    mask[: len(grid)] = True
-    return steps, mask
+    count = np.maximum(np.maximum(count, k + 1), MIN_CANDIDATES)
+    upper = _next_power_of_two(count)
+    return np.where(count <= upper * 3 // 4, upper * 3 // 4, upper)
 
 
 @dataclasses.dataclass
 class Plan:
-    """One structure planned for a device call (atoms sorted along the window axis)."""
+    """S structures planned for device calls: atoms sorted, queries cut into blocks.
 
-    index: int  # position in the caller's list
-    lattice: np.ndarray  # (3, 3) float64
-    frac: np.ndarray  # (N, 3) float64 in [0, 1), caller's order
-    radius: float
-    frac_radius: np.ndarray  # (3,) radius over each interplanar spacing, inflated
-    image_counts: np.ndarray  # (3,) images per axis
-    order: np.ndarray  # (N,) caller's atom index of each sorted position
-    window_start: np.ndarray  # (blocks,) into the sorted order
-    window_count: np.ndarray  # (blocks,)
+    Atoms of all structures are concatenated (structure s owns rows offset[s] ...
+    offset[s] + num_atoms[s] - 1); within a structure they are sorted along the axis
+    with the narrowest reach. Block b holds `block_queries[b]` consecutive query atoms
+    (all atoms, or the ones a retry asks for) of structure `block_structure[b]`, at
+    local sorted positions `block_atoms[b, :block_queries[b]]`.
+    """
+
+    lattice: np.ndarray  # (S, 3, 3) float64
+    num_atoms: np.ndarray  # (S,) int64
+    offset: np.ndarray  # (S,) int64 first row of each structure
+    radius: np.ndarray  # (S,) float64 angstrom
+    frac_radius: np.ndarray  # (S, 3) radius over each interplanar spacing, inflated
+    image_counts: np.ndarray  # (S, 3) images per axis
+    order: np.ndarray  # (A,) caller's row (concatenated) of each sorted position
+    sorted_frac: np.ndarray  # (A, 3) float64 in [0, 1), sorted per structure
+    block_structure: np.ndarray  # (blocks,)
+    block_atoms: np.ndarray  # (blocks, QUERY_BLOCK) local sorted positions of the queries
+    block_queries: np.ndarray  # (blocks,) real queries, <= QUERY_BLOCK
+    window_start: np.ndarray  # (blocks,) local sorted position of the first candidate
+    window_count: np.ndarray  # (blocks,) candidate atoms, <= num_atoms
 
     @property
-    def bucket(self) -> tuple[int, int, int]:
-        """(atoms, window, images): plans with equal buckets share a compilation."""
-        atoms = atom_bucket(len(self.frac))
-        return (
-            atoms,
-            window_bucket(int(self.window_count.max()), atoms),
-            image_bucket(int(np.prod(self.image_counts))),
-        )
+    def block_candidates(self) -> np.ndarray:
+        """(blocks,) real (atom, image) candidate pairs of each block."""
+        return self.window_count * np.prod(self.image_counts, axis=1)[self.block_structure]
 
 
-def plan(index: int, lattice, frac, k: int, radius: float | None = None) -> Plan:
-    """Radius, image counts, sort order and query windows of one structure."""
-    lattice = np.asarray(lattice, np.float64)
-    frac = np.asarray(frac, np.float64)
-    frac = frac - np.floor(frac)
-    spacings = structures_lib.interplanar_spacings(lattice)
-    if radius is None:
-        radius = initial_radius(lattice, len(frac), k)
-        # Enough images that the candidate count can reach k (matters for N << k).
-        while np.prod(_image_counts(radius * (1.0 + _BOX_SLACK) / spacings)) * len(frac) < k + 1:
-            radius *= 1.5
-    frac_radius = radius * (1.0 + _BOX_SLACK) / spacings
-    axis = int(np.argmin(frac_radius))
-    order = np.argsort(frac[:, axis], kind="stable")
-    start, count = _windows(
-        frac[order, axis], frac_radius[axis], min(QUERY_BLOCK, atom_bucket(len(frac)))
-    )
-    return Plan(index, lattice, frac, float(radius), frac_radius, _image_counts(frac_radius),
-                order, start, count)
-
-
-def _windows(x: np.ndarray, reach: float, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cyclic runs of sorted coordinates within reach of each block of queries.
+def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
+         radii: np.ndarray | None = None, queries: np.ndarray | None = None) -> Plan:
+    """Radius, image counts, sort order and query blocks of every structure.
 
     Args:
-      x: (N,) sorted fractional coordinates in [0, 1) along the window axis.
-      reach: R_a along that axis; any neighbour within the radius differs by at
-        most this much (cyclically), so the run holds every candidate.
-      block: queries per block.
-    Returns:
-      start (blocks,) index into x, count (blocks,) <= N, for
-      blocks = ceil(padded N / block); blocks of padding only get empty runs.
+      lattices, fracs: per structure (3, 3) and (N, 3) (validated by the caller).
+      k: neighbours per atom.
+      radii: (S,) search radii; default from the density, grown until the image box
+        holds k + 1 points.
+      queries: (sum N,) bool, the atoms to answer (caller order, concatenated);
+        default all. Every atom is still a candidate neighbour.
     """
-    n = len(x)
-    blocks = atom_bucket(n) // block
-    first = np.minimum(np.arange(blocks) * block, n - 1)
-    last = np.minimum(first + block - 1, n - 1)
-    lo, hi = x[first] - reach, x[last] + reach
-    tiled = np.concatenate([x - 1.0, x, x + 1.0])
-    start = np.searchsorted(tiled, lo, "left")
-    count = np.searchsorted(tiled, hi, "right") - start
-    covers_all = hi - lo >= 1.0
+    lattice = np.asarray(np.stack(lattices), np.float64)
+    num_atoms = np.array([len(f) for f in fracs], np.int64)
+    offset = np.concatenate([[0], np.cumsum(num_atoms)[:-1]])
+    frac = np.concatenate(fracs).astype(np.float64)
+    frac -= np.floor(frac)
+    frac[frac >= 1.0] = 0.0  # -1e-20 - floor(-1e-20) rounds to 1.0
+    spacings = interplanar_spacings(lattice)
+    if radii is None:
+        radii = initial_radius(lattice, num_atoms, k)
+        # Enough images that the candidate count can reach k (matters for N << k).
+        while True:
+            counts = _image_counts(radii[:, None] * (1.0 + _BOX_SLACK) / spacings)
+            short = np.prod(counts, axis=1) * num_atoms < k + 1
+            if not short.any():
+                break
+            radii = np.where(short, radii * 1.5, radii)
+    radii = np.asarray(radii, np.float64)
+    frac_radius = radii[:, None] * (1.0 + _BOX_SLACK) / spacings
+    axis = np.argmin(frac_radius, axis=1)
+    owner = np.repeat(np.arange(len(num_atoms)), num_atoms)
+    x = frac[np.arange(len(frac)), axis[owner]]
+    order = np.lexsort((x, owner))
+    asked = np.ones(len(frac), bool) if queries is None else np.asarray(queries)[order]
+    blocks = _blocks(x[order], owner, num_atoms, offset,
+                     frac_radius[np.arange(len(axis)), axis], np.flatnonzero(asked))
+    return Plan(lattice, num_atoms, offset, radii, frac_radius, _image_counts(frac_radius),
+                order, frac[order], *blocks)
+
+
+def _blocks(x: np.ndarray, owner: np.ndarray, num_atoms: np.ndarray, offset: np.ndarray,
+            reach: np.ndarray, asked: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Query blocks and the cyclic window of atoms within reach of each.
+
+    Args:
+      x: (A,) sorted fractional coordinate of each atom along its structure's axis.
+      owner: (A,) structure of each row; num_atoms, offset: (S,); reach: (S,) R_a
+        along the axis. Any neighbour within the radius differs by at most R_a
+        (cyclically), so the run holds every candidate.
+      asked: (A',) ascending sorted rows of the query atoms.
+    Returns:
+      block_structure, block_atoms (blocks, Q), block_queries, window_start,
+      window_count (blocks,).
+    """
+    asked_per = np.bincount(owner[asked], minlength=len(num_atoms))
+    per = -(-asked_per // QUERY_BLOCK)
+    structure = np.repeat(np.arange(len(num_atoms)), per)
+    first_asked = np.cumsum(asked_per) - asked_per  # into `asked`, per structure
+    first = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * QUERY_BLOCK
+    queries = np.minimum(QUERY_BLOCK, asked_per[structure] - first)
+    last = (first_asked + asked_per - 1)[structure]
+    rows = asked[np.minimum((first_asked[structure] + first)[:, None]
+                            + np.arange(QUERY_BLOCK), last[:, None])]  # (blocks, Q)
+    n = num_atoms[structure]
+    base = offset[structure]
+    lo = x[rows[:, 0]] - reach[structure]
+    hi = x[rows[np.arange(len(rows)), queries - 1]] + reach[structure]
+    keys = owner + x  # ascending: sorted by (structure, x)
+
+    def below(v, side):  # atoms of the cyclic cover below v: floor(v) * n + rank
+        whole = np.floor(v)
+        rank = np.searchsorted(keys, structure + (v - whole), side) - base
+        return whole.astype(np.int64) * n + rank
+
+    start = below(lo, "left")
+    count = below(hi, "right") - start
+    covers_all = (hi - lo >= 1.0) | (count >= n)
     start = np.where(covers_all, 0, start % n)
-    count = np.where(covers_all, n, np.minimum(count, n))
-    count[np.arange(blocks) * block >= n] = 0
-    return start.astype(np.int32), count.astype(np.int32)
+    count = np.where(covers_all, n, count)
+    return structure, (rows - base[:, None]).astype(np.int32), queries, start, count
 
 
 # ----------------------------------------------------------------------------
-# Device side: one structure, then vmapped over a padded batch.
+# Device side: one block of queries, then a loop over groups of vmapped blocks.
 
 
 def _static():
@@ -253,168 +303,302 @@ def _static():
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KnnBatch:
-    """A padded batch of B structures, the device kernel's input (a pytree).
+    """A padded batch of query blocks, the device kernel's input (a pytree).
 
-    Atoms of each structure are sorted along its window axis and packed first; each
-    block of Q = N // blocks consecutive queries has a window of candidate atoms that
-    covers the radius (see `plan`). Array fields lose their leading B axis under vmap.
+    Blocks are laid out (D, P): D devices (1 unsharded), P blocks each; the first
+    num_blocks[d] blocks of row d are real. Each block is Q = QUERY_BLOCK consecutive
+    sorted atoms of one structure; its C = `window` candidate slots are the pairs
+    (window atom w, image m) at slot m * window_count + w.
 
     Attributes:
-      lattice: (B, 3, 3) float32, rows are cell vectors (angstrom).
-      frac: (B, N, 3) float32 fractional positions in [0, 1), padded.
-      num_atoms: (B,) int32 real atoms per structure (the first num_atoms rows).
-      frac_radius: (B, 3) float32 search radius over each interplanar spacing.
-      image_steps: (B, M, 3) int32 offsets added to the first admissible translation.
-      image_mask: (B, M) bool, real offsets.
-      radius: (B,) float32 search radius in angstrom.
-      window_start: (B, blocks) int32 first candidate of each block of queries.
-      window_count: (B, blocks) int32 candidates of each block (<= window).
+      table: (T, 3) float32 sorted fractional positions in [0, 1) of every structure
+        of the call's plan (rows offset ... offset + num_atoms - 1), padded with Q rows.
+      lattice: (D, P, 3, 3) float32 lower-triangular cell rows (angstrom), a rotation
+        of the structure's lattice.
+      frac_radius: (D, P, 3) float32 search radius over each interplanar spacing.
+      radius: (D, P) float32 search radius (angstrom), inflated like frac_radius.
+      image_counts: (D, P, 3) int32 S_a, images per axis.
+      offset: (D, P) int32 table row of the structure's first atom.
+      num_atoms: (D, P) int32 atoms of the structure (>= 1).
+      query_atoms: (D, P, Q) int32 local sorted positions of the block's queries.
+      num_queries: (D, P) int32 real queries of the block (<= Q).
+      window_start: (D, P) int32 local sorted position of the first window atom.
+      window_count: (D, P) int32 window atoms (window_count * images <= C).
+      num_blocks: (D,) int32 real blocks per device row.
       k: neighbours per atom (static).
-      window: W, the candidate window length (static, >= every window_count).
+      window: C, candidate slots per block (static, >= k).
+      group: blocks vmapped per loop step (static, divides P).
     """
 
+    table: jax.Array
     lattice: jax.Array
-    frac: jax.Array
-    num_atoms: jax.Array
     frac_radius: jax.Array
-    image_steps: jax.Array
-    image_mask: jax.Array
     radius: jax.Array
+    image_counts: jax.Array
+    offset: jax.Array
+    num_atoms: jax.Array
+    query_atoms: jax.Array
+    num_queries: jax.Array
     window_start: jax.Array
     window_count: jax.Array
+    num_blocks: jax.Array
     k: int = _static()
     window: int = _static()
+    group: int = _static()
 
 
-def _knn_block(cell: KnnBatch, frac_planes, block):
-    """k-NN of one block of query atoms against its window of candidate atoms.
+_BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms",
+                 "query_atoms",
+                 "window_start", "window_count")
 
-    Coordinates are handled as separate x/y/z planes with the atom axis minor: XLA on
-    CPU vectorises that layout far better than a trailing axis of 3.
+
+def _candidates(table, block, window):
+    """Fractional position, local atom index and image step of each candidate slot.
+
+    Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
+    """
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    slot = jnp.arange(window, dtype=jnp.int32)
+    image = slot // jnp.maximum(count, 1)
+    atom = (start + slot - image * count) % n
+    step = jnp.stack([image // (counts[1] * counts[2]), (image // counts[2]) % counts[1],
+                      image % counts[2]], axis=-1)
+    valid = image < counts[0] * counts[1] * counts[2]
+    return table[offset + atom], atom, step, valid
+
+
+def _knn_block(table, block, k, window):
+    """k-NN of one block of queries against its candidate slots.
 
     Args:
-      cell: one structure of a KnnBatch (no batch axis).
-      frac_planes: (3, N) float32, one row per axis.
-      block: (query_index (Q,) int32, window start () int32, count () int32).
+      table: (T, 3) float32, see KnnBatch.
+      block: one block's fields of _BLOCK_FIELDS (no batch axes).
     Returns:
-      distances (Q, k) float32 ascending, neighbour atom indices (Q, k) int32.
+      distances (Q, k) float32 ascending (+inf beyond the radius), neighbour local
+      sorted index (Q, k) int32, and the retry bound (Q,) float32 (see _retry_bound).
     """
-    query_index, start, count = block
-    lattice, steps, window = cell.lattice, cell.image_steps, cell.window
-    slot = jnp.arange(window, dtype=jnp.int32)
-    neighbour = (start + slot) % cell.num_atoms  # (W,)
-    near = frac_planes[:, neighbour]  # (3, W)
-    # Fractional offset of the first admissible image of every neighbour.
-    first_image = []
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    near, atom, step, valid = _candidates(table, block, window)
+    query = table[offset + query_atom]  # (Q, 3)
+    shift = step.astype(lattice.dtype) @ lattice  # (C, 3) Cartesian image offsets
+    # u_a: fractional offset of the first admissible image (in [-R_a, 1 - R_a)).
+    u = []
     for a in range(3):
-        delta = near[a][None, :] - frac_planes[a][query_index][:, None]  # (Q, W)
-        delta = delta - jnp.round(delta)
-        first_image.append(delta + jnp.ceil(-cell.frac_radius[a] - delta))
-    offsets = steps.astype(lattice.dtype) @ lattice  # (M, 3) Cartesian
-    d2 = 0.0
-    for c in range(3):
-        base = sum(first_image[a] * lattice[a, c] for a in range(3))  # (Q, W)
-        v = base[:, None, :] + offsets[None, :, c, None]  # (Q, M, W)
-        d2 = d2 + v * v
-    # The atom itself is its own image at translation 0: for j == i, delta is
-    # exactly 0, so that is the step -ceil(-R) (integer logic, no float test).
-    self_step = jnp.all(steps == -jnp.ceil(-cell.frac_radius).astype(steps.dtype), axis=-1)
-    is_self = neighbour[None, :] == query_index[:, None]  # (Q, W)
-    is_self = is_self[:, None, :] & self_step[None, :, None]
-    valid = (slot < count)[None, None, :] & cell.image_mask[None, :, None] & ~is_self
-    d2 = jnp.where(valid, d2, jnp.inf).reshape(-1, steps.shape[0] * window)
-    neg_d2, flat = jax.lax.top_k(-d2, cell.k)
-    return jnp.sqrt(-neg_d2), neighbour[flat % window]
+        delta = near[None, :, a] - query[:, None, a]  # (Q, C)
+        u.append(delta + jnp.ceil(-frac_radius[a] - delta))
+    # Lower-triangular rows: x uses all three, y two, z one.
+    x = u[0] * lattice[0, 0] + u[1] * lattice[1, 0] + u[2] * lattice[2, 0] + shift[:, 0]
+    y = u[1] * lattice[1, 1] + u[2] * lattice[2, 1] + shift[:, 1]
+    z = u[2] * lattice[2, 2] + shift[:, 2]
+    raw = d2 = x * x + y * y + z * z
+    # The atom itself is its own image at translation 0: for j == i, delta is exactly
+    # 0, so that is the step -ceil(-R) (integer logic, no float test).
+    self_step = jnp.all(step == -jnp.ceil(-frac_radius).astype(step.dtype), axis=-1)
+    is_self = (atom[None, :] == query_atom[:, None]) & self_step[None, :]
+    # Candidates beyond the radius cannot make a result proven exact; as +inf they
+    # never enter top_k's heap, which is most of its cost (a heap entry costs
+    # ~log k mispredicted comparisons, a rejected candidate one predictable one).
+    d2 = jnp.where(valid[None, :] & ~is_self & (d2 <= radius * radius), d2, jnp.inf)
+    neg_d2, slot = jax.lax.top_k(-d2, k)
+    return jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k))
 
 
-def _knn_structure(cell: KnnBatch):
-    """k-NN for every atom of one padded structure; see knn_kernel for shapes."""
-    num_padded, num_blocks = cell.frac.shape[0], cell.window_start.shape[0]
-    queries = jnp.arange(num_padded, dtype=jnp.int32).reshape(num_blocks, -1)
-    run = functools.partial(_knn_block, cell, cell.frac.T)
-    dist, idx = jax.lax.map(run, (queries, cell.window_start, cell.window_count))
-    dist = dist.reshape(num_padded, cell.k)
-    idx = idx.reshape(num_padded, cell.k)
-    kth = jnp.where(jnp.arange(num_padded) < cell.num_atoms, dist[:, -1], 0.0)
-    exact = jnp.all(kth <= cell.radius)
-    return dist, idx, exact
+def _retry_bound(d2, counts, count, k):
+    """(Q,) a proven upper bound on each query's squared k-th distance, or +inf.
+
+    Slots 0 ... k are k + 1 real points when the block has that many candidates,
+    at most one of them the atom itself (at distance 0): the farthest bounds the
+    k-th neighbour, so a retry with that radius must succeed.
+    """
+    enough = count * counts[0] * counts[1] * counts[2] >= k + 1
+    return jnp.where(enough, jnp.max(d2[:, : k + 1], axis=1), jnp.inf)
 
 
-@jax.jit
+def _kernel_local(batch: KnnBatch):
+    """knn_kernel on the blocks of one device (or all blocks, unsharded)."""
+    devices, per_device = batch.num_queries.shape
+    g, k, q = batch.group, batch.k, QUERY_BLOCK
+    fields = tuple(getattr(batch, name) for name in _BLOCK_FIELDS)
+    one = functools.partial(_knn_block, batch.table, k=k, window=batch.window)
+    run = jax.vmap(jax.vmap(lambda *block: one(block)))
+
+    def step(i, out):
+        part = [jax.lax.dynamic_slice_in_dim(f, i * g, g, axis=1) for f in fields]
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, i * g, axis=1)
+                     for o, r in zip(out, run(*part)))
+
+    out = (jnp.zeros((devices, per_device, q, k), jnp.float32),
+           jnp.zeros((devices, per_device, q, k), jnp.int32),
+           jnp.zeros((devices, per_device, q), jnp.float32))
+    steps = (jnp.max(batch.num_blocks) + g - 1) // g
+    return jax.lax.fori_loop(0, steps, step, out)
+
+
+# LLVM's expensive passes cost a quarter of each compilation and gain nothing
+# measurable on this kernel (same run time on CoRE MOF buckets).
+@functools.partial(jax.jit, compiler_options={"xla_llvm_disable_expensive_passes": True})
 def knn_kernel(batch: KnnBatch):
-    """Exact periodic k-NN for a padded batch of structures (jit + vmap).
+    """Exact periodic k-NN for a padded batch of query blocks.
+
+    A loop steps over groups of `group` blocks (vmapped) and stops after the last
+    real block, so padding blocks cost no compute. When the block fields are sharded
+    along a mesh axis (`data_parallel_sharding`), each device loops over its own
+    blocks against the replicated table (shard_map: no collectives).
 
     Returns:
-      distances (B, N, k) float32 ascending, indices (B, N, k) int32 sorted-order atom
-      index of each neighbour, exact (B,) bool: True when every k-th distance <= radius,
-      which proves the result exact. Rows of padded atoms are meaningless.
+      distances (D, P, Q, k) float32 ascending (+inf beyond the radius), indices
+      (D, P, Q, k) int32: the local sorted position of each neighbour, and a retry
+      bound (D, P, Q) float32 on each k-th distance. Rows of padding are meaningless.
     """
-    return jax.vmap(_knn_structure)(batch)
+    sharding = jax.typeof(batch.num_blocks).sharding
+    axis = sharding.spec[0] if len(sharding.spec) else None
+    if sharding.mesh.empty or axis is None:
+        return _kernel_local(batch)
+    split = jax.sharding.PartitionSpec(axis)
+    specs = dataclasses.replace(jax.tree.map(lambda _: split, batch),
+                                table=jax.sharding.PartitionSpec())
+    return jax.shard_map(_kernel_local, mesh=sharding.mesh, in_specs=(specs,),
+                         out_specs=split, check_vma=False)(batch)
 
 
 # ----------------------------------------------------------------------------
-# Host wrapper: bucket, batch, retry.
+# Host wrapper: bucket blocks, pack calls, collect rows, retry.
 
 
-def _batch_size(atoms: int, window: int, images: int, budget: int, jobs: int, multiple: int) -> int:
-    """Structures per call: about `budget` triples in all, a power of two.
+def merge_rare_buckets(buckets: np.ndarray) -> np.ndarray:
+    """(blocks,) buckets, each rare one (< RARE_BUCKET of the blocks) merged into the
+    next larger common one (or the largest).
 
-    Counting whole structures (not one block) keeps large cells to one or two per
-    call, so a half-empty last batch never pads with many large dummy cells.
+    A compilation (~0.5 s on CPU) costs more than padding a few percent of the
+    blocks to the next size, so a cold run compiles only the common sizes.
     """
-    per_structure = atoms * window * images
-    size = max(1, budget // per_structure)
-    size = min(_next_power_of_two(size + 1) // 2, _next_power_of_two(jobs))
-    return max(multiple, -(-size // multiple) * multiple)
+    sizes, counts = np.unique(buckets, return_counts=True)
+    keep = (counts >= RARE_BUCKET * len(buckets)) | (sizes == sizes[-1])
+    kept = sizes[keep]
+    return kept[np.searchsorted(kept, buckets)]
 
 
-def pack(plans: Sequence[Plan], size: int, bucket: tuple[int, int, int], k: int) -> KnnBatch:
-    """A KnnBatch of `size` structures (numpy arrays): the plans, then empty padding."""
-    atoms, window, images = bucket
-    lattice = np.tile(np.eye(3, dtype=np.float32), (size, 1, 1))
-    frac = np.zeros((size, atoms, 3), np.float32)
-    num_atoms = np.ones((size,), np.int32)  # padding structures: one atom, no queries
-    frac_radius = np.zeros((size, 3), np.float32)
-    steps = np.zeros((size, images, 3), np.int32)
-    step_mask = np.zeros((size, images), bool)
-    radius = np.zeros((size,), np.float32)
-    blocks = atoms // min(QUERY_BLOCK, atoms)
-    window_start = np.zeros((size, blocks), np.int32)
-    window_count = np.zeros((size, blocks), np.int32)
-    for b, p in enumerate(plans):
-        n = len(p.frac)
-        lattice[b] = p.lattice
-        frac[b, :n] = p.frac[p.order]  # wrapped on the host in float64
-        num_atoms[b] = n
-        frac_radius[b] = p.frac_radius
-        steps[b], step_mask[b] = step_table(p.image_counts, images)
-        radius[b] = p.radius
-        window_start[b], window_count[b] = p.window_start, p.window_count
-    return KnnBatch(lattice, frac, num_atoms, frac_radius, steps, step_mask, radius,
-                    window_start, window_count, k=k, window=window)
+def lower_triangular(lattices: np.ndarray) -> np.ndarray:
+    """(S, 3, 3) rotations of lattice rows to lower-triangular form (same distances).
+
+    With L^T = Q R, L Q = R^T: an orthogonal change of Cartesian frame.
+    """
+    _, r = np.linalg.qr(np.swapaxes(lattices, 1, 2))
+    return np.swapaxes(r, 1, 2)
 
 
-def _run_bucket(plans: list[Plan], bucket: tuple[int, int, int], k: int, budget: int,
-                sharding) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Featurise plans that share a bucket; returns rows in caller order per plan."""
-    atoms, window, images = bucket
-    multiple = 1 if sharding is None else sharding.mesh.size
-    size = _batch_size(atoms, window, images, budget, len(plans), multiple)
-    out = []
-    for begin in range(0, len(plans), size):
-        chunk = plans[begin : begin + size]
-        batch = pack(chunk, size, bucket, k)
-        if sharding is not None:
-            batch = jax.device_put(batch, sharding)
-        dist, idx, exact = jax.device_get(knn_kernel(batch))
-        for b, p in enumerate(chunk):
-            n = len(p.frac)
-            rows = np.empty((n, k), np.float32)
-            neighbours = np.empty((n, k), np.int32)
-            rows[p.order] = dist[b, :n]
-            neighbours[p.order] = p.order[idx[b, :n]]
-            out.append((rows, neighbours, bool(exact[b])))
-    return out
+def call_shape(window: int, k: int, budget: int, devices: int) -> tuple[int, int]:
+    """(blocks per call, blocks per loop step) for candidate bucket `window`.
+
+    A call holds at most `budget` triples and CALL_OUTPUTS neighbours; a loop step
+    about STEP_TRIPLES triples. Both are powers of two and the call a multiple of
+    devices * step. Every call of a bucket has this size (padding blocks cost only
+    their share of the outputs), so a bucket compiles once.
+    """
+    per_block = QUERY_BLOCK * window
+    group = _power_of_two_below(min(64, STEP_TRIPLES // per_block))
+    size = _power_of_two_below(min(budget // per_block, CALL_OUTPUTS // (QUERY_BLOCK * k)))
+    return max(size, group * devices), group
+
+
+def _power_of_two_below(n: int) -> int:
+    """Largest power of two <= n, at least 1."""
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int,
+         table: jax.Array, devices: int = 1) -> KnnBatch:
+    """A KnnBatch of `size` block slots: the given plan blocks, then empty padding.
+
+    Block i goes to device row i % devices, so rows differ by at most one block.
+    """
+    per_device = size // devices
+    s = p.block_structure[blocks]
+    slot = np.arange(len(blocks))
+    where = (slot % devices, slot // devices)
+
+    def field(values, fill, dtype, shape=()):
+        out = np.full((devices, per_device) + shape, fill, dtype)
+        out[where] = values
+        return out
+
+    eye = np.eye(3, dtype=np.float32)
+    num_blocks = np.bincount(slot % devices, minlength=devices).astype(np.int32)
+    return KnnBatch(
+        table, field(lower_triangular(p.lattice[s]), eye, np.float32, (3, 3)),
+        field(p.frac_radius[s], 0.0, np.float32, (3,)),
+        field(p.radius[s] * (1.0 + _BOX_SLACK), 0.0, np.float32),
+        field(p.image_counts[s], 1, np.int32, (3,)), field(p.offset[s], 0, np.int32),
+        field(p.num_atoms[s], 1, np.int32), field(p.block_atoms[blocks], 0, np.int32, (QUERY_BLOCK,)),
+        field(p.block_queries[blocks], 0, np.int32), field(p.window_start[blocks], 0, np.int32),
+        field(p.window_count[blocks], 0, np.int32), num_blocks,
+        k=k, window=window, group=group)
+
+
+def _table(p: Plan, rows: int, sharding) -> jax.Array:
+    """The plan's sorted positions as a (rows, 3) float32 device array (replicated)."""
+    table = np.zeros((rows, 3), np.float32)
+    table[: len(p.sorted_frac)] = p.sorted_frac
+    if sharding is None:
+        return jnp.asarray(table)
+    return jax.device_put(table, jax.sharding.NamedSharding(sharding.mesh,
+                                                            jax.sharding.PartitionSpec()))
+
+
+def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-NN of every atom of a plan, in sorted order.
+
+    Args:
+      compiled: candidate buckets earlier passes used; a retry's few blocks go to the
+        smallest of them that fits rather than compile another size. Updated.
+    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
+    and the retry bound (A,) float32 of each atom (see knn_kernel).
+    """
+    devices = 1 if sharding is None else sharding.mesh.size
+    table = _table(p, rows, sharding)
+    buckets = merge_rare_buckets(candidate_bucket(p.block_candidates, k))
+    if compiled:
+        known = np.array(sorted(compiled))
+        fits = np.searchsorted(known, buckets)
+        buckets = np.where(fits < len(known), known[np.minimum(fits, len(known) - 1)], buckets)
+    if compiled is not None:
+        compiled.update(buckets.tolist())
+    calls = []
+    for window in np.unique(buckets):
+        todo = np.flatnonzero(buckets == window)
+        size, group = call_shape(int(window), k, budget, devices)
+        for begin in range(0, len(todo), size):
+            blocks = todo[begin : begin + size]
+            batch = pack(p, blocks, size, int(window), group, k, table, devices)
+            if sharding is not None:
+                batch = jax.device_put(batch, _batch_sharding(batch, sharding))
+            calls.append((blocks, size, knn_kernel(batch)))  # dispatched, not awaited
+    outs = (np.empty((len(p.order), k), np.float32), np.empty((len(p.order), k), np.int32),
+            np.empty((len(p.order),), np.float32))
+    for blocks, size, result in calls:
+        rows, keep, slots = _block_rows(p, blocks, size, devices)
+        for out, got in zip(outs, jax.device_get(result)):
+            out[rows[keep]] = got.reshape((size, QUERY_BLOCK) + out.shape[1:])[slots][keep]
+    return outs
+
+
+def _batch_sharding(batch: KnnBatch, sharding):
+    """The batch's shardings: block fields split over devices, the table replicated."""
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return dataclasses.replace(
+        jax.tree.map(lambda _: sharding, batch), table=replicated)
+
+
+def _block_rows(p: Plan, blocks: np.ndarray, size: int, devices: int):
+    """Where a call's blocks land: sorted rows (blocks, Q) of their queries, the mask
+    of real queries (blocks, Q), and each block's slot in the flattened (D * P) output
+    (`pack` puts block i in device row i % D, column i // D)."""
+    i = np.arange(len(blocks))
+    slots = (i % devices) * (size // devices) + i // devices
+    rows = p.offset[p.block_structure[blocks]][:, None] + p.block_atoms[blocks]
+    keep = np.arange(QUERY_BLOCK) < p.block_queries[blocks][:, None]
+    return rows, keep, slots
 
 
 def featurize_arrays(
@@ -433,9 +617,9 @@ def featurize_arrays(
       fracs: per structure (N, 3) fractional positions.
       k: neighbours per atom (>= 1; may exceed the atoms per cell).
       budget: candidate triples per device call (memory bound).
-      sharding: optional NamedSharding over a 1-D mesh; batches are split over
-        its devices along the structure axis.
-      progress: called with the number of atoms finished after each group.
+      sharding: optional NamedSharding over a 1-D mesh; each call's blocks are
+        split over its devices.
+      progress: called with the number of atoms finished after each pass.
     Returns:
       One Neighbours per structure, each proven exact.
     """
@@ -443,37 +627,67 @@ def featurize_arrays(
         raise errors.FeaturizeError(f"k must be >= 1, got {k}")
     if len(lattices) != len(fracs):
         raise errors.FeaturizeError("lattices and fracs differ in length")
-    pending = []
-    for i, (lattice, frac) in enumerate(zip(lattices, fracs)):
+    for lattice, frac in zip(lattices, fracs):
         validate_cell(lattice, frac)
-        pending.append(plan(i, lattice, frac, k))
-    results: list[Neighbours | None] = [None] * len(pending)
-    while pending:
-        buckets: dict[tuple[int, int, int], list[Plan]] = {}
-        for p in pending:
-            buckets.setdefault(p.bucket, []).append(p)
-        retry = []
-        for bucket, plans in sorted(buckets.items()):
-            for p, (dist, idx, exact) in zip(plans, _run_bucket(plans, bucket, k, budget,
-                                                                sharding)):
-                if exact:
-                    results[p.index] = Neighbours(dist, idx, p.radius)
-                    if progress is not None:
-                        progress(len(p.frac))
-                else:
-                    retry.append(_replan(p, dist, k))
-        pending = retry
-    return results  # type: ignore[return-value]
+    if not lattices:
+        return []
+    sizes = np.array([len(f) for f in fracs], np.int64)
+    out = _Results(sizes, k)
+    # One table size for every pass, so a retry reuses the compiled programs.
+    rows = int(_next_power_of_two(sizes.sum() + QUERY_BLOCK))
+    pending, radii, asked, compiled = np.arange(len(sizes)), None, None, set()
+    while pending.size:
+        p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
+        done, (pending, radii, asked) = out.collect(
+            p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
+        if progress is not None:
+            progress(done)
+    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))
+            for a, n, r in zip(out.starts, sizes, out.radius)]
 
 
-def _replan(p: Plan, dist: np.ndarray, k: int) -> Plan:
-    """Re-plan with the largest k-th distance found: a proven-sufficient radius."""
-    kth = float(np.max(dist[:, -1]))
-    if np.isfinite(kth):
-        radius = max(kth * (1 + 1e-4) + 1e-6, p.radius)
-    else:  # too few candidates in the box: grow it
-        radius = p.radius * 2.0
-    return plan(p.index, p.lattice, p.frac, k, radius=radius)
+class _Results:
+    """Rows of every structure in caller order, filled atom by atom as proven exact."""
+
+    def __init__(self, sizes: np.ndarray, k: int):
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.dist = np.empty((sizes.sum(), k), np.float32)
+        self.idx = np.empty((sizes.sum(), k), np.int32)
+        self.radius = np.zeros(len(sizes))
+
+    def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
+                which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Store the proven-exact atoms of a pass; plan the rest's retry.
+
+        An atom is exact when its own k-th distance is within its structure's radius
+        (every point within the radius was a candidate), whatever its neighbours do.
+
+        Args:
+          dist, idx, bound: run_plan's rows (sorted order; idx a local sorted position).
+          which: (S,) caller index of each plan structure.
+        Returns:
+          atoms stored, and the retry (caller indices, radii, asked atoms) for
+          `plan`: the radius is the failed atoms' proven bound when within
+          RETRY_GROWTH times the radius (that retry must succeed), else RETRY_GROWTH
+          times the radius (which grows geometrically past the bound).
+        """
+        rows = (p.offset[p.block_structure][:, None] + p.block_atoms)[
+            np.arange(QUERY_BLOCK) < p.block_queries[:, None]]
+        owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)[rows]
+        base = p.offset[owner]
+        target = self.starts[which[owner]] + p.order[rows] - base
+        ok = dist[rows, -1] <= p.radius[owner].astype(np.float32)
+        self.dist[target[ok]] = dist[rows[ok]]
+        self.idx[target[ok]] = p.order[base[ok, None] + idx[rows[ok]]] - base[ok, None]
+        self.radius[which] = p.radius
+        proven = np.zeros(len(p.num_atoms))
+        np.maximum.at(proven, owner[~ok], bound[rows[~ok]])
+        failed = np.unique(owner[~ok])
+        radii = np.clip(proven * (1 + 1e-4) + 1e-6, p.radius * 1.01, p.radius * RETRY_GROWTH)
+        asked = np.zeros(p.num_atoms[failed].sum(), bool)
+        new_offset = np.cumsum(p.num_atoms[failed]) - p.num_atoms[failed]
+        asked[new_offset[np.searchsorted(failed, owner[~ok])] + (p.order[rows] - base)[~ok]] = True
+        return int(ok.sum()), (which[failed], radii[failed], asked)
 
 
 def featurize(structures: Sequence[structures_lib.Structure], k: int, **kwargs) -> list[Neighbours]:
@@ -494,10 +708,9 @@ def data_parallel_sharding() -> jax.sharding.NamedSharding | None:
 def enable_compilation_cache(directory: str | None = None) -> str:
     """Keep compiled XLA programs on disk so later runs skip compilation.
 
-    A first featurisation of a few hundred assorted cells spends most of its
-    time compiling (one program per bucket); with the cache a rerun spends a
-    fraction of that. Directory: the argument, $CRYKNN_XLA_CACHE, or
-    ~/.cache/cryknn/xla. Returns the directory used.
+    A first featurisation compiles one small program per candidate bucket in use
+    (a handful); with the cache a rerun skips that. Directory: the argument,
+    $CRYKNN_XLA_CACHE, or ~/.cache/cryknn/xla. Returns the directory used.
     """
     directory = (
         directory
