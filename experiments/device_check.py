@@ -13,8 +13,8 @@ per second after the first (compiling) epoch.
 The lending GPU image has jax, flax, optax, orbax and numpy but no CIF reader (gemmi),
 core-mof or pyxtal: structures then come from --corpus (an .npz written on a CPU
 machine by --write_corpus) or, failing that, a synthetic corpus of random cells with
-CoRE-MOF-like sizes and densities. The toy training path never parses a CIF, so when
-gemmi is missing a stub stands in for it (cryknn.config imports the dataset package).
+CoRE-MOF-like sizes and densities. Neither the featuriser nor the toy training path
+imports the CIF reader.
 """
 
 from __future__ import annotations
@@ -25,45 +25,12 @@ import json
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def stub_gemmi_if_missing() -> bool:
-    """Put a do-nothing `gemmi` in sys.modules when the real one is absent (see above)."""
-    try:
-        import gemmi  # noqa: F401
-        return False
-    except ImportError:
-        pass
-
-    class _Anything:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __call__(self, *args, **kwargs):
-            return _Anything()
-
-        def __getattr__(self, name):
-            return _Anything()
-
-    class _Identity:  # cryknn.structures builds the P1 group from Op("x,y,z") on import
-        def __init__(self, triplet):
-            self.rot = [[24 * (i == j) for j in range(3)] for i in range(3)]
-            self.tran = [0, 0, 0]
-
-    for name in ("gemmi", "gemmi.cif"):
-        module = types.ModuleType(name)
-        module.__getattr__ = lambda attr: _Anything()  # type: ignore[attr-defined]
-        sys.modules[name] = module
-    sys.modules["gemmi"].cif = sys.modules["gemmi.cif"]  # type: ignore[attr-defined]
-    sys.modules["gemmi"].Op = _Identity  # type: ignore[attr-defined]
-    return True
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +151,6 @@ def bench_vesin_cuda(lattices, fracs, k: int) -> dict:
 
 def bench_training(epochs: int, atoms_per_element: int, batch_size: int) -> dict:
     """Steps/s of cryknn's trainer on a toy cache; the first epoch (compiling) apart."""
-    stubbed = stub_gemmi_if_missing()
     import jax
 
     from cryknn import config as config_lib
@@ -193,7 +159,7 @@ def bench_training(epochs: int, atoms_per_element: int, batch_size: int) -> dict
 
     quiet = lambda message: None  # noqa: E731
     with tempfile.TemporaryDirectory() as data_dir:
-        dataset, elements, k = "toy/device_check", (1, 6, 7, 8, 30), 8
+        dataset, elements, k = "toy/device_check", (1, 6, 7, 8, 30), 5
         input_pipeline.write_toy_cache(data_dir, dataset, k, elements,
                                        (atoms_per_element, 200, 200))
         config = config_lib.Config(dataset=dataset, data_dir=data_dir, k=k, num_elements=5,
@@ -209,7 +175,7 @@ def bench_training(epochs: int, atoms_per_element: int, batch_size: int) -> dict
         jax.block_until_ready(trainer.state)
         rest = time.perf_counter() - start
     steps = trainer.steps_per_epoch * (epochs - 1)
-    return {"gemmi_stubbed": stubbed, "model": config.model, "batch_size": batch_size,
+    return {"model": config.model, "batch_size": batch_size,
             "steps_per_epoch": trainer.steps_per_epoch, "first_epoch_s": first,
             "steps_timed": steps, "steps_per_s": steps / rest,
             "atoms_per_s": steps * batch_size / rest}
