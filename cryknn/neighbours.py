@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cryknn import errors
+from cryknn import geometry
 
 if TYPE_CHECKING:  # the CIF reader (gemmi) is not needed to featurise arrays
     from cryknn import structures as structures_lib
@@ -152,11 +153,6 @@ def initial_radius(lattice: np.ndarray, num_atoms, k: int):
     return (3.0 * points * volume / (4.0 * math.pi * np.asarray(num_atoms))) ** (1.0 / 3.0)
 
 
-def interplanar_spacings(lattices: np.ndarray) -> np.ndarray:
-    """(S, 3) plane spacings of (S, 3, 3) lattices: 1 / |column a of the inverse|."""
-    return 1.0 / np.linalg.norm(np.linalg.inv(lattices), axis=1)
-
-
 def _image_counts(frac_radius: np.ndarray) -> np.ndarray:
     """(..., 3) int: floor(2 R_a) + 1 consecutive translations per axis."""
     return np.floor(2.0 * frac_radius).astype(np.int64) + 1
@@ -227,7 +223,7 @@ def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
     frac = np.concatenate(fracs).astype(np.float64)
     frac -= np.floor(frac)
     frac[frac >= 1.0] = 0.0  # -1e-20 - floor(-1e-20) rounds to 1.0
-    spacings = interplanar_spacings(lattice)
+    spacings = geometry.interplanar_spacings(lattice)
     if radii is None:
         radii = initial_radius(lattice, num_atoms, k)
         # Enough images that the candidate count can reach k (matters for N << k).

@@ -26,6 +26,7 @@ from gemmi import cif
 
 from cryknn import elements
 from cryknn import errors
+from cryknn import geometry
 from cryknn import util
 
 
@@ -333,13 +334,6 @@ def _pair_distances_sq(x: np.ndarray, y: np.ndarray, lattice: np.ndarray) -> np.
     return np.einsum("...i,...i->...", cart, cart)
 
 
-def interplanar_spacings(lattice: np.ndarray) -> np.ndarray:
-    """(3,) distances between lattice planes spanned by (b, c), (c, a), (a, b)."""
-    a, b, c = lattice
-    volume = abs(float(np.dot(a, np.cross(b, c))))
-    return volume / np.linalg.norm(np.cross([b, c, a], [c, a, b]), axis=1)
-
-
 def _subset(keep: np.ndarray, i: np.ndarray, j: np.ndarray, d2: np.ndarray):
     """Pairs (i, j, d2) among the atoms in keep (N,), renumbered to the kept atoms."""
     new_index = np.cumsum(keep) - 1
@@ -365,7 +359,7 @@ def _close_pairs(frac: np.ndarray, lattice: np.ndarray, cutoff: float,
     if n < 2 or cutoff <= 0:
         return empty, empty, np.zeros(0)
     if spacing is None:
-        spacing = interplanar_spacings(lattice)
+        spacing = geometry.interplanar_spacings(lattice)
     # Bins at least cutoff wide (in interplanar terms), so a close pair lies in the same
     # or adjacent bins; no more bins than about 2 per atom, so a dense table is cheap.
     bins = np.maximum(np.floor(spacing / cutoff), 1.0)
@@ -862,7 +856,7 @@ def _expand(frac: np.ndarray, rows: np.ndarray, rot: np.ndarray, tran: np.ndarra
     # One neighbour search serves the symmetry merge, disorder and duplicates.
     if rot.shape[0] > 1 or resolve or options.merge_duplicates:
         cutoff = max(options.merge_tolerance, options.overlap_tolerance if resolve else 0.0)
-        i, j, d2 = _close_pairs(atoms.frac, lattice, cutoff, interplanar_spacings(lattice))
+        i, j, d2 = _close_pairs(atoms.frac, lattice, cutoff, geometry.interplanar_spacings(lattice))
     else:
         i = j = np.zeros(0, dtype=np.int64)
         d2 = np.zeros(0)
@@ -937,7 +931,7 @@ def _atoms_of_rows(rows: np.ndarray, frac: np.ndarray, rot: np.ndarray, tran: np
     if rot.shape[0] == 1:
         return int(images.shape[0])
     i, j, d2 = _close_pairs(images, lattice, options.merge_tolerance,
-                            interplanar_spacings(lattice))
+                            geometry.interplanar_spacings(lattice))
     pick = (parent[i] == parent[j]) & (d2 < options.merge_tolerance ** 2)
     return int(_greedy_keep(parent.size, i[pick], j[pick]).sum())
 

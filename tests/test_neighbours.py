@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cryknn import errors
+from cryknn import geometry
 from cryknn import neighbours
 from cryknn import structures
 from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, run_module,
@@ -46,7 +47,7 @@ def assert_neighbours_are_real(lattice, frac, result, queries=None):
     lattice = np.asarray(lattice, np.float64)
     cart = (np.asarray(frac, np.float64) % 1.0) @ lattice
     rows = range(len(frac)) if queries is None else queries
-    spacing = structures.interplanar_spacings(lattice)
+    spacing = geometry.interplanar_spacings(lattice)
     for i in rows:
         for d, j in zip(result.distances[i], result.indices[i]):
             reach = np.ceil(d / spacing).astype(int) + 1
