@@ -150,22 +150,25 @@ class Model:
         if not structures:
             return [], None
         table = atom_table(structures, self.k)
-        probs = self._batched(table, batch_size)
+        probs = self.predict_table(table, batch_size=batch_size)
         if not np.all(np.isfinite(probs)):
             raise errors.ModelError(f"the {self.source} gives non-finite outputs: it is "
                                     f"damaged or diverged in training; retrain it")
         ends = np.cumsum([s.num_atoms for s in structures])
         return np.split(probs, ends[:-1]), table
 
-    def _batched(self, table: input_pipeline.AtomTable, batch_size: int) -> np.ndarray:
-        out, n = [], len(table)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            size = min(batch_size, 1 << max(0, int(len(rows) - 1).bit_length()))
-            padded = np.pad(rows, (0, size - len(rows)), mode="edge")  # few shapes to compile
+    def predict_table(self, table: input_pipeline.AtomTable, rows: np.ndarray | None = None,
+                      batch_size: int = 4096) -> np.ndarray:
+        """(R, C) probabilities of the atoms at `rows` (default: all) of a feature table."""
+        rows = np.arange(len(table)) if rows is None else np.asarray(rows)
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            size = min(batch_size, 1 << max(0, int(len(chunk) - 1).bit_length()))
+            padded = np.pad(chunk, (0, size - len(chunk)), mode="edge")  # few shapes to compile
             inputs = input_pipeline.gather_inputs(table, padded, self.spec)
-            out.append(np.asarray(self._probs(self.saved.params, inputs))[:len(rows)])
-        return np.concatenate(out)
+            out.append(np.asarray(self._probs(self.saved.params, inputs))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
 
     def score(self, structures: Sequence[structures_lib.Structure], *,
               per_atom: bool = False, batch_size: int = 4096) -> Scores:

@@ -267,6 +267,9 @@ class Trainer:
         if mngr.latest_step() is None:
             return False
         self.state, self.history, _ = checkpoints.restore(mngr, self.state, log=log)
+        if self.history:  # the run's clock and atom count carry on from the checkpoint
+            self.train_seconds = self._epoch_start_s = self.history[-1]["train_time_s"]
+            self.trained_atoms = self.history[-1]["step"] * self.config.batch_size
         return True
 
     def fit(self, hooks: Sequence[Hook] = (), until_epoch: int | None = None,

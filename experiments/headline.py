@@ -25,7 +25,8 @@ METRICS = ("accuracy", "balanced_accuracy", "top3_accuracy")
 
 def runs_of(root: Path, model: str) -> list[dict]:
     """metrics.json of <root>/<model>_s<seed> for every finished seed, in seed order."""
-    found = sorted(root.glob(f"{model}_s*"), key=lambda p: int(p.name.rsplit("_s", 1)[1]))
+    seeds = {p: p.name[len(model) + 2:] for p in root.glob(f"{model}_s*") if p.is_dir()}
+    found = sorted((p for p, s in seeds.items() if s.isdigit()), key=lambda p: int(seeds[p]))
     return [m for m in (common.load_json(p / "metrics.json") for p in found) if m]
 
 

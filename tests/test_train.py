@@ -133,6 +133,9 @@ def test_train_and_evaluate_writes_reports_and_resumes(data_dir, tmp_path, capsy
     out = capsys.readouterr().out
     assert "resumed from" in out and "atoms/s" not in out
     assert again["test"]["accuracy"] == pytest.approx(test["accuracy"])
+    # ... and reports the run's training time and rate, not this call's zero.
+    assert again["timing"]["train_s"] == pytest.approx(saved["timing"]["train_s"], rel=0.05)
+    assert again["timing"]["train_s"] > 0 and again["timing"]["train_atoms_per_s"] > 0
 
     # Different run-defining flags in the same workdir: refused with one line.
     with pytest.raises(errors.ConfigError, match="k=5"):
