@@ -4,6 +4,8 @@ Workdir layout:
   config.json        the run definition: flags, resolved elements, input scaling, dataset
                      build; what prediction needs to rebuild the model
   checkpoints/<step>/  orbax: train state and per-epoch history (resume from the latest)
+  model/             the params-only export (`export`; what `load_trained` reads first)
+  .lock              `WorkdirLock`: one run per workdir at a time
 
 A workdir holds one run. Resuming with a flag that defines the run changed, or with
 checkpoints whose run definition is unknown (config.json missing), is refused.

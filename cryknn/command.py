@@ -69,6 +69,9 @@ def _call(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     except errors.UserError as e:
         print(f"error: {util.one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a read-only --data_dir: the system's words suffice
+        print(f"error: {util.one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -50,7 +50,7 @@ class Config:
     width: int | None = _field(None, "Hidden width of the mlp and graph models (default: 128 "
                                "for mlp, 64 for graph).", defines_run=True)
     depth: int = _field(2, "mlp: residual blocks.", defines_run=True)
-    dropout: float = _field(0.1, "mlp: dropout rate in [0, 1).", defines_run=True)
+    dropout: float = _field(0.1, "mlp and graph: dropout rate in [0, 1).", defines_run=True)
     input_map: str = _field("raw", "mlp: input features, raw (the distances) or "
                             "inverse_log_diff ([1/d, log d, d[i+1]-d[i]]).", defines_run=True)
     hops: int = _field(2, "graph: message-passing rounds over the periodic k-NN graph; each "

@@ -87,7 +87,7 @@ def stats_command(FLAGS) -> None:
     stats = datasets.element_stats(FLAGS.dataset, FLAGS.data_dir)
     print(datasets.format_stats(stats, FLAGS.top))
     out = FLAGS.out or os.path.join(stats["data_dir"], "element_stats.png")
-    datasets.plot_stats(stats, out)
+    datasets.plot_stats(stats, out, top=FLAGS.top or 40)
     print(f"chart: {out}")
 
 

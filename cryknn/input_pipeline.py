@@ -114,7 +114,8 @@ class AtomTable:
                                            ).astype(np.int32),
             atomic_number=np.concatenate(numbers).astype(np.int32),
             structure_index=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
-            site_label=np.concatenate([np.asarray(x).astype(np.bytes_) for x in labels]),
+            site_label=np.concatenate([np.char.encode(np.asarray(x, dtype=str), "utf-8")
+                                       for x in labels]),
             structure_id=np.asarray([str(i) for i in ids], dtype=str),
         )
 
@@ -373,6 +374,11 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
     if limit is not None:
         log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "
             f"rebuild it without --limit for real results")
+    if config.neighbour_elements and not config.dataset.startswith("crystal_structures/core_mof"):
+        log(f"note: {config.dataset} does not record which atoms are symmetry copies of one "
+            f"site, so masked-atom training hides only the atom itself and its images; "
+            f"unless its CIFs are P1, copies of the atom's own site show its element and "
+            f"its metrics are optimistic")
     tables = {split: load_features(config.dataset, split, config.k,
                                    fingerprint=record["fingerprint"], data_dir=config.data_dir,
                                    process_index=process_index, process_count=process_count,

@@ -126,7 +126,7 @@ class ResidualBlock(nn.Module):
 
 
 class MLPModel(nn.Module):
-    """Residual MLP on standardised `input_map` features (the default model).
+    """Residual MLP on standardised `input_map` features of the atom's own distances.
 
     input_mean / input_std: (F,) statistics of `input_map(distances, input_map)` on the
     training set (F = k for 'raw', 3k - 1 for 'inverse_log_diff'), stored with the trained
@@ -274,7 +274,8 @@ def needs_input_statistics(config: Any) -> bool:
 def create_model(config: Any, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
     """The model `config.model` for num_classes classes.
 
-    input_stats: (mean, std) of the mlp's input features on the training set
+    input_stats: (mean, std) of the model's input features (the mlp's, or every graph
+    node's k distances) on the training set
     (`input_statistics`); identity scaling when None (tests, structure-only uses).
     """
     check_model_config(config)

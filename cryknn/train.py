@@ -18,6 +18,9 @@ Workdir after a run (see also `cryknn.checkpoints`):
   confusion_matrix.png        row-normalised, element symbols on the axes (test split)
   training_curves.png         loss and accuracies per epoch
   misclassifications.csv      every wrongly predicted test atom
+  metrics.jsonl, tensorboard/ one line / summary per epoch (losses, accuracies, lr, atoms/s)
+  model/                      the trained model, parameters only (`cryknn.saved_model`)
+  .lock                       held while a run uses the workdir
 """
 
 from __future__ import annotations

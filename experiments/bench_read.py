@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryknn import structures
+from cryknn import errors, structures
 
 DEFAULT_COD = Path(__file__).resolve().parents[2] / "shared" / "data" / "cod"
 
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         try:
             datasets[f"core_mof_{args.core_mof_version}"] = load_core_mof(
                 args.core_mof_version, args.core_mof_limit)
-        except structures.DataNotFoundError as err:
+        except errors.DataNotFoundError as err:
             print(f"note: {err}; CoRE MOF left out")
     if not datasets:
         print("error: no input data", file=sys.stderr)

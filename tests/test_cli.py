@@ -64,6 +64,13 @@ def test_user_errors_and_interrupts_become_exit_codes(capsys):
     assert command._call(interrupted, ["x"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
+    def cannot_write(argv):
+        open("/proc/no/such/file", "w")
+
+    assert command._call(cannot_write, ["x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/proc/no/such/file" in err and err.count("\n") == 1
+
 
 def test_looping_and_dangling_links_are_reported_not_fatal(tmp_path):
     (tmp_path / "good.cif").write_text(NACL_CIF)

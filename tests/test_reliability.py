@@ -1,6 +1,7 @@
 """Broken models are never passed as plausible, damaged or foreign workdirs are refused or
 worked around with a note, two runs never share a workdir, absurd input is flagged."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -110,6 +111,24 @@ def test_json_outputs_are_always_valid_json(tmp_path):
     path = tmp_path / "m.json"
     util.write_json(path, {"loss": float("nan"), "history": [{"x": float("inf")}, 1.5]})
     assert json.loads(path.read_text()) == {"loss": None, "history": [{"x": None}, 1.5]}
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result is readable by
+    others as a plain open() would make it (0666 less the umask)."""
+    path = tmp_path / "m.json"
+    util.write_json(path, {})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_non_ascii_site_labels_are_kept():
+    """Labels are text; one outside ASCII (e.g. U+FFFD from a damaged record) is kept."""
+    s = structures.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0], [0.5, 0.5, 0.5]], [6, 8])
+    s = dataclasses.replace(s, labels=np.asarray(["C1\u00b4", "O\ufffd"]))
+    table = scoring.atom_table([s], k=3)
+    assert [label.decode("utf-8") for label in table.site_label] == ["C1\u00b4", "O\ufffd"]
 
 
 @pytest.mark.parametrize("args,expect", [(["--batch_size=0"], "batch_size"),

@@ -110,8 +110,9 @@ def read_skips(dataset_dir: str) -> list[tuple[str, str, str]] | None:
 
 def _check_build_info(builder, manual_dir: str | None, limit: int | None,
                       read_options: Any) -> None:
-    """Refuse to reuse a cif_dir build made from another folder, a limited build, or one
-    read with other reading policies."""
+    """Refuse to reuse a cif_dir build made from another folder, a build with another
+    explicit limit (limit=None reuses any build; training announces a partial one), or
+    one read with other reading policies."""
     info = read_build_info(builder.data_dir)
     if not info:
         return
