@@ -37,6 +37,8 @@ headline() {
     python -m cryknn.main --model=mlp --k=20 --epochs=112 --seed="$s" \
       --workdir="$ROOT/equal_time/core_mof/mlp_k20_e112_s$s"
   done
+  python experiments/headline.py --workroot="$ROOT/equal_time/core_mof" \
+    --models=mlp_k20_e56,mlp_k20_e112
   # A held-out evaluation never tuned on: each model of seed 0 on the COD structures.
   python experiments/heldout.py --workdir="$ROOT/default/graph_s0" --json="$ROOT/heldout_cod.json"
   for m in mlp two_stage masked; do
