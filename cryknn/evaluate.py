@@ -97,6 +97,76 @@ def monitor_metrics(probs: np.ndarray, labels: np.ndarray, support: np.ndarray) 
             "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0}
 
 
+# ----------------------------------------------------------------------------
+# Family-bootstrap intervals: resample whole near-copy groups, since atoms of one structure
+# (and structures of one group) are not independent.
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def group_codes(groups: Sequence[str]) -> np.ndarray:
+    """(A,) int64 code of each atom's group name, codes 0..G-1 in sorted-name order."""
+    return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].reshape(-1)
+
+
+def bootstrap_weights(num_groups: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> np.ndarray:
+    """(R, G) int64 how often each group is drawn in each resample (G draws with
+    replacement). The same (G, R, seed) give the same draws: models compared on the same
+    atoms share their resamples (a paired bootstrap)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_groups, np.full(num_groups, 1.0 / num_groups), size=resamples)
+
+
+def resampled_confusions(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray,
+                         num_classes: int, weights: np.ndarray) -> np.ndarray:
+    """(R, C, C) confusion matrices of the resamples: labels, predicted (A,) class indices,
+    groups (A,) codes 0..G-1, weights (R, G) from `bootstrap_weights`."""
+    num_groups = weights.shape[1]
+    cells = (np.asarray(groups, np.int64) * num_classes + labels) * num_classes + predicted
+    per_group = np.bincount(cells, minlength=num_groups * num_classes * num_classes)
+    per_group = per_group.reshape(num_groups, num_classes * num_classes).astype(np.float64)
+    return (weights.astype(np.float64) @ per_group).reshape(-1, num_classes, num_classes)
+
+
+def accuracies(cms: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy and balanced accuracy (mean recall over the classes present) of each (C, C)
+    confusion matrix in (R, C, C)."""
+    support = cms.sum(axis=2)
+    tp = np.diagonal(cms, axis1=1, axis2=2)
+    present = support > 0
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    return {"accuracy": tp.sum(axis=1) / np.maximum(cms.sum(axis=(1, 2)), 1),
+            "balanced_accuracy": recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1)}
+
+
+def interval(values: np.ndarray, level: float = BOOTSTRAP_LEVEL) -> list[float]:
+    """[low, high] percentile interval of bootstrap values."""
+    tail = (1.0 - level) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str],
+                        num_classes: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0) -> dict:
+    """95 % family-bootstrap intervals of accuracy and balanced accuracy.
+
+    labels (A,), probs (A, C), groups (A,) the near-copy group (or family) of each atom's
+    structure: the groups are resampled with replacement, `resamples` times.
+    """
+    codes = group_codes(groups)
+    num_groups = int(codes.max()) + 1 if codes.size else 0
+    if num_groups == 0:
+        return {}
+    weights = bootstrap_weights(num_groups, resamples, seed)
+    values = accuracies(resampled_confusions(np.asarray(labels), np.argmax(probs, axis=-1),
+                                             codes, num_classes, weights))
+    return {"level": BOOTSTRAP_LEVEL, "resamples": resamples, "groups": num_groups,
+            "unit": "near-copy group of families",
+            **{name: interval(v) for name, v in values.items()}}
+
+
 def most_confused_pairs(cm: np.ndarray, symbols: Sequence[str], n: int) -> list[dict]:
     """The n largest off-diagonal cells: true, predicted, count, fraction of the true row."""
     off = np.asarray(cm).copy()
@@ -209,3 +279,51 @@ def write_misclassifications(path: str, structure_ids: np.ndarray, site_labels: 
                         label.decode("utf-8") if isinstance(label, bytes) else label,
                         symbols[y_true[i]], symbols[pred[i]], f"{probs[i, pred[i]]:.4f}"])
     return len(wrong)
+
+
+def write_predictions(path: str, groups: np.ndarray, structure_ids: np.ndarray,
+                      site_labels: np.ndarray, y_true: np.ndarray, probs: np.ndarray,
+                      symbols: Sequence[str]) -> None:
+    """test_predictions.npz: per test atom its group, structure id, site label, true and
+    predicted class and p(true); `elements` the class order. Two runs on one dataset build
+    list the same atoms in the same order, so they compare atom by atom (paired)."""
+    pred = np.argmax(probs, axis=-1)
+    with util.atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(
+            tmp, group=np.asarray(groups, dtype=str), structure_id=np.asarray(structure_ids,
+                                                                               dtype=str),
+            site_label=np.asarray(site_labels), label=np.asarray(y_true, np.int16),
+            predicted=pred.astype(np.int16),
+            p_true=probs[np.arange(len(pred)), y_true].astype(np.float32) if len(pred)
+            else np.zeros(0, np.float32),
+            elements=np.asarray(symbols, dtype=str))
+
+
+def paired_difference(a: dict, b: dict, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> dict:
+    """Paired family bootstrap of B - A on the same atoms: a, b are loaded
+    test_predictions.npz contents (dicts of arrays). Returns per metric A, B, B - A and the
+    95 % interval of B - A (same resamples for both), and whether it excludes 0."""
+    if not (np.array_equal(a["structure_id"], b["structure_id"])
+            and np.array_equal(a["label"], b["label"])):
+        raise ValueError("the two runs did not predict the same atoms (another dataset build, "
+                         "k or element list?)")
+    codes = group_codes(a["group"])
+    num_groups = int(codes.max()) + 1
+    labels = a["label"].astype(np.int64)
+
+    def values(run: dict, weights: np.ndarray) -> dict[str, np.ndarray]:
+        return accuracies(resampled_confusions(labels, run["predicted"].astype(np.int64),
+                                               codes, len(a["elements"]), weights))
+
+    once = np.ones((1, num_groups), np.int64)  # every group once: the point estimate
+    draws = bootstrap_weights(num_groups, resamples, seed)
+    point_a, point_b, boot_a, boot_b = (values(a, once), values(b, once), values(a, draws),
+                                        values(b, draws))
+    out = {}
+    for name in ("accuracy", "balanced_accuracy"):
+        low, high = interval(boot_b[name] - boot_a[name])
+        out[name] = {"a": float(point_a[name][0]), "b": float(point_b[name][0]),
+                     "difference": float(point_b[name][0] - point_a[name][0]),
+                     "interval": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
+    return out

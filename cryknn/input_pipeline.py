@@ -31,6 +31,8 @@ import numpy as np
 from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
+from cryknn import families
+from cryknn import nearcopies
 from cryknn import parallel
 from cryknn import util
 
@@ -39,6 +41,9 @@ TOY_PREFIX = "toy/"
 TOY_FINGERPRINT = "synthetic"
 _TABLE_FIELDS = ("distances", "neighbour_index", "atomic_number", "structure_index",
                  "site_label", "structure_id")
+# Same-element atoms closer than this (angstrom) are one site: left-over disorder (two
+# positions of one atom) must not show an atom its own element in masked-atom mode.
+COINCIDENT_SITE_DISTANCE = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +58,10 @@ class AtomTable:
       structure_index: (A,) int32 row of `structure_id` each atom belongs to.
       site_label: (A,) bytes CIF site label of each atom.
       structure_id: (S,) str ids `<file stem>:<block>`.
-      site: (A,) int64 the site each atom stands for, numbered across the table (its
-        symmetry copies share it), or None: every atom its own site (P1 data). Masked-atom
-        inputs hide the elements of every atom of the same site. Not cached.
+      site: (A,) int64 the site each atom stands for, numbered across the table: its
+        symmetry copies (one CIF atom-site row) and same-element atoms closer than
+        COINCIDENT_SITE_DISTANCE share it; or None: every atom its own site (toy data).
+        Masked-atom inputs hide the elements of every atom of the same site.
     """
 
     distances: np.ndarray
@@ -86,29 +92,35 @@ class AtomTable:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        arrays = {name: getattr(self, name) for name in _TABLE_FIELDS}
+        if self.site is not None:
+            arrays["site"] = self.site
         with util.atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, **{name: getattr(self, name) for name in _TABLE_FIELDS})
+            np.savez(tmp, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "AtomTable":
         try:
             with np.load(path) as f:
-                return cls(**{name: f[name] for name in _TABLE_FIELDS})
+                return cls(**{name: f[name] for name in _TABLE_FIELDS},
+                           site=f["site"] if "site" in f.files else None)
         except (OSError, KeyError, ValueError) as e:
             raise errors.DataFormatError(f"feature cache {path} is unreadable ({e}); delete "
                                          f"it to recompute") from None
 
     @classmethod
-    def from_structures(cls, ids, numbers, labels, distances, indices, k: int) -> "AtomTable":
-        """A table from per-structure lists: ids (S,); numbers, labels (N_s,) and distances,
-        indices (N_s, k) per structure, indices into the structure's own atoms."""
+    def from_structures(cls, ids, numbers, labels, distances, indices, k: int,
+                        site_index=None) -> "AtomTable":
+        """A table from per-structure lists: ids (S,); numbers, labels, site_index (N_s,)
+        and distances, indices (N_s, k) per structure, indices into the structure's own
+        atoms. site_index None: every atom its own site."""
         counts = np.asarray([len(z) for z in numbers], np.int64)
         offsets = np.cumsum(counts) - counts
         if not ids:
             return cls(np.zeros((0, k), np.float32), np.zeros((0, k), np.int32),
                        np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, "S1"),
                        np.zeros(0, str))
-        return cls(
+        table = cls(
             distances=np.concatenate(distances).astype(np.float32),
             neighbour_index=np.concatenate([i + o for i, o in zip(indices, offsets)]
                                            ).astype(np.int32),
@@ -118,6 +130,33 @@ class AtomTable:
                                        for x in labels]),
             structure_id=np.asarray([str(i) for i in ids], dtype=str),
         )
+        if site_index is None:
+            site_index = [np.arange(n) for n in counts]
+        return dataclasses.replace(table, site=table_sites(table, site_index))
+
+
+def table_sites(table: AtomTable, site_index) -> np.ndarray:
+    """(A,) int64 site of every atom of `table`, numbered across the table.
+
+    site_index: per structure, (N_s,) CIF atom-site row of each atom (symmetry copies
+    share it). Same-element atoms closer than COINCIDENT_SITE_DISTANCE (read from the
+    table's k-NN) join one site.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = [np.unique(np.asarray(s, np.int64), return_inverse=True)[1] for s in site_index]
+    sizes = np.asarray([int(r.max()) + 1 if r.size else 0 for r in rows], np.int64)
+    site = np.concatenate([r + o for r, o in zip(rows, np.cumsum(sizes) - sizes)])
+    i, j = np.nonzero(table.distances < COINCIDENT_SITE_DISTANCE)
+    other = table.neighbour_index[i, j]
+    same = table.atomic_number[i] == table.atomic_number[other]
+    if not same.any():
+        return site
+    n = int(sizes.sum())
+    a, b = site[i[same]], site[other[same]]
+    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)[site]
 
 
 # ----------------------------------------------------------------------------
@@ -169,14 +208,15 @@ def find_cache(data_dir, dataset, fingerprint, k, split, process_index=0,
 def featurize_examples(examples: Iterable[dict], k: int, *,
                        progress: Callable[[int], None] | None = None,
                        chunk: int = 4096) -> AtomTable:
-    """k-NN features of dataset examples (dicts with id, lattice, frac, numbers, labels).
+    """k-NN features of dataset examples (dicts with id, lattice, frac, numbers, labels and,
+    when the dataset records it, site_index).
 
     Structures go to the featuriser `chunk` at a time: large enough for full device batches
     of each size bucket, small enough to bound memory on huge datasets.
     """
     from cryknn import neighbours  # JAX: only where features are computed
 
-    ids, numbers, labels, distances, indices = [], [], [], [], []
+    ids, numbers, labels, distances, indices, sites = [], [], [], [], [], []
     for batch in util.chunked((ex for ex in examples if len(ex["numbers"])), chunk):
         found = neighbours.featurize_arrays(
             [np.asarray(ex["lattice"], np.float64) for ex in batch],
@@ -187,7 +227,8 @@ def featurize_examples(examples: Iterable[dict], k: int, *,
             labels.append(np.asarray([_text(s) for s in ex["labels"]]))
             distances.append(nb.distances)
             indices.append(nb.indices)
-    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k)
+            sites.append(ex.get("site_index", np.arange(len(ex["numbers"]))))
+    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k, sites)
 
 
 def _text(x) -> str:
@@ -359,6 +400,27 @@ class PreparedData:
     class_weights: np.ndarray  # (C,) float32
     dataset: dict  # {'fingerprint', 'build_info'} of the dataset build
     load_seconds: float
+    groups: dict = dataclasses.field(default_factory=dict)  # structure id -> near-copy group
+
+    def group_names(self, atoms: LabelledAtoms) -> np.ndarray:
+        """(A,) str the near-copy group (else the family) of each selected atom's structure:
+        the unit a family bootstrap resamples."""
+        per_structure = np.asarray([self.groups.get(sid) or families.family_of(sid)
+                                    for sid in atoms.table.structure_id.tolist()], dtype=str)
+        return per_structure[atoms.table.structure_index[atoms.rows]]
+
+
+def structure_groups(dataset: str, data_dir: str | None) -> dict[str, str]:
+    """{structure id: near-copy group} from the build's splits.csv; {} where there is none
+    (toy data, builds before 1.1.0)."""
+    if dataset.startswith(TOY_PREFIX):
+        return {}
+    from cryknn import datasets
+
+    path = os.path.join(datasets.dataset_dir(dataset, data_dir), nearcopies.SPLITS_CSV)
+    if not os.path.isfile(path):
+        return {}
+    return {row["structure_id"]: row["group"] for row in nearcopies.read_splits_csv(path)}
 
 
 def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log) -> PreparedData:
@@ -374,11 +436,6 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
     if limit is not None:
         log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "
             f"rebuild it without --limit for real results")
-    if config.neighbour_elements and not config.dataset.startswith("crystal_structures/core_mof"):
-        log(f"note: {config.dataset} does not record which atoms are symmetry copies of one "
-            f"site, so masked-atom training hides only the atom itself and its images; "
-            f"unless its CIFs are P1, copies of the atom's own site show its element and "
-            f"its metrics are optimistic")
     tables = {split: load_features(config.dataset, split, config.k,
                                    fingerprint=record["fingerprint"], data_dir=config.data_dir,
                                    process_index=process_index, process_count=process_count,
@@ -409,7 +466,8 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
                                                                config.class_weighting),
         validation_support=parallel.global_sum(
             np.bincount(splits["validation"].labels, minlength=num_classes)),
-        dataset=record, load_seconds=time.time() - start, **splits)
+        dataset=record, load_seconds=time.time() - start,
+        groups=structure_groups(config.dataset, config.data_dir), **splits)
 
 
 def _labelled(table: AtomTable, rows: np.ndarray, labels: np.ndarray) -> LabelledAtoms:

@@ -99,7 +99,8 @@ def save(folder: str, run: dict, params: Any, *, metrics: dict | None = None,
 def _headline(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    keep = ("num_atoms", "accuracy", "balanced_accuracy", "top3_accuracy", "per_element")
+    keep = ("num_atoms", "accuracy", "balanced_accuracy", "top3_accuracy", "per_element",
+            "intervals")
     return {key: metrics["test"][key] for key in keep if key in metrics["test"]}
 
 

@@ -361,6 +361,9 @@ class Trainer:
         probs = self.probs(atoms)
         metrics, cm = evaluate.split_metrics(probs, atoms.labels, self.data.symbols)
         metrics["majority_baseline"] = evaluate.majority_baseline(self.data.train_counts, cm)
+        # Over this process's atoms: with several processes, each has its own structures.
+        metrics["intervals"] = evaluate.bootstrap_intervals(
+            atoms.labels, probs, self.data.group_names(atoms), len(self.data.symbols))
         return metrics, probs, cm
 
 
@@ -432,6 +435,10 @@ def write_reports(workdir: str, trainer: Trainer, results: dict, timing: dict,
     test = data.test
     evaluate.write_misclassifications(
         os.path.join(workdir, f"misclassifications{suffix}.csv"),
+        test.table.atom_structure_ids(test.rows), test.table.site_label[test.rows],
+        test.labels, test_probs, data.symbols)
+    evaluate.write_predictions(
+        os.path.join(workdir, f"test_predictions{suffix}.npz"), data.group_names(test),
         test.table.atom_structure_ids(test.rows), test.table.site_label[test.rows],
         test.labels, test_probs, data.symbols)
     metrics = {

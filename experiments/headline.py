@@ -5,8 +5,11 @@
 
 Reads <workroot>/<model>_s<seed>/metrics.json (as experiments/reproduce.sh writes them) and
 prints, per model, test accuracy, balanced accuracy and top-3 accuracy (mean, standard
-deviation and per seed), training time, the majority-class baseline, and for the first
-model its per-element test recall and most confused pairs.
+deviation and per seed), each seed's 95 % family-bootstrap interval of balanced accuracy,
+training time, the majority-class baseline, and for the first model its per-element test
+recall and most confused pairs. Then every other model against the first, paired: the same
+test atoms and the same bootstrap resamples of near-copy groups (test_predictions.npz of
+runs with the same seed), with the 95 % interval of the difference.
 """
 
 from __future__ import annotations
@@ -36,8 +39,31 @@ def model_row(model: str, runs: Sequence[dict]) -> dict:
         values = [r["test"][m] for r in runs]
         row[m], row[f"{m}_std"] = common.mean_std(values)
         row[f"{m}_runs"] = " / ".join(f"{v:.3f}" for v in values)
+    row["balanced_accuracy_95"] = " / ".join(
+        "[{:.3f}, {:.3f}]".format(*r["test"]["intervals"]["balanced_accuracy"])
+        for r in runs if r["test"].get("intervals"))
     row["train_s"] = float(np.mean([r["timing"]["train_s"] for r in runs]))
     return row
+
+
+def paired_rows(root: Path, first: str, others: Sequence[str]) -> list[dict]:
+    """Each other model against `first` on the same test atoms, seed by seed."""
+    from cryknn import evaluate
+
+    rows = []
+    for model in others:
+        for base in sorted(root.glob(f"{first}_s*")):
+            seed = base.name[len(first) + 2:]
+            a, b = base / "test_predictions.npz", root / f"{model}_s{seed}" / "test_predictions.npz"
+            if not (a.is_file() and b.is_file()):
+                continue
+            with np.load(a) as fa, np.load(b) as fb:
+                diff = evaluate.paired_difference(dict(fa), dict(fb))["balanced_accuracy"]
+            rows.append({"model": model, "against": first, "seed": seed,
+                         "difference": diff["difference"],
+                         "interval_95": "[{:+.3f}, {:+.3f}]".format(*diff["interval"]),
+                         "excludes_0": diff["excludes_zero"]})
+    return rows
 
 
 def per_element(runs: Sequence[dict]) -> list[dict]:
@@ -72,7 +98,8 @@ def main(argv: Sequence[str]) -> int:
     baseline = first[0]["majority_baseline"]
     print(common.markdown_table(
         rows, ["model", "seeds", "epochs", "accuracy", "balanced_accuracy",
-               "balanced_accuracy_std", "balanced_accuracy_runs", "top3_accuracy", "train_s"]))
+               "balanced_accuracy_std", "balanced_accuracy_runs", "balanced_accuracy_95",
+               "top3_accuracy", "train_s"]))
     print(f"majority baseline: accuracy {baseline['accuracy']:.3f}, balanced accuracy "
           f"{baseline['balanced_accuracy']:.3f}, top-3 {baseline['top3_accuracy']:.3f}")
     recalls = per_element(first)
@@ -80,9 +107,15 @@ def main(argv: Sequence[str]) -> int:
     cm = sum(np.asarray(r["test"]["confusion_matrix"]["counts"]) for r in first)
     pairs = evaluate.most_confused_pairs(cm, first[0]["elements"], 8)
     print(common.markdown_table(pairs, ["true", "predicted", "count", "fraction_of_true"]))
+    paired = paired_rows(root, models[0], models[1:])
+    if paired:
+        print("paired differences in test balanced accuracy (same atoms, same resamples):")
+        print(common.markdown_table(paired, ["model", "against", "seed", "difference",
+                                             "interval_95", "excludes_0"]))
     if FLAGS.json:
         common.write_json(FLAGS.json, {"rows": rows, "baseline": baseline,
-                                       "per_element": recalls, "most_confused": pairs})
+                                       "per_element": recalls, "most_confused": pairs,
+                                       "paired": paired})
     return 0
 
 

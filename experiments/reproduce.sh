@@ -4,7 +4,7 @@
 # and started again. On a 2-core CPU the whole of it takes many hours: run the parts you
 # need, e.g. `experiments/reproduce.sh headline`.
 #
-#   experiments/reproduce.sh [headline|pretrained|sweeps|cod|all]
+#   experiments/reproduce.sh [split|headline|pretrained|sweeps|cod|all]
 #
 # Outputs go to $CRYKNN_EXPERIMENTS (default /tmp/cryknn_experiments); figures to
 # docs/figures/. The embedded dataset is built in the default TFDS data dir on first use.
@@ -14,6 +14,12 @@ ROOT=${CRYKNN_EXPERIMENTS:-/tmp/cryknn_experiments}
 COD=${COD:-../shared/data/cod}
 SEEDS="0 1 2"
 what=${1:-all}
+
+split() {
+  # The near-copy split (issue 17): test structures with a same-composition, same-density
+  # structure in train or validation, under the family rule and under the build's groups.
+  python experiments/split_audit.py --json=docs/runs/split_audit.json
+}
 
 headline() {
   # Model choices at a reduced budget, 3 seeds each, chosen on validation.
@@ -78,10 +84,11 @@ cod() {
 }
 
 case "$what" in
+  split) split ;;
   headline) headline ;;
   pretrained) pretrained ;;
   sweeps) sweeps ;;
   cod) cod ;;
-  all) headline; pretrained; sweeps; cod ;;
-  *) echo "error: unknown part $what (headline, pretrained, sweeps, cod or all)" >&2; exit 2 ;;
+  all) split; headline; pretrained; sweeps; cod ;;
+  *) echo "error: unknown part $what (split, headline, pretrained, sweeps, cod or all)" >&2; exit 2 ;;
 esac

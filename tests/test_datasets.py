@@ -19,6 +19,7 @@ from cryknn import datasets
 from cryknn import errors
 from cryknn import families
 from cryknn import structures
+from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
 from tests.conftest import error_lines, make_cif, run_module, symmetry_ops
 
@@ -74,9 +75,9 @@ def write_cif_folder(root, splits=families.SPLITS):
         ref = _refcode_in(split)
         files[f"{ref}_clean.cif"] = _cif(ref, [("Na1", "Na", 0, 0, 0), ("Cl1", "Cl", 0.5, 0.5, 0.5)],
                                          a=5.64 + k, b=5.64, c=5.64)
-        files[os.path.join("sub", f"{ref}01_charged.cif")] = _cif(
+        files[os.path.join("sub", f"{ref}01_charged.cif")] = _cif(  # cells apart: no near-copies
             f"{ref}01", [("Zn1", "Zn", 0.1, 0.2, 0.3), ("O1", "O", 0.25, 0.1, 0.4)],
-            ops=["x,y,z", "-x,-y,-z"])
+            a=5.0 + 0.6 * k, ops=["x,y,z", "-x,-y,-z"])
     train_ref = _refcode_in("train", start=200)
     # two blocks in one file
     files[os.path.join("sub", "deeper", f"{train_ref}.cif")] = (
@@ -115,7 +116,7 @@ def cif_build(tmp_path_factory):
 
 
 def _dataset_dir(data_dir, config):
-    return os.path.join(data_dir, "crystal_structures", config, "1.0.0")
+    return os.path.join(data_dir, "crystal_structures", config, names.VERSION)
 
 
 def test_cif_dir_round_trip(cif_build):

@@ -228,6 +228,16 @@ def summarize_build(dataset_dir: str, top: int = 12) -> str:
         per_split = ", ".join(f"{s} {v['structures']} structures / {v['atoms']} atoms"
                               for s, v in stats["splits"].items())
         lines.append(f"read: {per_split}")
+    near = info.get("near_copies")
+    if near:
+        lines.append(f"near-copies ({near['rule']}): {near['structures_grouped']} structures in "
+                     f"{near['groups']} groups; {near['structures_moved']} moved split "
+                     f"(splits.csv)")
+        copies = near.get("copies_of_default")
+        if copies:
+            lines.append(f"near-copies of the default build's structures: {copies['structures']}"
+                         f" ({copies['of_training_structures']} of training structures; "
+                         f"{names.COPIES_OF_DEFAULT_CSV})")
     skips = read_skips(dataset_dir)
     if skips is None:
         lines.append("no skip report")

@@ -39,7 +39,9 @@ def load_split(dataset: str = names.DEFAULT_DATASET, split: str = "train",
     """Streams the examples of a split as dicts of numpy arrays and Python strings.
 
     Keys: id, family, source (str); lattice (3, 3) float64; frac (N, 3) float64;
-    numbers (N,) int32; labels (N,) str; occupancies (N,) float32; num_atoms int.
+    numbers (N,) int32; labels (N,) str; occupancies (N,) float32; site_index (N,) int32
+    (the CIF atom-site row of each atom); num_atoms int. The split is the structure's
+    near-copy group's (the build's splits.csv says which structures it moved).
     per_process: read only this JAX process's part (`tfds.split_for_jax_process`), so each
       host of a multi-host run reads its own shard.
     build_if_missing: build the dataset first (cif_dir needs manual_dir); otherwise a
@@ -75,7 +77,8 @@ def load_structures(dataset: str = names.DEFAULT_DATASET, split: str = "train",
     for ex in load_split(dataset, split, data_dir, **kwargs):
         yield structures_lib.Structure(
             id=ex["id"], source=ex["source"], lattice=ex["lattice"], frac=ex["frac"],
-            numbers=ex["numbers"], labels=ex["labels"], occupancies=ex["occupancies"])
+            numbers=ex["numbers"], labels=ex["labels"], occupancies=ex["occupancies"],
+            site_index=ex["site_index"])
 
 
 class _DropMessage:

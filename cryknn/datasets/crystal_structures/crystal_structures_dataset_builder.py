@@ -7,14 +7,20 @@ Configs:
   cif_dir                      every `*.cif` under manual_dir, recursively (a CSD export, a
                                COD mirror, your own folder).
 
-Splits: train / validation / test, 80/10/10 by structure family (`cryknn.families`), so no
-family crosses splits. The family depends on the file name
-only, so each split's generator picks its files by name before parsing: every CIF is parsed
-once. A split that would hold no file at all (tiny folders) is left out.
+Splits: train / validation / test, 80/10/10 by near-copy group, so that neither a family
+(`cryknn.families`: one CSD entry, one paper) nor a crystal filed under several names
+(`cryknn.nearcopies`: same composition, same AMD fingerprint) crosses splits. The build reads
+every CIF once, in a first pass that fingerprints each structure and joins near-copies; the
+parsed structures wait in a local spill file until each split's generator takes its own. A
+split that would hold no file at all (tiny folders) is left out.
 
 Beside the dataset files (`<data_dir>/crystal_structures/<config>/<version>/`) the build
 writes skipped.csv (file, block, reason), element_stats.json (per split: structures, atoms,
-atoms and structures per element) and build_info.json (what it was built from, counts, time).
+atoms and structures per element), build_info.json (what it was built from, counts, time,
+the near-copy grouping), splits.csv (structure_id, family, group, split, family_split) and
+fingerprints.npz (composition and AMD of every structure). A cif_dir build built beside the
+default CoRE MOF build also writes copies_of_default.csv: its structures that are near-copies
+of a default structure, with that structure's split, so a held-out claim can exclude them.
 
 Builder kwargs, `tfds.builder(name, data_dir=..., limit=N, num_workers=W)`, each with an
 environment fallback (the kwarg wins):
@@ -26,7 +32,9 @@ environment fallback (the kwarg wins):
 Apache Beam: when DownloadConfig has a beam_runner or beam_options, each split is a Beam
 PTransform (`beam.Create(tasks) | Reshuffle | FlatMap(parse)`) so that a million-CIF export
 builds on Dataflow, Flink or Spark; the skip report and element statistics are computed in
-the same pipeline and written to the same files. Workers need cryknn installed.
+the same pipeline and written to the same files. Workers need cryknn installed. The
+near-copy pass still reads every file once on the launching machine (it needs all
+fingerprints at once), then hands the workers the groups.
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
-import tarfile
 import tempfile
 import time
 from typing import Any, Iterator, Sequence
@@ -50,6 +58,7 @@ import tensorflow_datasets as tfds
 
 from cryknn import errors
 from cryknn import families
+from cryknn import nearcopies
 from cryknn import structures as structures_lib
 from cryknn import util
 from cryknn.datasets import crystal_structures as names
@@ -125,7 +134,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """One example per crystal structure; splits by structure family."""
 
     VERSION = tfds.core.Version(names.VERSION)
-    RELEASE_NOTES = {"1.0.0": "First release: family splits, skip report, element statistics."}
+    RELEASE_NOTES = {
+        "1.0.0": "First release: family splits, skip report, element statistics.",
+        "1.1.0": "Near-copy groups join families (splits.csv); site_index per atom.",
+    }
     BUILDER_CONFIGS = [
         CrystalStructuresConfig(
             name="core_mof_2019_asr", archive="2019-ASR",
@@ -154,7 +166,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._root = None  # cif_dir: the manual_dir
         self._candidates = {}  # split -> number of files
         self._parser = None
-        self._spill_dir = None  # local build of an archive config: per-split plain tars
+        self._spill_dir = None  # local build: the parsed structures of the first pass
+        self._splits: nearcopies.SplitTable | None = None
+        self._fingerprints: nearcopies.Fingerprints | None = None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -178,6 +192,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                                doc="CIF site label of each atom"),
                 "occupancies": tfds.features.Tensor(shape=(None,), dtype=np.float32,
                                                     encoding=_BYTES, doc="site occupancies"),
+                "site_index": tfds.features.Tensor(
+                    shape=(None,), dtype=np.int32, encoding=_BYTES,
+                    doc="row of the CIF atom-site loop each atom stands for (symmetry copies "
+                        "share it)"),
                 "num_atoms": tfds.features.Scalar(dtype=np.int32, doc="N"),
             }),
             homepage="https://github.com/coudertlab/CoRE-MOF",
@@ -222,12 +240,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        if self.builder_config.archive is not None and not self._beam:
-            counts = self._spill_archive()
-        else:
-            counts = dict.fromkeys(families.SPLITS, 0)
-            for task in self._tasks(with_data=False):
-                counts[task.split] += 1
+        counts = self._first_pass()
         if not any(counts.values()):
             raise errors.DataError(
                 f"no *.cif files in {self._root or self.builder_config.archive}")
@@ -239,27 +252,35 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split=split)
                 for split in families.SPLITS if counts[split]}
 
-    def _spill_archive(self) -> dict[str, int]:
-        """One pass over the xz archive, writing each split's members to a plain tar.
+    def _first_pass(self) -> dict[str, int]:
+        """Parses every file once: fingerprints each structure, joins near-copies into
+        groups (`self._splits`), and (local builds) spills the parsed results for the
+        generators. Returns the number of files per split."""
+        from tqdm import tqdm
 
-        Decompressing the archive once instead of once per split saves about 4 s per pass
-        on CoRE MOF 2019-ASR; the spills (uncompressed, 251 MB for 2019-ASR) live in a
-        local temporary folder until the build ends.
-        """
-        self._spill_dir = tempfile.mkdtemp(prefix="cryknn_build_")
-        counts = dict.fromkeys(families.SPLITS, 0)
-        spills = {s: tarfile.open(os.path.join(self._spill_dir, f"{s}.tar"), "w")
-                  for s in families.SPLITS}
+        self._spill_dir = None if self._beam else tempfile.mkdtemp(prefix="cryknn_build_")
+        spill = None if self._beam else open(os.path.join(self._spill_dir, "parsed.pkl"), "wb")
+        parser = self._parser or parsing.Parser(0, options=self._read_options)
+        stems, parsed = [], []
         try:
-            for task in parsing.core_mof_tasks(self.builder_config.archive, self._limit):
-                info = tarfile.TarInfo(task.source.split("!", 1)[1])
-                info.size = len(task.data)
-                spills[task.split].addfile(info, io.BytesIO(task.data))
-                spills[task.split].members.clear()
-                counts[task.split] += 1
+            with tqdm(desc="Reading CIFs", unit=" files", mininterval=1.0) as bar:
+                for source, results in parser.parse(self._tasks()):
+                    bar.update(1)
+                    stems.append(parsing.stem_of_source(source))
+                    parsed.extend(r for r in results
+                                  if isinstance(r, structures_lib.Structure))
+                    if spill is not None:
+                        pickle.dump((source, results), spill, pickle.HIGHEST_PROTOCOL)
         finally:
-            for spill in spills.values():
+            if spill is not None:
                 spill.close()
+        self._fingerprints = nearcopies.fingerprints(parsed)
+        del parsed
+        self._splits = nearcopies.split_table(self._fingerprints,
+                                              log=lambda m: logging.info("%s", m))
+        counts = dict.fromkeys(families.SPLITS, 0)
+        for stem in stems:
+            counts[self._splits.split_of_stem(stem)] += 1
         return counts
 
     def _tasks(self, with_data: bool = True) -> Iterator[parsing.ParseTask]:
@@ -269,12 +290,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return parsing.core_mof_tasks(self.builder_config.archive, self._limit,
                                       with_data=with_data)
 
-    def _local_tasks(self, split: str) -> Iterator[parsing.ParseTask]:
-        if self._spill_dir is None:
-            return parsing.in_split(self._tasks(), split)
-        label = structures_lib.core_mof_archive(self.builder_config.archive).name
-        spill = os.path.join(self._spill_dir, f"{split}.tar")
-        return parsing.archive_tasks(spill, label=label)
+    def _spilled(self, split: str) -> Iterator[tuple[str, list]]:
+        """(source, results) of the first pass's files that fall in `split`."""
+        with open(os.path.join(self._spill_dir, "parsed.pkl"), "rb") as f:
+            while True:
+                try:
+                    source, results = pickle.load(f)
+                except EOFError:
+                    return
+                if self._splits.split_of_stem(parsing.stem_of_source(source)) == split:
+                    yield source, results
 
     def _generate_examples(self, split: str):
         """A generator of (key, example), or a Beam PTransform when building with Beam."""
@@ -286,14 +311,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         from tqdm import tqdm
 
         counter = parsing.ElementCounter()
-        parser = self._parser or parsing.Parser(0, options=self._read_options)
-        tasks = self._local_tasks(split)
         with epath.Path(self._tmp, f"skipped-{split}.csv").open("w") as skip_file, \
                 epath.Path(self._tmp, f"removed-{split}.csv").open("w") as removed_file, \
                 tqdm(total=self._candidates.get(split), desc=f"Reading {split} CIFs",
                      unit=" files", mininterval=1.0) as bar:
             skips, removed = csv.writer(skip_file), csv.writer(removed_file)
-            for key, results in parser.parse(tasks):
+            for key, results in self._spilled(split):
                 bar.update(1)
                 for i, result in enumerate(results):
                     if isinstance(result, structures_lib.Skip):
@@ -306,12 +329,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _beam_examples(self, split: str):
         beam = tfds.core.lazy_imports.apache_beam
+        group_of = self._splits.group_of
         if self.builder_config.archive is None:
-            tasks = list(util.chunked(parsing.in_split(self._tasks(), split), 64))
+            tasks = list(util.chunked(parsing.in_split(self._tasks(), split, group_of), 64))
         else:  # workers stream the archive themselves, each parsing every n-th member
             shards = max(1, min(16, self._num_workers))
             tasks = [[parsing.ArchiveShard(self.builder_config.archive, split, i, shards,
-                                           self._limit)] for i in range(shards)]
+                                           self._limit, group_of)] for i in range(shards)]
         return _beam_parse(beam, tasks, split, self._tmp, self._read_options)
 
     def _finish(self, seconds: float) -> None:
@@ -342,11 +366,45 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "structures": {s: v["structures"] for s, v in splits.items()},
             "skipped": len(skips),
             "removed_atoms": removed_atoms,
+            "near_copies": self._write_near_copies(out),
             "beam": self._beam,
             "num_workers": None if self._beam else self._num_workers,
             "seconds": round(seconds, 1),
         })
         tmp.rmtree(missing_ok=True)
+
+
+    def _write_near_copies(self, out: epath.Path) -> dict:
+        """splits.csv and fingerprints.npz in the dataset folder; for cif_dir, the near-copies
+        of the default build's structures. Returns build_info's 'near_copies' entry."""
+        self._splits.write_csv(os.fspath(out / nearcopies.SPLITS_CSV))
+        self._fingerprints.save(os.fspath(out / nearcopies.FINGERPRINTS_NPZ))
+        summary = self._splits.summary()
+        if self.builder_config.archive is None:
+            summary["copies_of_default"] = self._write_copies_of_default(out)
+        return summary
+
+    def _write_copies_of_default(self, out: epath.Path) -> dict | None:
+        """copies_of_default.csv (structure_id, default_structure_id, default_split), from
+        the default build in the same data_dir; None when that is not built there."""
+        default = os.path.join(os.path.dirname(os.path.dirname(os.fspath(out))),
+                               names.CONFIG_NAMES[0], str(self.version))
+        fingerprints = os.path.join(default, nearcopies.FINGERPRINTS_NPZ)
+        splits_csv = os.path.join(default, nearcopies.SPLITS_CSV)
+        if not (os.path.isfile(fingerprints) and os.path.isfile(splits_csv)):
+            logging.warning("no default build beside this one (%s): copies_of_default.csv "
+                            "not written", default)
+            return None
+        splits = {r["structure_id"]: r["split"]
+                  for r in nearcopies.read_splits_csv(splits_csv)}
+        rows = nearcopies.copies_of(self._fingerprints,
+                                    nearcopies.Fingerprints.load(fingerprints), splits)
+        buf = io.StringIO()
+        csv.writer(buf).writerows([list(names.COPIES_FIELDS)] + [list(r) for r in rows])
+        (out / names.COPIES_OF_DEFAULT_CSV).write_text(buf.getvalue(), encoding="utf-8")
+        return {"default_build": default,
+                "structures": len({r[0] for r in rows}),
+                "of_training_structures": len({r[0] for r in rows if r[2] == "train"})}
 
 
 def _merge_csv(tmp: epath.Path, prefix: str, splits, path: epath.Path,

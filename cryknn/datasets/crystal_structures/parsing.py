@@ -1,8 +1,8 @@
 """What the `crystal_structures` builder does to each CIF: tasks, parsing workers, counts.
 
 A `ParseTask` names one CIF (a file, or the bytes of an archive member); workers turn tasks
-into `Structure`s and `Skip`s. The family, and so the split, of a task is known from its
-file stem before it is parsed, so each split's generator parses only its own files.
+into `Structure`s and `Skip`s. The split of a task follows from its file stem's family and
+the near-copy groups (`cryknn.nearcopies`) the builder's first pass found.
 
 Local builds parse in a pool of spawned processes (`Parser`); Beam builds run
 `beam_parse` on the workers. Both feed the same examples, skip rows and element counts.
@@ -40,9 +40,10 @@ class ParseTask:
     source: str
     data: bytes | None = None
 
-    @property
-    def split(self) -> str:
-        return families.split_of_id(self.stem)
+    def split(self, group_of: dict[str, str] | None = None) -> str:
+        """The task's split: its family's, or that of the near-copy group it joined."""
+        family = families.family_of(self.stem)
+        return families.split_of((group_of or {}).get(family, family))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ArchiveShard:
     shard: int
     shards: int
     limit: int | None
+    group_of: dict[str, str] | None = None  # near-copy groups: {family: group}
 
 
 def file_tasks(root: str, limit: int | None = None) -> Iterator[ParseTask]:
@@ -83,9 +85,15 @@ def core_mof_tasks(version: str, limit: int | None = None, *, with_data: bool = 
     return archive_tasks(archive, limit, with_data=with_data)
 
 
-def in_split(tasks: Iterable[ParseTask], split: str) -> Iterator[ParseTask]:
-    """The tasks whose file name puts them in `split`."""
-    return (task for task in tasks if task.split == split)
+def in_split(tasks: Iterable[ParseTask], split: str,
+             group_of: dict[str, str] | None = None) -> Iterator[ParseTask]:
+    """The tasks whose family (or near-copy group, `group_of`) puts them in `split`."""
+    return (task for task in tasks if task.split(group_of) == split)
+
+
+def stem_of_source(source: str) -> str:
+    """The file stem of a task's source: a path, or `<archive>!<member>`."""
+    return families.file_stem(source.rsplit("!", 1)[-1])
 
 
 def parse_task(task: ParseTask, options: structures_lib.ReadOptions | None = None
@@ -181,6 +189,7 @@ def structure_example(structure: structures_lib.Structure) -> dict:
         "numbers": np.asarray(structure.numbers, np.int32).reshape(n),
         "labels": np.asarray([str(s) for s in structure.labels], dtype=object).reshape(n),
         "occupancies": np.asarray(structure.occupancies, np.float32).reshape(n),
+        "site_index": np.asarray(structure.site_index, np.int32).reshape(n),
         "num_atoms": np.int32(n),
     }
 
@@ -266,7 +275,8 @@ def beam_parse(chunk: Sequence[ParseTask | ArchiveShard],
 
     for item in chunk:
         if isinstance(item, ArchiveShard):
-            members = in_split(core_mof_tasks(item.version, item.limit), item.split)
+            members = in_split(core_mof_tasks(item.version, item.limit), item.split,
+                               item.group_of)
             tasks: Iterable[ParseTask] = (t for i, t in enumerate(members)
                                           if i % item.shards == item.shard)
         else:
