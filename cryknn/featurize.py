@@ -3,11 +3,13 @@
   python -m cryknn.featurize --k=K --out=FILE.npz PATH [PATH ...]
   cryknn featurize --k=K --out=FILE.npz PATH [PATH ...]
 
-PATHs are CIF files or folders (searched recursively for *.cif). The .npz holds one row
+PATHs are structure files (CIF natively; POSCAR, extxyz, ... through the `ase` extra, as
+`cryknn.read` reads them) or folders (searched recursively for *.cif). The .npz holds one row
 per unit-cell atom: distances (A, k) float32, neighbour_index (A, k) int32 (the row of each
 neighbour's motif atom in this file), structure_id, site_label and atomic_number; then
 the tool prints what was skipped and why, file by file. The reader's policies are flags
-(--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`.
+(--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`. When
+no structure could be featurised, nothing is written and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -104,13 +106,14 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
                     chunk: int, progress=None) -> tuple[Rows, list[structures_lib.Skip]]:
     """Reads and featurises every CIF under paths, `chunk` structures at a time."""
     from cryknn import neighbours
+    from cryknn import reading
 
     rows, skips = Rows(k), []
     files = list(structures_lib.iter_cif_paths(paths))
     for batch in util.chunked(files, chunk):
         read = []
         for path in batch:
-            found, skipped = structures_lib.read_cif(path, options)
+            found, skipped = reading.read_file(path, options)
             read.extend(found)
             skips.extend(skipped)
             if progress is not None:
@@ -153,6 +156,11 @@ def main(argv: list[str]) -> int:
                                       progress=bar.update)
     finally:
         bar.close()
+    if rows.num_structures == 0:
+        print(skip_report(skips))
+        print(f"error: nothing to featurise: no structure read from {', '.join(paths)} "
+              f"(folders are searched for *.cif); {FLAGS.out} not written", file=sys.stderr)
+        return 1
     with util.atomic_path(FLAGS.out, suffix=".npz") as tmp:
         np.savez(tmp, **rows.arrays())  # uncompressed: float32 distances barely compress
     print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
