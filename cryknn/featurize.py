@@ -143,10 +143,12 @@ def main(argv: list[str]) -> int:
     from absl import flags
 
     from cryknn import neighbours
+    from cryknn import reading
 
     FLAGS = flags.FLAGS
     paths = argv[1:]
     check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
+    reading.require_readers(paths)
     options = command.dataclass_from_flags(structures_lib.ReadOptions)
     neighbours.enable_compilation_cache()
     start = time.perf_counter()

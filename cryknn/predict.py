@@ -84,12 +84,14 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
                 stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
     from cryknn import neighbours
+    from cryknn import reading
     from cryknn import scoring
 
     check_arguments(paths, threshold, out)
     if flagged_out is not None:
         check_arguments(paths, threshold, flagged_out)
     model = scoring.load_model(workdir, model_name)
+    reading.require_readers(paths)
     neighbours.enable_compilation_cache()
     report = _read(paths, options, stderr)
     if not report.structures:

@@ -87,6 +87,17 @@ def read_file(path: str | os.PathLike, options: structures_lib.ReadOptions | Non
     return list(found), found.skips
 
 
+def require_readers(paths: Sequence[str | os.PathLike]) -> None:
+    """Raises MissingExtraError, before anything is read, when a file named in `paths` is
+    not a CIF and ase (the `ase` extra) is not installed."""
+    from cryknn import extras
+
+    others = [os.fspath(p) for p in paths if os.path.lexists(p) and not _is_cif(os.fspath(p))]
+    if others and not extras.installed("ase"):
+        extras.require("ase", f"reading {os.path.basename(others[0])} (only CIF is read "
+                              f"natively)")
+
+
 class ReadReport:
     """What `read_files` read: unpacks as (structures, messages, all_read)."""
 
