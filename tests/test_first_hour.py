@@ -179,6 +179,12 @@ def test_structure_repr_len_and_missing_paths(tmp_path):
     assert len(cryknn.read(tmp_path / "broken.cif").skips) == 1  # content: still a skip
 
 
+def test_help_fits_100_columns():
+    r = run_module("cryknn.predict", "--help")
+    assert r.returncode == 0 and "--flagged_out" in r.stdout
+    assert all(len(line) <= 100 for line in r.stdout.splitlines()), r.stdout
+
+
 def test_version_and_check_command(toy_workdir, tmp_path):
     r = run_module("cryknn.cli", "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"cryknn {cryknn.__version__}"
