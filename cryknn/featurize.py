@@ -77,6 +77,7 @@ class Rows:
         self.num_atoms = 0
         self.num_structures = 0
         self.removed = structures_lib.RemovalCounter()  # atoms the reading policies removed
+        self.guessed = 0  # structures whose elements were guessed from site labels
 
     def add(self, structure: structures_lib.Structure, distances: np.ndarray,
             indices: np.ndarray) -> None:
@@ -89,6 +90,7 @@ class Rows:
         self.num_atoms += n
         self.num_structures += 1
         self.removed.add(structure)
+        self.guessed += bool(getattr(structure, "notes", ()))
 
     def arrays(self) -> dict[str, np.ndarray]:
         empty = {"distances": np.zeros((0, self.k), np.float32),
@@ -173,6 +175,9 @@ def main(argv: list[str]) -> int:
           "reading policies removed no atoms")
     if removed:
         print("\n".join(removed))
+    if rows.guessed:
+        print(f"elements guessed from site labels (no _atom_site_type_symbol) in "
+              f"{rows.guessed} structure{'s' if rows.guessed > 1 else ''}")
     return 0
 
 

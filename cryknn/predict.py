@@ -57,8 +57,9 @@ def define_flags() -> None:
                       "of per site.")
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
     flags.DEFINE_string("flagged_out", None, "Also write the structures with implausible "
-                        "sites here as CIF (P1, every atom; columns _atom_site_cryknn_p_given, "
-                        "_atom_site_cryknn_predicted, _atom_site_cryknn_flag).")
+                        "sites here: .cif (P1, every atom; columns _atom_site_cryknn_p_given, "
+                        "_atom_site_cryknn_predicted, _atom_site_cryknn_flag) or .xyz / "
+                        ".extxyz (extended XYZ through ase, the same per-atom arrays).")
     flags.DEFINE_integer("worst", 5, "The summary names this many least plausible "
                          "structures.", lower_bound=0)
     command.define_dataclass_flags(structures_lib.ReadOptions)
@@ -90,6 +91,13 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     check_arguments(paths, threshold, out)
     if flagged_out is not None:
         check_arguments(paths, threshold, flagged_out)
+        if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
+            raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
+                                     f"{flagged_out}")
+        if not flagged_out.lower().endswith(".cif"):
+            from cryknn import extras
+
+            extras.require("ase", "--flagged_out as extended XYZ")
     model = scoring.load_model(workdir, model_name)
     reading.require_readers(paths)
     neighbours.enable_compilation_cache()
@@ -106,7 +114,7 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
         scoring.write_csv(out, scores)
         print(f"wrote {sum(len(s.sites) for s in scores)} rows to {out}", file=stdout)
     if flagged_out is not None:
-        n = scoring.write_flagged_cif(flagged_out, report.structures, scores, threshold)
+        n = scoring.write_flagged(flagged_out, report.structures, scores, threshold)
         print(f"wrote {n} structures with implausible sites to {flagged_out}", file=stdout)
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)

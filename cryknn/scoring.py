@@ -421,6 +421,49 @@ def write_csv(path: str, scores: Sequence[StructureScore]) -> None:
                 w.writerow(_csv_row(score, t))
 
 
+FLAGGED_FORMATS = (".cif", ".xyz", ".extxyz")
+
+
+def write_flagged(path: str, structures: Sequence[structures_lib.Structure],
+                  scores: Sequence[StructureScore], threshold: float) -> int:
+    """Writes the structures with an implausible site, with the flags per atom: a CIF
+    (`write_flagged_cif`) or, for .xyz / .extxyz, extended XYZ through ase with the
+    per-atom arrays cryknn_p_given, cryknn_predicted and cryknn_flag. Returns how many."""
+    if path.lower().endswith(".cif"):
+        return write_flagged_cif(path, structures, scores, threshold)
+    from cryknn import extras
+
+    extras.require("ase", "writing extended XYZ")
+    import ase.io
+
+    images = []
+    for s, score in zip(structures, scores):
+        if score.implausible(threshold):
+            atoms = s.to_ase()
+            p_given, predicted, flag = _atom_flags(s, score, threshold)
+            atoms.arrays["cryknn_p_given"] = np.array([np.nan if p is None else p
+                                                       for p in p_given])
+            atoms.arrays["cryknn_predicted"] = np.array(predicted)
+            atoms.arrays["cryknn_flag"] = np.array(flag)
+            atoms.info["structure_id"] = score.structure_id
+            atoms.info["plausibility"] = score.plausibility
+            images.append(atoms)
+    with util.atomic_path(path, suffix=".xyz") as tmp:
+        ase.io.write(tmp, images, format="extxyz")
+    return len(images)
+
+
+def _atom_flags(s: structures_lib.Structure, score: StructureScore, threshold: float):
+    """Per unit-cell atom: p(given) (None: not modelled), predicted element, flag
+    ('implausible', 'not_modelled' or '.')."""
+    per_atom = any(t.atom_index is not None for t in score.sites)
+    site_of = {(t.atom_index if per_atom else t.site_row - 1): t for t in score.sites}
+    sites = [site_of[i if per_atom else int(s.site_index[i])] for i in range(s.num_atoms)]
+    flags = ["not_modelled" if t.p_given is None else
+             "implausible" if t.p_given < threshold else "." for t in sites]
+    return [t.p_given for t in sites], [t.predicted for t in sites], flags
+
+
 def write_flagged_cif(path: str, structures: Sequence[structures_lib.Structure],
                       scores: Sequence[StructureScore], threshold: float) -> int:
     """Writes every structure with an implausible site as a P1 CIF block of its unit-cell
@@ -437,8 +480,7 @@ def write_flagged_cif(path: str, structures: Sequence[structures_lib.Structure],
 def _flagged_block(s: structures_lib.Structure, score: StructureScore, threshold: float) -> str:
     from gemmi import cif
 
-    per_atom = any(t.atom_index is not None for t in score.sites)
-    site_of = {(t.atom_index if per_atom else t.site_row - 1): t for t in score.sites}
+    p_given, predicted, flags = _atom_flags(s, score, threshold)
     a, b, c = np.linalg.norm(s.lattice, axis=1)
     cosines = [s.lattice[i] @ s.lattice[j] / (n_i * n_j) for i, j, n_i, n_j in
                ((1, 2, b, c), (0, 2, a, c), (0, 1, a, b))]
@@ -452,12 +494,9 @@ def _flagged_block(s: structures_lib.Structure, score: StructureScore, threshold
         "label", "type_symbol", "fract_x", "fract_y", "fract_z", "occupancy",
         "cryknn_p_given", "cryknn_predicted", "cryknn_flag")]
     for i in range(s.num_atoms):
-        t = site_of[i if per_atom else int(s.site_index[i])]
-        flag = ("not_modelled" if t.p_given is None else
-                "implausible" if t.p_given < threshold else ".")
-        p_given = "?" if t.p_given is None else f"{t.p_given:.4f}"
+        p = "?" if p_given[i] is None else f"{p_given[i]:.4f}"
         x, y, z = s.frac[i]
         lines.append(f"{cif.quote(str(s.labels[i]))} {elements_lib.symbol(int(s.numbers[i]))} "
-                     f"{x:.6f} {y:.6f} {z:.6f} {float(s.occupancies[i]):.4f} {p_given} "
-                     f"{t.predicted} {flag}")
+                     f"{x:.6f} {y:.6f} {z:.6f} {float(s.occupancies[i]):.4f} {p} "
+                     f"{predicted[i]} {flags[i]}")
     return "\n".join(lines) + "\n\n"

@@ -152,6 +152,16 @@ def test_elements_guessed_from_labels_are_reported(toy_workdir):
     assert any("guessed from" in w for w in score.warnings)
 
 
+def test_featurize_reports_guessed_elements(tmp_path):
+    cif = make_cif([("C1", 0.1, 0.1, 0.1), ("O2", 0.5, 0.5, 0.5)],
+                   site_columns=["label", "fract_x", "fract_y", "fract_z"], block="guess")
+    (tmp_path / "guess.cif").write_text(cif)
+    r = run_module("cryknn.featurize", "--k=2", f"--out={tmp_path / 'x.npz'}",
+                   str(tmp_path / "guess.cif"))
+    assert r.returncode == 0, r.stderr
+    assert "elements guessed from site labels" in r.stdout and "in 1 structure" in r.stdout
+
+
 # 6. API habits of ase / pymatgen / scikit-learn.
 
 def test_single_structures_and_foreign_objects_are_accepted(toy_workdir):
@@ -223,6 +233,20 @@ def test_long_run_output(toy_workdir, tmp_path):
     assert len(back) == 3 and back[0].num_atoms == 7
     text = flagged.read_text()
     assert "_atom_site_cryknn_flag" in text and "implausible" in text
+
+
+def test_flagged_sites_as_extended_xyz(toy_workdir, tmp_path):
+    ase_io = pytest.importorskip("ase.io")
+    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    scores = cryknn.load_model(toy_workdir).check([s, s.to_ase()])
+    out = str(tmp_path / "flagged.extxyz")
+    assert scoring.write_flagged(out, [s, structures.as_structure(s.to_ase())], scores,
+                                 threshold=1.01) == 2
+    images = ase_io.read(out, index=":")
+    assert len(images) == 2 and len(images[0]) == 7
+    flags = list(images[0].arrays["cryknn_flag"])
+    assert flags.count("implausible") == 6 and flags.count("not_modelled") == 1
+    assert images[0].info["structure_id"] == "methane:methane"
 
 
 def test_site_top3_and_terminal_block(toy_workdir):
