@@ -3,7 +3,9 @@
 CIF files (and folders of them, recursively) are read natively (`cryknn.structures`);
 other formats (POSCAR, extxyz, ...) through ase when it is installed
 (`pip install 'cryknn[ase]'`). What could not be read is kept with its reason in
-`Structures.skips`, as the command-line tools report it.
+`Structures.skips`, as the command-line tools report it. A path that does not exist raises
+FileNotFoundError. `read_files` is the reader of `cryknn predict` and `cryknn featurize`:
+folders are searched for CIFs, named files are read in any format `read` takes.
 """
 
 from __future__ import annotations
