@@ -106,8 +106,13 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
         print(f"error: nothing to score: no structure read from {report.files} file(s) "
               f"(folders are searched for *.cif; name other files directly)", file=stderr)
         return 1
-    scores = model.score(report.structures, per_atom=per_atom, batch_size=batch_size)
-    print(model.describe(), file=stdout)
+    bar = util.ProgressBar("structure")
+    try:
+        scores = model.score(report.structures, per_atom=per_atom, batch_size=batch_size,
+                             progress=bar.update)
+    finally:
+        bar.close()
+    print(_wrapped(model.describe()), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
     if out is not None:
@@ -119,6 +124,13 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)
     return 0 if report.all_read else 1
+
+
+def _wrapped(text: str, width: int = 100) -> str:
+    import textwrap
+
+    return "\n".join(wrapped for line in text.splitlines()
+                     for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""])
 
 
 def _read(paths: Sequence[str], options, stderr):

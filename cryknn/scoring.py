@@ -236,10 +236,18 @@ class Model:
         Structures, ase.Atoms or pymatgen Structures): what `cryknn check` prints."""
         return self.score(structures, per_atom=per_atom, batch_size=batch_size)
 
-    def score(self, structures, *, per_atom: bool = False, batch_size: int = 4096) -> Scores:
+    def score(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
+              progress=None, chunk: int = 64) -> Scores:
         """Per-site (or per-atom) scores of every structure; the same as `check` (scores,
-        not a metric as in scikit-learn)."""
+        not a metric as in scikit-learn). progress(done, total): called after every
+        `chunk` structures, which are then scored a chunk at a time."""
         structures = structures_lib.as_structures(structures)
+        if progress is not None:
+            scores = Scores()
+            for part in util.chunked(structures, chunk):
+                scores.extend(self.score(part, per_atom=per_atom, batch_size=batch_size))
+                progress(len(part), len(structures))
+            return scores
         probs, table = self._predict(structures, batch_size)
         starts = np.cumsum([0] + [s.num_atoms for s in structures])
         return Scores(self._score_one(s, p, table.distances[a:a + s.num_atoms, 0], per_atom)
@@ -392,8 +400,8 @@ def format_summary(scores: Sequence[StructureScore], threshold: float, files: in
     flagged = sum(1 for score in scores if score.implausible(threshold))
     plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
-             f"{plural(len(scores), 'structure')} scored, {flagged} flagged "
-             f"(a site with p(given) < {threshold:g})"]
+             f"{plural(len(scores), 'structure')} scored",
+             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:g}"]
     ranked = sorted((score for score in scores if score.plausibility is not None),
                     key=lambda score: score.plausibility)[:worst]
     if ranked:
