@@ -382,7 +382,7 @@ def format_structure(score: StructureScore, threshold: float,
                    MAX_LABEL) for t in shown]
     width = max([len(label) for label in labels] + [4])
     if shown:
-        lines.append(f"  {'site':<{width}}  given  predicted  p(given)  atoms  top 3")
+        lines.append(f"  {'site':<{width}}  given  predicted   p(given)  atoms  top 3")
     for t, label in zip(shown, labels):
         given = "     -" if t.p_given is None else f"{t.p_given:6.3f}"
         mark = ("  not modelled" if t.p_given is None else
