@@ -4,9 +4,9 @@
   cryknn predict PATH ...
 
 PATHs are structure files (CIF natively; POSCAR, extxyz and the other formats of
-`cryknn.read` through the `ase` extra) or folders (searched recursively for CIFs). Without --workdir the model shipped
-with the package scores them (`--model_name`, default 'default'); --workdir selects a model
-you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
+`cryknn.read` through the `ase` extra) or folders (searched recursively for CIFs). Without
+--workdir the model shipped with the package scores them (`--model_name`, default
+'default'); --workdir selects a model you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
 symmetry copies; `--per_atom` for one line per unit-cell atom) gets one line: the given
 element, the element the model predicts with its probability, and p(given), the model's
 probability of the element the file states. Sites with p(given) < --threshold are marked
@@ -90,16 +90,9 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
 
     check_arguments(paths, threshold, out)
     if flagged_out is not None:
-        check_arguments(paths, threshold, flagged_out)
-        if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
-            raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
-                                     f"{flagged_out}")
-        if not flagged_out.lower().endswith(".cif"):
-            from cryknn import extras
-
-            extras.require("ase", "--flagged_out as extended XYZ")
-    model = scoring.load_model(workdir, model_name)
+        _check_flagged_out(paths, threshold, flagged_out)
     reading.require_readers(paths)
+    model = scoring.load_model(workdir, model_name)
     neighbours.enable_compilation_cache()
     report = _read(paths, options, stderr)
     if not report.structures:
@@ -124,6 +117,18 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)
     return 0 if report.all_read else 1
+
+
+def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
+    from cryknn import extras
+    from cryknn import scoring
+
+    check_arguments(paths, threshold, flagged_out)
+    if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
+        raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
+                                 f"{flagged_out}")
+    if not flagged_out.lower().endswith(".cif"):
+        extras.require("ase", "--flagged_out as extended XYZ")
 
 
 def _wrapped(text: str, width: int = 100) -> str:
