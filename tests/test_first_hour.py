@@ -261,6 +261,21 @@ def test_site_top3_and_terminal_block(toy_workdir):
     assert all(len(line) <= 100 for line in text.splitlines())
 
 
+def test_per_atom_lines_and_flags_name_each_atom(toy_workdir, tmp_path):
+    rock_salt = make_cif([("C1", "C", 0, 0, 0), ("O1", "O", 0.5, 0.5, 0.5)],
+                         cell="5.64 5.64 5.64 90 90 90", block="co",
+                         symmetry="_space_group_name_H-M_alt 'F m -3 m'")
+    (s,), _ = structures.read_cif_text(rock_salt, "co")
+    (score,) = cryknn.load_model(toy_workdir).check(s, per_atom=True)
+    text = scoring.format_structure(score, threshold=0.5)
+    assert "C1[0]" in text and "C1[3]" in text and "O1[7]" in text
+    out = str(tmp_path / "flagged.cif")
+    assert scoring.write_flagged(out, [s], [score], threshold=1.01) == 1
+    (back,) = cryknn.read(out)
+    assert back.num_atoms == 8 and sorted(back.numbers.tolist()) == [6] * 4 + [8] * 4
+    assert open(out).read().count(" implausible\n") == 8
+
+
 # 8. The suite: speed-free checks, an sdist with the test helpers, a licence.
 
 def test_progress_bars_at_any_speed_are_not_noise():
