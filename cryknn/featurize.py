@@ -161,10 +161,7 @@ def main(argv: list[str]) -> int:
     finally:
         bar.close()
     if rows.num_structures == 0:
-        print(skip_report(skips))
-        print(f"error: nothing to featurise: no structure read from {', '.join(paths)} "
-              f"(folders are searched for *.cif); {FLAGS.out} not written", file=sys.stderr)
-        return 1
+        return _nothing_featurised(skips)
     with util.atomic_path(FLAGS.out, suffix=".npz") as tmp:
         np.savez(tmp, **rows.arrays())  # uncompressed: float32 distances barely compress
     print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
@@ -179,6 +176,15 @@ def main(argv: list[str]) -> int:
         print(f"elements guessed from site labels (no _atom_site_type_symbol) in "
               f"{rows.guessed} structure{'s' if rows.guessed > 1 else ''}")
     return 0
+
+
+def _nothing_featurised(skips: Sequence[structures_lib.Skip]) -> int:
+    """Exit status 1, no file: the skips on stdout, one error line on stderr."""
+    print(skip_report(skips))
+    files = len({skip.file for skip in skips})
+    print(f"error: nothing to write: no structure in the {files} input file(s) could be "
+          f"featurised (reasons above); no file written", file=sys.stderr)
+    return 1
 
 
 class _ProgressBar:
