@@ -351,18 +351,6 @@ def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None 
     return structures, messages, all_read
 
 
-WIDTH = 100  # terminal output fits this many columns
-MAX_LABEL = 16
-
-
-def _fit(text: str, width: int) -> str:
-    """text, shortened in the middle to at most width characters."""
-    if len(text) <= width:
-        return text
-    half = (width - 3) // 2
-    return text[:half] + "..." + text[len(text) - (width - 3 - half):]
-
-
 def format_structure(score: StructureScore, threshold: float,
                      implausible_only: bool = False) -> str:
     """Text block of one structure within WIDTH columns: a header line naming it (the only
@@ -391,6 +379,18 @@ def format_structure(score: StructureScore, threshold: float,
         lines.append(f"  {label:<{width}}  {t.given:<5}  {t.predicted:<3} {t.p_predicted:5.3f}"
                      f"     {given}  {t.multiplicity:5d}  {top}{mark}")
     return "\n".join(lines)
+
+
+WIDTH = 100  # terminal output fits this many columns
+MAX_LABEL = 16
+
+
+def _fit(text: str, width: int) -> str:
+    """text, shortened in the middle to at most width characters."""
+    if len(text) <= width:
+        return text
+    half = (width - 3) // 2
+    return text[:half] + "..." + text[len(text) - (width - 3 - half):]
 
 
 def format_summary(scores: Sequence[StructureScore], threshold: float, files: int,
