@@ -53,15 +53,15 @@ def define_flags() -> None:
                        "in (0, 1).")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
                       "line of every structure is still printed; --out still gets every site).")
-    flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
-                      "of per site.")
-    flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
     flags.DEFINE_string("flagged_out", None, "Also write the structures with implausible "
                         "sites here: .cif (P1, every atom; columns _atom_site_cryknn_p_given, "
                         "_atom_site_cryknn_predicted, _atom_site_cryknn_flag) or .xyz / "
                         ".extxyz (extended XYZ through ase, the same per-atom arrays).")
     flags.DEFINE_integer("worst", 5, "The summary names this many least plausible "
                          "structures.", lower_bound=0)
+    flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
+                      "of per site.")
+    flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
@@ -76,6 +76,39 @@ def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> 
         folder = os.path.dirname(os.path.abspath(out))
         if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise errors.ConfigError(f"cannot write --out={out}")
+
+
+def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
+    from cryknn import extras
+    from cryknn import scoring
+
+    check_arguments(paths, threshold, flagged_out)
+    if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
+        raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
+                                 f"{flagged_out}")
+    if not flagged_out.lower().endswith(".cif"):
+        extras.require("ase", "--flagged_out as extended XYZ")
+
+
+def _wrapped(text: str, width: int = 100) -> str:
+    import textwrap
+
+    return "\n".join(wrapped for line in text.splitlines()
+                     for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""])
+
+
+def _read(paths: Sequence[str], options, stderr):
+    """reading.read_files with a progress bar on stderr; its messages printed after it."""
+    from cryknn import reading
+
+    bar = util.ProgressBar("file")
+    try:
+        report = reading.read_files(paths, options, progress=bar.update)
+    finally:
+        bar.close()
+    for m in report.messages:
+        print(m, file=stderr)
+    return report
 
 
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
@@ -117,39 +150,6 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)
     return 0 if report.all_read else 1
-
-
-def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
-    from cryknn import extras
-    from cryknn import scoring
-
-    check_arguments(paths, threshold, flagged_out)
-    if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
-        raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
-                                 f"{flagged_out}")
-    if not flagged_out.lower().endswith(".cif"):
-        extras.require("ase", "--flagged_out as extended XYZ")
-
-
-def _wrapped(text: str, width: int = 100) -> str:
-    import textwrap
-
-    return "\n".join(wrapped for line in text.splitlines()
-                     for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""])
-
-
-def _read(paths: Sequence[str], options, stderr):
-    """reading.read_files with a progress bar on stderr; its messages printed after it."""
-    from cryknn import reading
-
-    bar = util.ProgressBar("file")
-    try:
-        report = reading.read_files(paths, options, progress=bar.update)
-    finally:
-        bar.close()
-    for m in report.messages:
-        print(m, file=stderr)
-    return report
 
 
 def main(argv: list[str]) -> int:
