@@ -445,7 +445,7 @@ def write_flagged(path: str, structures: Sequence[structures_lib.Structure],
     import ase.io
 
     images = []
-    for s, score in zip(structures, scores):
+    for s, score in _paired(structures, scores):
         if score.implausible(threshold):
             atoms = s.to_ase()
             p_given, predicted, flag = _atom_flags(s, score, threshold)
@@ -459,6 +459,18 @@ def write_flagged(path: str, structures: Sequence[structures_lib.Structure],
     with util.atomic_path(path, suffix=".xyz") as tmp:
         ase.io.write(tmp, images, format="extxyz")
     return len(images)
+
+
+def _paired(structures: Sequence[structures_lib.Structure],
+            scores: Sequence[StructureScore]):
+    """(structure, its score) in order; structures without a score (skipped while scoring)
+    are passed over."""
+    it = iter(scores)
+    score = next(it, None)
+    for s in structures:
+        if score is not None and score.structure_id == s.id:
+            yield s, score
+            score = next(it, None)
 
 
 def _atom_flags(s: structures_lib.Structure, score: StructureScore, threshold: float):
@@ -478,7 +490,7 @@ def write_flagged_cif(path: str, structures: Sequence[structures_lib.Structure],
     atoms, with the columns _atom_site_cryknn_p_given, _atom_site_cryknn_predicted and
     _atom_site_cryknn_flag ('implausible', 'not_modelled' or '.'), which VESTA, Mercury,
     ase and gemmi read (unknown tags are kept or ignored). Returns the blocks written."""
-    blocks = [_flagged_block(s, score, threshold) for s, score in zip(structures, scores)
+    blocks = [_flagged_block(s, score, threshold) for s, score in _paired(structures, scores)
               if score.implausible(threshold)]
     with util.atomic_open(path, "w") as f:
         f.write("# cryknn: structures with implausible sites\n" + "".join(blocks))
