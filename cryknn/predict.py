@@ -91,9 +91,15 @@ def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str)
 
 
 def _wrapped(text: str, width: int = 100) -> str:
+    """The model's description within `width` columns: a long first line goes on as
+    '  from <source>', anything longer still is wrapped."""
     import textwrap
 
-    return "\n".join(wrapped for line in text.splitlines()
+    lines = text.splitlines()
+    if lines and len(lines[0]) > width and " from " in lines[0]:
+        head, source = lines[0].rsplit(" from ", 1)
+        lines[:1] = [head, f"  from {source}"]
+    return "\n".join(wrapped for line in lines
                      for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""])
 
 
