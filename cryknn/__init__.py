@@ -4,8 +4,11 @@
   model = cryknn.load_model()             # the shipped model; load_model(workdir) for yours
   structures = cryknn.read("x.cif")       # CIF natively; POSCAR, extxyz, ... through ase
   model.predict_proba(structures)         # (num_atoms, num_classes) per structure
-  model.score(structures).to_pandas()     # one row per site, as `cryknn predict` prints
+  model.check(structures).to_pandas()     # one row per site, as `cryknn predict` prints
   cryknn.knn(structures, k=5)             # exact periodic k-NN distances and neighbours
+
+Every call takes one structure or a list: cryknn Structures, ase.Atoms or pymatgen
+Structures. `cryknn.read` raises FileNotFoundError for a path that does not exist.
 
 Names are imported on first use, so `import cryknn` stays cheap.
 """

@@ -1,4 +1,6 @@
-"""The `cryknn` command: `cryknn train | featurize | data | predict [flags] [args]`.
+"""The `cryknn` command: `cryknn train | featurize | data | predict | check [flags] [args]`.
+
+`cryknn check` is another name for `cryknn predict`; `cryknn --version` prints the version.
 
 Each subcommand is the module that `python -m cryknn.<module>` runs; only the chosen one is
 imported, so `cryknn predict` never loads the training or dataset code.
@@ -14,12 +16,14 @@ SUBCOMMANDS = {
     "train": ("cryknn.main", "train and evaluate the element predictor"),
     "featurize": ("cryknn.featurize", "exact periodic k-NN distances of CIF files, as .npz"),
     "data": ("cryknn.data", "build a dataset of structures, or show its element statistics"),
-    "predict": ("cryknn.predict", "score the element of every site of CIF files"),
+    "predict": ("cryknn.predict", "score the element of every site of structure files"),
+    "check": ("cryknn.predict", "the same as predict: flag implausible sites"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: cryknn {" + ",".join(SUBCOMMANDS) + "} [flags] [arguments]", ""]
+    lines = ["usage: cryknn {" + ",".join(SUBCOMMANDS) + "} [flags] [arguments]",
+             "       cryknn --version", ""]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     lines += ["", "cryknn SUBCOMMAND --help shows the subcommand's flags."]
     return "\n".join(lines)
@@ -31,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(usage())
         sys.exit(0 if len(argv) >= 2 else 2)
     name = argv[1]
+    if name in ("--version", "-V", "version"):
+        from cryknn import __version__
+
+        print(f"cryknn {__version__}")
+        sys.exit(0)
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)

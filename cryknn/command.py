@@ -18,6 +18,7 @@ import dataclasses
 import os
 import signal
 import sys
+import textwrap
 import typing
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,7 @@ from cryknn import errors
 from cryknn import util
 
 FLAGS = flags.FLAGS
+HELP_WIDTH = 100  # --help lines are wrapped to this many columns
 HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 
 
@@ -85,7 +87,9 @@ def help_text(usage: str) -> str:
             continue
         for flag in sorted(module_flags, key=lambda f: f.name):
             default = "" if flag.default is None else f" (default: {flag.default_as_str})"
-            lines.append(f"  --{flag.name}: {flag.help}{default}")
+            lines += textwrap.wrap(f"--{flag.name}: {flag.help}{default}", HELP_WIDTH,
+                                   initial_indent="  ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from cryknn import command
 from cryknn import errors
+from cryknn import extras
 from cryknn import structures as structures_lib
 
 USAGE = """\
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> int:
     if len(args) != 1 or args[0] not in COMMANDS:
         raise errors.ConfigError(f"expected one command, build or stats; got "
                                  f"{' '.join(args) or 'nothing'}")
+    extras.require("train", f"cryknn data {args[0]}")
     try:
         (build_command if args[0] == "build" else stats_command)(flags.FLAGS)
     except OSError as e:

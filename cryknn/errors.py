@@ -53,3 +53,11 @@ class ModelError(UserError):
 
 class TrainingDivergedError(UserError):
     """Training produced a non-finite loss or non-finite parameters."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class InputNotFoundError(DataError, FileNotFoundError):
+    """A file or folder given to read does not exist."""

@@ -3,11 +3,13 @@
   python -m cryknn.featurize --k=K --out=FILE.npz PATH [PATH ...]
   cryknn featurize --k=K --out=FILE.npz PATH [PATH ...]
 
-PATHs are CIF files or folders (searched recursively for *.cif). The .npz holds one row
+PATHs are structure files (CIF natively; POSCAR, extxyz, ... through the `ase` extra, as
+`cryknn.read` reads them) or folders (searched recursively for *.cif). The .npz holds one row
 per unit-cell atom: distances (A, k) float32, neighbour_index (A, k) int32 (the row of each
 neighbour's motif atom in this file), structure_id, site_label and atomic_number; then
 the tool prints what was skipped and why, file by file. The reader's policies are flags
-(--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`.
+(--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`. When
+no structure could be featurised, nothing is written and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Rows:
         self.num_atoms = 0
         self.num_structures = 0
         self.removed = structures_lib.RemovalCounter()  # atoms the reading policies removed
+        self.guessed = 0  # structures whose elements were guessed from site labels
 
     def add(self, structure: structures_lib.Structure, distances: np.ndarray,
             indices: np.ndarray) -> None:
@@ -87,6 +90,7 @@ class Rows:
         self.num_atoms += n
         self.num_structures += 1
         self.removed.add(structure)
+        self.guessed += bool(getattr(structure, "notes", ()))
 
     def arrays(self) -> dict[str, np.ndarray]:
         empty = {"distances": np.zeros((0, self.k), np.float32),
@@ -104,13 +108,14 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
                     chunk: int, progress=None) -> tuple[Rows, list[structures_lib.Skip]]:
     """Reads and featurises every CIF under paths, `chunk` structures at a time."""
     from cryknn import neighbours
+    from cryknn import reading
 
     rows, skips = Rows(k), []
     files = list(structures_lib.iter_cif_paths(paths))
     for batch in util.chunked(files, chunk):
         read = []
         for path in batch:
-            found, skipped = structures_lib.read_cif(path, options)
+            found, skipped = reading.read_file(path, options)
             read.extend(found)
             skips.extend(skipped)
             if progress is not None:
@@ -140,10 +145,12 @@ def main(argv: list[str]) -> int:
     from absl import flags
 
     from cryknn import neighbours
+    from cryknn import reading
 
     FLAGS = flags.FLAGS
     paths = argv[1:]
     check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
+    reading.require_readers(paths)
     options = command.dataclass_from_flags(structures_lib.ReadOptions)
     neighbours.enable_compilation_cache()
     start = time.perf_counter()
@@ -153,6 +160,8 @@ def main(argv: list[str]) -> int:
                                       progress=bar.update)
     finally:
         bar.close()
+    if rows.num_structures == 0:
+        return _nothing_featurised(skips)
     with util.atomic_path(FLAGS.out, suffix=".npz") as tmp:
         np.savez(tmp, **rows.arrays())  # uncompressed: float32 distances barely compress
     print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
@@ -163,7 +172,19 @@ def main(argv: list[str]) -> int:
           "reading policies removed no atoms")
     if removed:
         print("\n".join(removed))
+    if rows.guessed:
+        print(f"elements guessed from site labels (no _atom_site_type_symbol) in "
+              f"{rows.guessed} structure{'s' if rows.guessed > 1 else ''}")
     return 0
+
+
+def _nothing_featurised(skips: Sequence[structures_lib.Skip]) -> int:
+    """Exit status 1, no file: the skips on stdout, one error line on stderr."""
+    print(skip_report(skips))
+    files = len({skip.file for skip in skips})
+    print(f"error: nothing to write: no structure in the {files} input file(s) could be "
+          f"featurised (reasons above); no file written", file=sys.stderr)
+    return 1
 
 
 class _ProgressBar:

@@ -14,6 +14,7 @@ from typing import Sequence
 from cryknn import command
 from cryknn import config as config_lib
 from cryknn import errors
+from cryknn import extras
 
 USAGE = """\
 usage: {prog} [--k=5] [--workdir=W] [flags]
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> int:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    extras.require("train", "cryknn train")  # before any work: never fail after hours
     config = command.dataclass_from_flags(config_lib.Config)
     if config.multihost:  # before anything asks JAX about devices
         import jax

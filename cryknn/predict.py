@@ -3,9 +3,10 @@
   python -m cryknn.predict [--workdir=W | --model_name=NAME] [--out=F.csv] PATH ...
   cryknn predict PATH ...
 
-PATHs are CIF files or folders (searched recursively). Without --workdir the model shipped
-with the package scores them (`--model_name`, default 'default'); --workdir selects a model
-you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
+PATHs are structure files (CIF natively; POSCAR, extxyz and the other formats of
+`cryknn.read` through the `ase` extra) or folders (searched recursively for CIFs). Without
+--workdir the model shipped with the package scores them (`--model_name`, default
+'default'); --workdir selects a model you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
 symmetry copies; `--per_atom` for one line per unit-cell atom) gets one line: the given
 element, the element the model predicts with its probability, and p(given), the model's
 probability of the element the file states. Sites with p(given) < --threshold are marked
@@ -13,8 +14,12 @@ IMPLAUSIBLE. Each structure gets a plausibility score (the geometric mean of p(g
 its atoms whose element the model knows) and warnings where its geometry is absurd.
 
 Files that yield no structure are named on one line each with the reason; blocks skipped
-inside otherwise readable files are noted the same way. Exit status: 0 when every file was
-read, 1 when some were not, 2 for bad flags or an unusable model. Never a traceback.
+inside otherwise readable files are noted the same way. A progress bar runs on stderr while
+files are read; a closing summary counts files, structures scored and flagged, and names
+the least plausible structures. --flagged_out writes the structures with implausible sites
+as a CIF whose atom-site loop has the flags in a column. Exit status: 0 when every file was
+read, 1 when some were not or nothing could be scored, 2 for bad flags or an unusable
+model. Never a traceback.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from cryknn import util
 USAGE = """\
 usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] PATH [PATH ...]
 
-Scores every site of the structures in CIF files or folders (recursive): the predicted
-element, and p(given), the model's probability of the element the file states."""
+Scores every site of the structures in files (CIF; POSCAR, extxyz, ... with the ase extra)
+or folders (CIFs, recursive): the predicted element, and p(given), the model's probability
+of the element the file states. `cryknn check` is the same command."""
 
 
 def define_flags() -> None:
@@ -47,6 +53,12 @@ def define_flags() -> None:
                        "in (0, 1).")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
                       "line of every structure is still printed; --out still gets every site).")
+    flags.DEFINE_string("flagged_out", None, "Also write the structures with implausible "
+                        "sites here: .cif (P1, every atom; columns _atom_site_cryknn_p_given, "
+                        "_atom_site_cryknn_predicted, _atom_site_cryknn_flag) or .xyz / "
+                        ".extxyz (extended XYZ through ase, the same per-atom arrays).")
+    flags.DEFINE_integer("worst", 5, "The summary names this many least plausible "
+                         "structures.", lower_bound=0)
     flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
                       "of per site.")
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
@@ -66,28 +78,84 @@ def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> 
             raise errors.ConfigError(f"cannot write --out={out}")
 
 
+def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
+    from cryknn import extras
+    from cryknn import scoring
+
+    check_arguments(paths, threshold, flagged_out)
+    if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
+        raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
+                                 f"{flagged_out}")
+    if not flagged_out.lower().endswith(".cif"):
+        extras.require("ase", "--flagged_out as extended XYZ")
+
+
+def _wrapped(text: str, width: int = 100) -> str:
+    """The model's description within `width` columns: a long first line goes on as
+    '  from <source>', anything longer still is wrapped."""
+    import textwrap
+
+    lines = text.splitlines()
+    if lines and len(lines[0]) > width and " from " in lines[0]:
+        head, source = lines[0].rsplit(" from ", 1)
+        lines[:1] = [head, f"  from {source}"]
+    return "\n".join(wrapped for line in lines
+                     for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""])
+
+
+def _read(paths: Sequence[str], options, stderr):
+    """reading.read_files with a progress bar on stderr; its messages printed after it."""
+    from cryknn import reading
+
+    bar = util.ProgressBar("file")
+    try:
+        report = reading.read_files(paths, options, progress=bar.update)
+    finally:
+        bar.close()
+    for m in report.messages:
+        print(m, file=stderr)
+    return report
+
+
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
                 threshold: float, *, batch_size: int = 4096, implausible_only: bool = False,
                 per_atom: bool = False, options: structures_lib.ReadOptions | None = None,
+                flagged_out: str | None = None, worst: int = 5,
                 stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
     from cryknn import neighbours
+    from cryknn import reading
     from cryknn import scoring
 
     check_arguments(paths, threshold, out)
+    if flagged_out is not None:
+        _check_flagged_out(paths, threshold, flagged_out)
+    reading.require_readers(paths)
     model = scoring.load_model(workdir, model_name)
     neighbours.enable_compilation_cache()
-    structures, messages, all_read = scoring.read_files(paths, options)
-    for m in messages:
-        print(m, file=stderr)
-    scores = model.score(structures, per_atom=per_atom, batch_size=batch_size)
-    print(model.describe(), file=stdout)
+    report = _read(paths, options, stderr)
+    if not report.structures:
+        print(f"error: nothing to score: no structure read from {report.files} file(s) "
+              f"(folders are searched for *.cif; name other files directly)", file=stderr)
+        return 1
+    bar = util.ProgressBar("structure")
+    try:
+        scores = model.score(report.structures, per_atom=per_atom, batch_size=batch_size,
+                             progress=bar.update)
+    finally:
+        bar.close()
+    print(_wrapped(model.describe()), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
     if out is not None:
         scoring.write_csv(out, scores)
         print(f"wrote {sum(len(s.sites) for s in scores)} rows to {out}", file=stdout)
-    return 0 if all_read else 1
+    if flagged_out is not None:
+        n = scoring.write_flagged(flagged_out, report.structures, scores, threshold)
+        print(f"wrote {n} structures with implausible sites to {flagged_out}", file=stdout)
+    print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
+          file=stdout)
+    return 0 if report.all_read else 1
 
 
 def main(argv: list[str]) -> int:
@@ -98,6 +166,7 @@ def main(argv: list[str]) -> int:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
+                           flagged_out=FLAGS.flagged_out, worst=FLAGS.worst,
                            options=command.dataclass_from_flags(structures_lib.ReadOptions))
     except (errors.UserError, KeyboardInterrupt):
         raise

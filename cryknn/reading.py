@@ -3,7 +3,9 @@
 CIF files (and folders of them, recursively) are read natively (`cryknn.structures`);
 other formats (POSCAR, extxyz, ...) through ase when it is installed
 (`pip install 'cryknn[ase]'`). What could not be read is kept with its reason in
-`Structures.skips`, as the command-line tools report it.
+`Structures.skips`, as the command-line tools report it. A path that does not exist raises
+FileNotFoundError. `read_files` is the reader of `cryknn predict` and `cryknn featurize`:
+folders are searched for CIFs, named files are read in any format `read` takes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Sequence
 
 from cryknn import errors
 from cryknn import structures as structures_lib
+from cryknn import util
 
 
 class Structures(list):
@@ -32,10 +35,13 @@ def read(path: str | os.PathLike, options: structures_lib.ReadOptions | None = N
     """Every structure in a file or folder (CIFs found recursively).
 
     options: the CIF reader's policies (ReadOptions). format: ase's format name for a
-    non-CIF file (default: ase guesses from the name). Raises DataError when a non-CIF file
-    needs ase and ase is not installed; anything unreadable is a Skip, never an exception.
+    non-CIF file (default: ase guesses from the name). Raises FileNotFoundError (an
+    `InputNotFoundError`) for a path that does not exist, DataError when a non-CIF file
+    needs ase and ase is not installed; unreadable content is a Skip, never an exception.
     """
     path = os.fspath(path)
+    if not os.path.lexists(path):
+        raise errors.InputNotFoundError(f"no such file or folder: {path}")
     if format is None and _is_cif(path):
         found, skips = [], []
         for file in structures_lib.iter_cif_paths([path]):
@@ -67,11 +73,81 @@ def _read_with_ase(path: str, format: str | None) -> Structures:
     return Structures(found, skips)
 
 
-def knn(structures: Sequence[structures_lib.Structure], k: int):
-    """Exact periodic k-NN of every atom: one `neighbours.Neighbours` (distances (N, k),
-    indices (N, k) of each neighbour's atom, radius) per structure."""
+def read_file(path: str | os.PathLike, options: structures_lib.ReadOptions | None = None
+              ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
+    """(structures, skips) of one file of any format `read` takes; never raises: a missing
+    file, or a non-CIF file without ase, is a Skip whose reason says so."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return [], [structures_lib.Skip(path, "", "no such file or folder")]
+    if _is_cif(path):
+        return structures_lib.read_cif(path, options or structures_lib.ReadOptions())
+    try:
+        found = _read_with_ase(path, None)
+    except errors.DataError as e:
+        return [], [structures_lib.Skip(path, "", str(e))]
+    return list(found), found.skips
+
+
+def require_readers(paths: Sequence[str | os.PathLike]) -> None:
+    """Raises MissingExtraError, before anything is read, when a file named in `paths` is
+    not a CIF and ase (the `ase` extra) is not installed."""
+    from cryknn import extras
+
+    others = [os.fspath(p) for p in paths if os.path.lexists(p) and not _is_cif(os.fspath(p))]
+    if others and not extras.installed("ase"):
+        extras.require("ase", f"reading {os.path.basename(others[0])} (only CIF is read "
+                              f"natively)")
+
+
+class ReadReport:
+    """What `read_files` read: unpacks as (structures, messages, all_read)."""
+
+    def __init__(self):
+        self.structures: list[structures_lib.Structure] = []
+        self.messages: list[str] = []
+        self.files = 0  # files looked at
+        self.not_read = 0  # files that gave no structure
+
+    @property
+    def all_read(self) -> bool:
+        return self.not_read == 0
+
+    def __iter__(self):
+        return iter((self.structures, self.messages, self.all_read))
+
+
+def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None = None,
+               progress=None) -> ReadReport:
+    """Every structure in the files and folders of `paths` (folders: CIFs, recursively;
+    files: any format `read` takes) that can be featurised, one message line per file not
+    read or block skipped. progress(done, total) is called after each file."""
     from cryknn import neighbours
 
-    if isinstance(structures, structures_lib.Structure):
-        structures = [structures]
-    return neighbours.featurize(list(structures), k)
+    files = list(structures_lib.iter_cif_paths(paths))
+    report = ReadReport()
+    for path in files:
+        found, skips = read_file(path, options)
+        good, unusable = neighbours.split_featurizable(found)
+        skips.extend(unusable)
+        report.files += 1
+        if not good:
+            report.not_read += 1
+            reason = "; ".join(sk.reason for sk in skips[:3]) or "no structures in file"
+            report.messages.append(f"{path}: not read: {util.one_line(reason)}")
+        else:
+            report.messages.extend(f"{path}: block {sk.block or '?'} skipped: "
+                                   f"{util.one_line(sk.reason)}" for sk in skips)
+        report.structures.extend(good)
+        if progress is not None:
+            progress(1, len(files))
+    return report
+
+
+def knn(structures, k: int):
+    """Exact periodic k-NN of every atom: one `neighbours.Neighbours` (distances (N, k),
+    indices (N, k) of each neighbour's atom, radius) per structure. structures: one
+    Structure, ase.Atoms or pymatgen Structure, or a list of them."""
+    from cryknn import neighbours
+
+    return neighbours.featurize(structures_lib.as_structures(structures), k)

@@ -2,7 +2,11 @@
 
   model = load_model()                     # the shipped model (or load_model(workdir))
   model.predict_proba(structures)          # (num_atoms, num_classes) per structure
-  model.score(structures)                  # per-site scores, as `cryknn predict` prints them
+  model.check(structures)                  # per-site scores, as `cryknn predict` prints them
+                                           # (`score` is the same method)
+
+Every method takes one structure or a list: cryknn Structures, ase.Atoms or pymatgen
+Structures.
 
 A site is one row of the CIF's atom-site loop; its symmetry copies are its atoms (a
 structure that did not come from a CIF has one site per atom). For every site: the
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +30,7 @@ import numpy as np
 from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
+from cryknn import extras
 from cryknn import input_pipeline
 from cryknn import neighbours
 from cryknn import saved_model
@@ -35,7 +41,7 @@ PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretraine
 DEFAULT_MODEL = "default"
 CSV_COLUMNS = ("structure_id", "site_label", "given_element", "predicted_element",
                "p_predicted", "p_given", "multiplicity", "site_row", "atom_index",
-               "structure_warnings")
+               "structure_warnings", "structure_plausibility", "top3")
 # First-neighbour distances outside this range (angstrom) are flagged: no bond is shorter
 # than 0.5 A (X-ray C-H is 0.93 A), and in no solid is the nearest atom 4 A away.
 SANE_FIRST_NEIGHBOUR = (0.5, 4.0)
@@ -51,6 +57,8 @@ def pretrained_names() -> list[str]:
 def load_model(workdir: str | None = None, name: str = DEFAULT_MODEL) -> "Model":
     """The model trained in `workdir`, or else the shipped pretrained model `name`."""
     if workdir is not None:
+        if not extras.installed("orbax.checkpoint"):  # the core install: exports only
+            return Model(_load_export(workdir), f"workdir {workdir}")
         from cryknn import checkpoints  # orbax: only for a workdir without an export
 
         return Model(checkpoints.load_trained(workdir), f"workdir {workdir}")
@@ -59,6 +67,16 @@ def load_model(workdir: str | None = None, name: str = DEFAULT_MODEL) -> "Model"
         raise errors.ModelError(f"no shipped model named {name!r}; shipped: "
                                 f"{', '.join(pretrained_names()) or 'none'}")
     return Model(saved_model.load(folder), f"shipped model {name!r}")
+
+
+def _load_export(workdir: str) -> saved_model.SavedModel:
+    """The params-only export of a finished run (`<workdir>/model`), without orbax."""
+    export = os.path.join(workdir, "model")
+    if not saved_model.exists(export):
+        raise errors.MissingExtraError(
+            f"{workdir} has no exported model (no training run there, or it is unfinished); "
+            f"reading its checkpoints needs the 'train' extra: pip install 'cryknn[train]'")
+    return saved_model.load(export)
 
 
 @dataclasses.dataclass
@@ -74,6 +92,7 @@ class SiteScore:
     multiplicity: int  # unit-cell atoms this site stands for
     site_row: int  # 1-based row of the atom-site loop
     atom_index: int | None = None  # per-atom rows: the atom's index in the unit cell
+    top: list = dataclasses.field(default_factory=list)  # [(element, p)], 3 most probable
 
 
 @dataclasses.dataclass
@@ -93,15 +112,50 @@ class Scores(list):
     """StructureScores, one per structure; `to_pandas()` gives one row per site."""
 
     def rows(self) -> list[dict]:
+        """The CSV's rows (formatted text), one per site."""
         return [dict(zip(CSV_COLUMNS, _csv_row(score, site))) for score in self
                 for site in score.sites]
 
-    def to_pandas(self):
-        try:
-            import pandas as pd
-        except ImportError:
-            raise errors.UserError("Scores.to_pandas needs pandas: pip install pandas") from None
-        return pd.DataFrame(self.rows(), columns=list(CSV_COLUMNS))
+    def to_pandas(self, per: str = "site"):
+        """A typed DataFrame (needs the pandas extra: pip install 'cryknn[pandas]').
+
+        per='site': the CSV's columns, one row per site (or atom); probabilities are floats,
+        NaN where the given element is not modelled. per='structure': one row per structure
+        (structure_id, plausibility, modelled_atoms, num_atoms, num_sites, warnings)."""
+        from cryknn import extras
+
+        extras.require("pandas", "Scores.to_pandas")
+        import pandas as pd
+
+        if per == "structure":
+            return pd.DataFrame(_structure_record(s) for s in self).astype(
+                {"plausibility": float})
+        if per != "site":
+            raise errors.ConfigError(f"per must be 'site' or 'structure', got {per!r}")
+        frame = pd.DataFrame([_site_record(score, t) for score in self for t in score.sites],
+                             columns=list(CSV_COLUMNS))
+        return frame.astype({"p_predicted": float, "p_given": float, "multiplicity": int,
+                             "site_row": int, "atom_index": "Int64",
+                             "structure_plausibility": float})
+
+
+def _site_record(score: StructureScore, t: SiteScore) -> list:
+    nan = float("nan")
+    return [t.structure_id, t.site_label, t.given, t.predicted, t.p_predicted,
+            nan if t.p_given is None else t.p_given, t.multiplicity, t.site_row,
+            t.atom_index, "; ".join(score.warnings),
+            nan if score.plausibility is None else score.plausibility, _top3_text(t)]
+
+
+def _structure_record(score: StructureScore) -> dict:
+    return {"structure_id": score.structure_id,
+            "plausibility": float("nan") if score.plausibility is None else score.plausibility,
+            "modelled_atoms": score.modelled_atoms, "num_atoms": score.num_atoms,
+            "num_sites": len(score.sites), "warnings": "; ".join(score.warnings)}
+
+
+def _top3_text(t: SiteScore) -> str:
+    return " ".join(f"{element}:{p:.3f}" for element, p in t.top)
 
 
 class Model:
@@ -131,6 +185,10 @@ class Model:
         return ("masked-atom (sees its neighbours' elements)" if self.spec.neighbour_elements
                 else "geometry only")
 
+    def _top(self, probs: np.ndarray, n: int = 3) -> list[tuple[str, float]]:
+        """The n most probable elements of a (C,) probability vector, best first."""
+        return [(self.elements[int(i)], float(probs[i])) for i in np.argsort(-probs)[:n]]
+
     def describe(self) -> str:
         s = self.saved
         unfinished = ("" if s.total_steps is None or s.step is None or s.step >= s.total_steps
@@ -139,11 +197,14 @@ class Model:
         return (f"model {s.config.model} ({self.mode}; k={self.k}; elements "
                 f"{','.join(self.elements)}) from {self.source}{unfinished}{notes}")
 
-    def predict_proba(self, structures: Sequence[structures_lib.Structure],
-                      batch_size: int = 4096) -> list[np.ndarray]:
-        """(num_atoms, num_classes) probabilities per structure, atoms in structure order.
-        Raises FeaturizeError for a structure whose cell cannot be featurised."""
-        return self._predict(list(structures), batch_size)[0]
+    def predict_proba(self, structures, batch_size: int = 4096):
+        """(num_atoms, num_classes) probabilities per structure, atoms in structure order:
+        one array for one structure, a list of arrays for a list. structures: cryknn
+        Structures, ase.Atoms or pymatgen Structures. Raises FeaturizeError for a structure
+        whose cell cannot be featurised."""
+        found = structures_lib.as_structures(structures)
+        probs = self._predict(found, batch_size)[0]
+        return probs[0] if structures_lib.is_single(structures) else probs
 
     def _predict(self, structures: list, batch_size: int):
         """(probabilities per structure, the structures' AtomTable)."""
@@ -170,10 +231,23 @@ class Model:
             out.append(np.asarray(self._probs(self.saved.params, inputs))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
 
-    def score(self, structures: Sequence[structures_lib.Structure], *,
-              per_atom: bool = False, batch_size: int = 4096) -> Scores:
-        """Per-site (or per-atom) scores of every structure."""
-        structures = list(structures)
+    def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096) -> Scores:
+        """Per-site (or per-atom) scores of every structure (one, or a list; cryknn
+        Structures, ase.Atoms or pymatgen Structures): what `cryknn check` prints."""
+        return self.score(structures, per_atom=per_atom, batch_size=batch_size)
+
+    def score(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
+              progress=None, chunk: int = 64) -> Scores:
+        """Per-site (or per-atom) scores of every structure; the same as `check` (scores,
+        not a metric as in scikit-learn). progress(done, total): called after every
+        `chunk` structures, which are then scored a chunk at a time."""
+        structures = structures_lib.as_structures(structures)
+        if progress is not None:
+            scores = Scores()
+            for part in util.chunked(structures, chunk):
+                scores.extend(self.score(part, per_atom=per_atom, batch_size=batch_size))
+                progress(len(part), len(structures))
+            return scores
         probs, table = self._predict(structures, batch_size)
         starts = np.cumsum([0] + [s.num_atoms for s in structures])
         return Scores(self._score_one(s, p, table.distances[a:a + s.num_atoms, 0], per_atom)
@@ -201,7 +275,7 @@ class Model:
                 s.id, labels[atoms[0]], elements_lib.symbol(int(s.numbers[atoms[0]])),
                 self.elements[best], float(mean[best]), float(mean[c]) if c >= 0 else None,
                 len(atoms), int(s.site_index[atoms[0]]) + 1,
-                atoms[0] if per_atom else None))
+                atoms[0] if per_atom else None, top=self._top(mean)))
         return StructureScore(s.id, sites, plausibility, int(modelled.sum()), s.num_atoms,
                               structure_warnings(s, first_distance))
 
@@ -249,7 +323,7 @@ def structure_warnings(s: structures_lib.Structure, first_distance: np.ndarray) 
     for policy, n in s.removed.items():
         what = structures_lib.POLICY_REMOVALS.get(policy, policy)
         warnings.append(f"reading removed {n} atoms: {what}")
-    return warnings
+    return warnings + list(getattr(s, "notes", ()))
 
 
 # ----------------------------------------------------------------------------
@@ -279,33 +353,69 @@ def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None 
 
 def format_structure(score: StructureScore, threshold: float,
                      implausible_only: bool = False) -> str:
-    """Text block of one structure: a header line, warnings, one line per site."""
+    """Text block of one structure within WIDTH columns: a header line naming it (the only
+    line that does), warnings, one line per site (per atom: the label with [atom index])."""
+    import textwrap
+
     flagged = score.implausible(threshold)
     plaus = "-" if score.plausibility is None else f"{score.plausibility:.3f}"
-    lines = [f"{score.structure_id}: plausibility {plaus} (geometric mean p(given) over "
-             f"{score.modelled_atoms} of {score.num_atoms} atoms); {len(flagged)} implausible "
-             f"site{'s' if len(flagged) != 1 else ''}"]
-    lines += [f"  {score.structure_id}  WARNING: {w}" for w in score.warnings]
-    width = max([len(t.site_label) for t in score.sites] + [4])
-    if flagged or not implausible_only:
-        lines.append(f"  {score.structure_id}  {'site':<{width}}  given  predicted      "
-                     f"p(given)  atoms")
-    for t in (flagged if implausible_only else score.sites):
-        if t.p_given is None:
-            given, mark = "     -", "  (element not modelled)"
-        else:
-            given = f"{t.p_given:6.3f}"
-            mark = "  IMPLAUSIBLE" if t.p_given < threshold else ""
-        lines.append(f"  {score.structure_id}  {t.site_label:<{width}}  {t.given:<5}  "
-                     f"{t.predicted:<3} {t.p_predicted:5.3f}      {given}  {t.multiplicity:5d}"
-                     f"{mark}")
+    tail = (f"  plausibility {plaus} ({score.modelled_atoms}/{score.num_atoms} atoms "
+            f"modelled), {len(flagged)} implausible")
+    lines = [_fit(score.structure_id, WIDTH - len(tail)) + tail]
+    for w in score.warnings:
+        lines += textwrap.wrap(w, WIDTH, initial_indent="  WARNING: ",
+                               subsequent_indent=" " * 11)
+    shown = flagged if implausible_only else score.sites
+    labels = [_fit(t.site_label + ("" if t.atom_index is None else f"[{t.atom_index}]"),
+                   MAX_LABEL) for t in shown]
+    width = max([len(label) for label in labels] + [4])
+    if shown:
+        lines.append(f"  {'site':<{width}}  given  predicted   p(given)  atoms  top 3")
+    for t, label in zip(shown, labels):
+        given = "     -" if t.p_given is None else f"{t.p_given:6.3f}"
+        mark = ("  not modelled" if t.p_given is None else
+                "  IMPLAUSIBLE" if t.p_given < threshold else "")
+        top = " ".join(f"{e}:{p:.2f}" for e, p in t.top)
+        lines.append(f"  {label:<{width}}  {t.given:<5}  {t.predicted:<3} {t.p_predicted:5.3f}"
+                     f"     {given}  {t.multiplicity:5d}  {top}{mark}")
+    return "\n".join(lines)
+
+
+WIDTH = 100  # terminal output fits this many columns
+MAX_LABEL = 16
+
+
+def _fit(text: str, width: int) -> str:
+    """text, shortened in the middle to at most width characters."""
+    if len(text) <= width:
+        return text
+    half = (width - 3) // 2
+    return text[:half] + "..." + text[len(text) - (width - 3 - half):]
+
+
+def format_summary(scores: Sequence[StructureScore], threshold: float, files: int,
+                   not_read: int, worst: int = 5) -> str:
+    """The closing summary of a run: files read and not, structures scored and flagged,
+    the `worst` least plausible structures."""
+    flagged = sum(1 for score in scores if score.implausible(threshold))
+    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
+    lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
+             f"{plural(len(scores), 'structure')} scored",
+             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:g}"]
+    ranked = sorted((score for score in scores if score.plausibility is not None),
+                    key=lambda score: score.plausibility)[:worst]
+    if ranked:
+        lines.append(f"least plausible {len(ranked)}:")
+        lines += [f"  {score.plausibility:.3f}  {_fit(score.structure_id, WIDTH - 9)}"
+                  for score in ranked]
     return "\n".join(lines)
 
 
 def _csv_row(score: StructureScore, t: SiteScore) -> list:
     return [t.structure_id, t.site_label, t.given, t.predicted, f"{t.p_predicted:.4f}",
             "" if t.p_given is None else f"{t.p_given:.4f}", t.multiplicity, t.site_row,
-            "" if t.atom_index is None else t.atom_index, "; ".join(score.warnings)]
+            "" if t.atom_index is None else t.atom_index, "; ".join(score.warnings),
+            "" if score.plausibility is None else f"{score.plausibility:.4f}", _top3_text(t)]
 
 
 def write_csv(path: str, scores: Sequence[StructureScore]) -> None:
@@ -317,3 +427,96 @@ def write_csv(path: str, scores: Sequence[StructureScore]) -> None:
         for score in scores:
             for t in score.sites:
                 w.writerow(_csv_row(score, t))
+
+
+FLAGGED_FORMATS = (".cif", ".xyz", ".extxyz")
+
+
+def write_flagged(path: str, structures: Sequence[structures_lib.Structure],
+                  scores: Sequence[StructureScore], threshold: float) -> int:
+    """Writes the structures with an implausible site, with the flags per atom: a CIF
+    (`write_flagged_cif`) or, for .xyz / .extxyz, extended XYZ through ase with the
+    per-atom arrays cryknn_p_given, cryknn_predicted and cryknn_flag. Returns how many."""
+    if path.lower().endswith(".cif"):
+        return write_flagged_cif(path, structures, scores, threshold)
+    from cryknn import extras
+
+    extras.require("ase", "writing extended XYZ")
+    import ase.io
+
+    images = []
+    for s, score in _paired(structures, scores):
+        if score.implausible(threshold):
+            atoms = s.to_ase()
+            p_given, predicted, flag = _atom_flags(s, score, threshold)
+            atoms.arrays["cryknn_p_given"] = np.array([np.nan if p is None else p
+                                                       for p in p_given])
+            atoms.arrays["cryknn_predicted"] = np.array(predicted)
+            atoms.arrays["cryknn_flag"] = np.array(flag)
+            atoms.info["structure_id"] = score.structure_id
+            atoms.info["plausibility"] = score.plausibility
+            images.append(atoms)
+    with util.atomic_path(path, suffix=".xyz") as tmp:
+        ase.io.write(tmp, images, format="extxyz")
+    return len(images)
+
+
+def _paired(structures: Sequence[structures_lib.Structure],
+            scores: Sequence[StructureScore]):
+    """(structure, its score) in order; structures without a score (skipped while scoring)
+    are passed over."""
+    it = iter(scores)
+    score = next(it, None)
+    for s in structures:
+        if score is not None and score.structure_id == s.id:
+            yield s, score
+            score = next(it, None)
+
+
+def _atom_flags(s: structures_lib.Structure, score: StructureScore, threshold: float):
+    """Per unit-cell atom: p(given) (None: not modelled), predicted element, flag
+    ('implausible', 'not_modelled' or '.')."""
+    per_atom = any(t.atom_index is not None for t in score.sites)
+    site_of = {(t.atom_index if per_atom else t.site_row - 1): t for t in score.sites}
+    sites = [site_of[i if per_atom else int(s.site_index[i])] for i in range(s.num_atoms)]
+    flags = ["not_modelled" if t.p_given is None else
+             "implausible" if t.p_given < threshold else "." for t in sites]
+    return [t.p_given for t in sites], [t.predicted for t in sites], flags
+
+
+def write_flagged_cif(path: str, structures: Sequence[structures_lib.Structure],
+                      scores: Sequence[StructureScore], threshold: float) -> int:
+    """Writes every structure with an implausible site as a P1 CIF block of its unit-cell
+    atoms, with the columns _atom_site_cryknn_p_given, _atom_site_cryknn_predicted and
+    _atom_site_cryknn_flag ('implausible', 'not_modelled' or '.'), which VESTA, Mercury,
+    ase and gemmi read (unknown tags are kept or ignored). Returns the blocks written."""
+    blocks = [_flagged_block(s, score, threshold) for s, score in _paired(structures, scores)
+              if score.implausible(threshold)]
+    with util.atomic_open(path, "w") as f:
+        f.write("# cryknn: structures with implausible sites\n" + "".join(blocks))
+    return len(blocks)
+
+
+def _flagged_block(s: structures_lib.Structure, score: StructureScore, threshold: float) -> str:
+    from gemmi import cif
+
+    p_given, predicted, flags = _atom_flags(s, score, threshold)
+    a, b, c = np.linalg.norm(s.lattice, axis=1)
+    cosines = [s.lattice[i] @ s.lattice[j] / (n_i * n_j) for i, j, n_i, n_j in
+               ((1, 2, b, c), (0, 2, a, c), (0, 1, a, b))]
+    angles = np.degrees(np.arccos(np.clip(cosines, -1, 1)))
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", score.structure_id)
+    lines = [f"data_{name}", f"_cell_length_a {a:.6f}", f"_cell_length_b {b:.6f}",
+             f"_cell_length_c {c:.6f}", f"_cell_angle_alpha {angles[0]:.6f}",
+             f"_cell_angle_beta {angles[1]:.6f}", f"_cell_angle_gamma {angles[2]:.6f}",
+             "_symmetry_space_group_name_H-M 'P 1'", "loop_"]
+    lines += [f"_atom_site_{tag}" for tag in (
+        "label", "type_symbol", "fract_x", "fract_y", "fract_z", "occupancy",
+        "cryknn_p_given", "cryknn_predicted", "cryknn_flag")]
+    for i in range(s.num_atoms):
+        p = "?" if p_given[i] is None else f"{p_given[i]:.4f}"
+        x, y, z = s.frac[i]
+        lines.append(f"{cif.quote(str(s.labels[i]))} {elements_lib.symbol(int(s.numbers[i]))} "
+                     f"{x:.6f} {y:.6f} {z:.6f} {float(s.occupancies[i]):.4f} {p} "
+                     f"{predicted[i]} {flags[i]}")
+    return "\n".join(lines) + "\n\n"

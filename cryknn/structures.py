@@ -46,6 +46,9 @@ class Structure:
         loop (symmetry copies share their row). Default: one site per atom.
       removed: atoms the reading policies took out, by policy ('duplicates_merged',
         'disorder_dropped'); empty when none (see ReadOptions).
+      notes: what the reader had to guess (elements read from site labels), one line each.
+
+    `len(s)` is the number of atoms; `repr(s)` one short line.
     """
 
     id: str
@@ -57,6 +60,22 @@ class Structure:
     occupancies: np.ndarray
     site_index: np.ndarray | None = None
     removed: dict = dataclasses.field(default_factory=dict)
+    notes: tuple = ()
+
+    def __len__(self) -> int:
+        return self.num_atoms
+
+    def __repr__(self) -> str:
+        lengths = " ".join(f"{x:.3g}" for x in np.linalg.norm(self.lattice, axis=1))
+        return (f"Structure(id={self.id!r}, formula={self.formula!r}, atoms={self.num_atoms}, "
+                f"sites={self.num_sites}, cell=[{lengths}] A)")
+
+    @property
+    def formula(self) -> str:
+        """Unit-cell formula, elements in order of first appearance ('C4H8O')."""
+        z, first, count = np.unique(self.numbers, return_index=True, return_counts=True)
+        return "".join(elements.symbol(int(z[i])) + (str(count[i]) if count[i] > 1 else "")
+                       for i in np.argsort(first))
 
     def __post_init__(self):
         if self.site_index is None:
@@ -113,11 +132,51 @@ class Structure:
         return cls.from_arrays(structure.lattice.matrix, structure.frac_coords,
                                [site.specie.Z for site in structure], id=name)
 
+    def to_pymatgen(self):
+        """This structure as a pymatgen Structure (needs pymatgen: pip install pymatgen);
+        the site labels and occupancies are kept as site properties."""
+        try:
+            from pymatgen.core import Lattice, Structure as PymatgenStructure
+        except ImportError:
+            raise errors.MissingExtraError("Structure.to_pymatgen needs pymatgen: "
+                                           "pip install pymatgen") from None
+        return PymatgenStructure(
+            Lattice(self.lattice), [elements.symbol(int(z)) for z in self.numbers], self.frac,
+            site_properties={"label": [str(x) for x in self.labels],
+                             "occupancy": self.occupancies.astype(float).tolist()})
+
     def to_ase(self):
         """This structure as an ase.Atoms (needs ase: pip install 'cryknn[ase]')."""
         ase = _import_ase()
         return ase.Atoms(numbers=self.numbers, cell=self.lattice, scaled_positions=self.frac,
                          pbc=True)
+
+
+def as_structure(obj) -> Structure:
+    """A Structure from a Structure, an ase.Atoms or a pymatgen Structure."""
+    if isinstance(obj, Structure):
+        return obj
+    if hasattr(obj, "get_scaled_positions") and hasattr(obj, "pbc"):  # ase.Atoms
+        return Structure.from_ase(obj)
+    if hasattr(obj, "frac_coords") and hasattr(obj, "lattice"):  # pymatgen Structure
+        return Structure.from_pymatgen(obj)
+    raise errors.DataFormatError(f"expected a cryknn Structure, an ase.Atoms or a pymatgen "
+                                 f"Structure (or a list of them), got {type(obj).__name__}")
+
+
+def as_structures(x) -> list[Structure]:
+    """A list of Structures from one structure (any kind as_structure takes) or many."""
+    if isinstance(x, (str, bytes, os.PathLike)):
+        raise errors.DataFormatError("got a path: read it first with cryknn.read(path)")
+    if is_single(x):
+        return [as_structure(x)]
+    return [as_structure(item) for item in x]
+
+
+def is_single(x) -> bool:
+    """Whether x is one structure (a Structure, ase.Atoms, pymatgen Structure), not a list."""
+    return (isinstance(x, Structure) or not isinstance(x, Iterable) or hasattr(x, "pbc")
+            or hasattr(x, "frac_coords"))
 
 
 def _import_ase():
@@ -886,6 +945,31 @@ def _expand(frac: np.ndarray, rows: np.ndarray, rot: np.ndarray, tran: np.ndarra
     return atoms, removed
 
 
+_LABEL_ELEMENT = re.compile(r"^([A-Za-z]{1,2})(?![A-Za-z])")
+
+
+def _label_guesses(labels: list[str]) -> tuple[str, ...]:
+    """Without _atom_site_type_symbol every element is guessed from its site label: the
+    note saying so, or a skip for a label that is not an element symbol followed by a
+    non-letter ('WatII' would otherwise be tungsten)."""
+    guesses = {}
+    for label in dict.fromkeys(labels):
+        match = _LABEL_ELEMENT.match(label.strip())
+        letters = match.group(1) if match else ""
+        if letters.lower() in elements.DUMMY_SYMBOLS:
+            continue  # a dummy atom: the element check says so
+        try:
+            elements.atomic_number(letters)
+        except errors.UnknownElementError:
+            raise _BlockSkip(f"no _atom_site_type_symbol, and site label {label!r} is not an "
+                             f"element symbol followed by a non-letter: its element is "
+                             f"unknown") from None
+        guesses[label] = letters.capitalize()
+    shown = ", ".join(f"{label}->{e}" for label, e in list(guesses.items())[:6])
+    more = f", ... ({len(guesses)} labels)" if len(guesses) > 6 else ""
+    return (f"elements guessed from site labels (no _atom_site_type_symbol): {shown}{more}",)
+
+
 def _read_block(block, name: str, source: str, options: ReadOptions) -> Structure:
     table = _site_table(block)
     lattice, cell = _cell(block)
@@ -895,6 +979,7 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
     bad = ~np.isfinite(frac).all(axis=1)
     if bad.all() and all(v in _NULLS for c in (_X, _Y, _Z) for v in table.column(c)):
         raise _BlockSkip("no atom sites (the atom site loop holds only '?' / '.')")
+    notes = _label_guesses(labels) if not table.has_column(_TYPE) else ()
     numbers = _atomic_numbers(table, labels, symbols, options)
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
@@ -919,6 +1004,7 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
         occupancies=atoms.occ.astype(np.float32),
         site_index=atoms.parent.astype(np.int32),
         removed={key: n for key, n in removed.items() if n},
+        notes=notes,
     )
 
 

@@ -114,3 +114,23 @@ def stderr_silenced() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+class ProgressBar:
+    """A tqdm bar on stderr, created at the first update(done, total) (total known then);
+    `unit` names what is counted."""
+
+    def __init__(self, unit: str = "file"):
+        self.unit = unit
+        self._bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

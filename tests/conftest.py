@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,34 @@ def run_python(code: str, timeout: float = 300, **env: str) -> subprocess.Comple
     """`python -c code` in the repository, output captured as text."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+
+
+# What the core install (`pip install cryknn`, no extras) lacks: a child Python that cannot
+# import these behaves as a core-only venv would, without building one.
+EXTRA_MODULES = ("tensorflow", "tensorflow_datasets", "optax", "orbax", "matplotlib", "pandas",
+                 "tensorboard", "ase", "pymatgen", "apache_beam", "core_mof")
+
+
+def run_core_only(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`cryknn args...` in a child whose optional dependencies (EXTRA_MODULES) cannot be
+    imported; an argument 'python:CODE' runs CODE instead of the command."""
+    block = f"import sys; sys.modules.update(dict.fromkeys({EXTRA_MODULES!r}))"
+    if args and args[0].startswith("python:"):
+        code = f"{block}\n{args[0][len('python:'):]}"
+    else:
+        code = f"{block}\nfrom cryknn import cli\ncli.main(['cryknn', *{list(map(str, args))!r}])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+
+
+# A tqdm progress bar line, at any speed ('3.2file/s' or '1.66s/file').
+_PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")
+
+
+def progress_free(stderr: str) -> list[str]:
+    """The non-empty stderr lines that are not a tqdm progress bar."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not _PROGRESS.search(line)]
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
