@@ -287,14 +287,11 @@ def atom_table(structures: Sequence[structures_lib.Structure],
     if skips:
         raise errors.FeaturizeError(f"{skips[0].file} [{skips[0].block}]: {skips[0].reason}")
     found = neighbours.featurize(structures, k)
-    table = input_pipeline.AtomTable.from_structures(
+    # Sites as in training: symmetry copies of a CIF row, and coincident same-element atoms.
+    return input_pipeline.AtomTable.from_structures(
         [s.id for s in structures], [s.numbers for s in structures],
         [s.labels for s in structures], [n.distances for n in found],
-        [n.indices for n in found], k)
-    # Sites numbered across the table: the symmetry copies of a site are that site.
-    offsets = np.cumsum([0] + [int(s.site_index.max()) + 1 for s in structures[:-1]])
-    site = np.concatenate([s.site_index.astype(np.int64) + o for s, o in zip(structures, offsets)])
-    return dataclasses.replace(table, site=site)
+        [n.indices for n in found], k, [s.site_index for s in structures])
 
 
 def _site_labels(s: structures_lib.Structure) -> list[str]:
