@@ -62,6 +62,7 @@ def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -
     missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise errors.ConfigError(f"no such file or folder: {missing[0]}")
+    command.check_output(out, paths)
 
 
 class Rows:

@@ -64,6 +64,7 @@ def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> 
         folder = os.path.dirname(os.path.abspath(out))
         if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise errors.ConfigError(f"cannot write --out={out}")
+        command.check_output(out, paths)
 
 
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
