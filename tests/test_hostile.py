@@ -270,7 +270,7 @@ def _edit_json(folder, edit):
 @pytest.mark.parametrize("edit,word", [
     (lambda run: run.__setitem__("input_mean", run["input_mean"][:-1]), "input_mean"),
     (lambda run: run["config"].__setitem__("k", 1000), "k"),
-    (lambda run: run["config"].__setitem__("k", 6), "params.msgpack"),
+    (lambda run: run["config"].__setitem__("k", 6), "k = 6"),
     (lambda run: run["config"].__setitem__("width", 7), "params.msgpack"),
     (lambda run: run.__setitem__("atomic_numbers", run["atomic_numbers"][:-1]), "elements"),
     (lambda run: run.__setitem__("atomic_numbers", [999] * len(run["atomic_numbers"])),
