@@ -39,6 +39,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output file; must end in .npz.")
     flags.DEFINE_integer("chunk_structures", 512,
                          "Structures read before each featurisation pass (bounds memory).")
+    flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
+                         "unread.", lower_bound=1)
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
@@ -46,6 +48,8 @@ def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -
     """Raise ConfigError (one line) for the first unusable argument."""
     if k < 1:
         raise errors.ConfigError(f"--k must be >= 1, got {k}")
+    if k > 1024:  # neighbours.MAX_K (not imported here: JAX loads slowly)
+        raise errors.ConfigError(f"--k must be at most 1024, got {k}")
     if chunk < 1:
         raise errors.ConfigError(f"--chunk_structures must be >= 1, got {chunk}")
     if not out:
@@ -116,9 +120,9 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
             skips.extend(skipped)
             if progress is not None:
                 progress(1, len(files))
-        good, unusable = neighbours.split_featurizable(read)
+        good, found, unusable = neighbours.featurize_isolated(read, k)
         skips.extend(unusable)
-        for s, nb in zip(good, neighbours.featurize(good, k)):
+        for s, nb in zip(good, found):
             rows.add(s, nb.distances, nb.indices)
     return rows, skips
 
@@ -146,6 +150,7 @@ def main(argv: list[str]) -> int:
     paths = argv[1:]
     check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
     options = command.dataclass_from_flags(structures_lib.ReadOptions)
+    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     neighbours.enable_compilation_cache()
     start = time.perf_counter()
     bar = _ProgressBar()
@@ -154,6 +159,8 @@ def main(argv: list[str]) -> int:
                                       progress=bar.update)
     finally:
         bar.close()
+    if rows.num_structures == 0:
+        return _nothing_featurised(skips)
     with util.atomic_path(FLAGS.out, suffix=".npz") as tmp:
         np.savez(tmp, **rows.arrays())  # uncompressed: float32 distances barely compress
     print(f"wrote {FLAGS.out}: {rows.num_atoms} atoms from {rows.num_structures} structures, "
@@ -165,6 +172,15 @@ def main(argv: list[str]) -> int:
     if removed:
         print("\n".join(removed))
     return 0
+
+
+def _nothing_featurised(skips: Sequence[structures_lib.Skip]) -> int:
+    """Exit status 1, no file: the skips on stdout, one error line on stderr."""
+    print(skip_report(skips))
+    files = len({skip.file for skip in skips})
+    print(f"error: nothing to write: no structure in the {files} input file(s) could be "
+          f"featurised (reasons above); no file written", file=sys.stderr)
+    return 1
 
 
 class _ProgressBar:

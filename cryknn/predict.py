@@ -50,6 +50,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
                       "of per site.")
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
+    flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
+                         "unread.", lower_bound=1)
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
@@ -81,27 +83,32 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     structures, messages, all_read = scoring.read_files(paths, options)
     for m in messages:
         print(m, file=stderr)
-    scores = model.score(structures, per_atom=per_atom, batch_size=batch_size)
+    scores, failed = scoring.score_isolated(model, structures, per_atom=per_atom,
+                                            batch_size=batch_size)
+    for skip in failed:
+        print(f"{skip.file}: block {skip.block or '?'} not scored: {util.one_line(skip.reason)}",
+              file=stderr)
     print(model.describe(), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
     if out is not None:
         scoring.write_csv(out, scores)
         print(f"wrote {sum(len(s.sites) for s in scores)} rows to {out}", file=stdout)
-    return 0 if all_read else 1
+    return 0 if all_read and not failed and scores else 1
 
 
 def main(argv: list[str]) -> int:
     from absl import flags
 
     FLAGS = flags.FLAGS
+    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     try:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
                            options=command.dataclass_from_flags(structures_lib.ReadOptions))
-    except (errors.UserError, KeyboardInterrupt):
-        raise
+    except (errors.UserError, KeyboardInterrupt, OSError):
+        raise  # one line, exit 2 (a full disk, an unwritable --out)
     except Exception as e:  # noqa: BLE001 - a scoring tool never shows a traceback
         print(f"error: {type(e).__name__}: {util.one_line(e, 300)}", file=sys.stderr)
         return 1

@@ -437,9 +437,7 @@ _CELL_TAGS = ("_cell_length_a", "_cell_length_b", "_cell_length_c",
               "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
 
 
-# Cell lengths (angstrom) read: float32 squared distances keep 1e-9 A apart from 0 and
-# stay finite for 1e9 A cells with thousands of images (real cells: 2 .. 1000 A).
-CELL_LENGTH_RANGE = (1e-9, 1e9)
+CELL_LENGTH_RANGE = geometry.CELL_LENGTH_RANGE
 # |fractional coordinate| read: beyond this, float64 keeps no digit of the position in
 # the cell (1e300 - floor(1e300) is 0), and no writer means a position 10^6 cells away.
 MAX_FRACTIONAL = 1e6

@@ -233,7 +233,7 @@ def test_one_unfeaturisable_structure_does_not_stop_predict(tmp_path):
     assert "nacl" in rows and "methane" in rows
     npz = tmp_path / "f.npz"
     r = run_module("cryknn.featurize", "--k=5", f"--out={npz}", folder)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # skips are listed
     assert "lattice images" in r.stdout
     assert set(np.load(npz)["structure_id"]) == {"a_good:nacl", "c_good:methane"}
 
