@@ -774,8 +774,10 @@ def _element(symbol: str, isotopes_as_hydrogen: bool) -> int | str:
             found = elements.element_from_type_symbol(symbol, isotopes_as_hydrogen=True)
             if found == 1 and not isotopes_as_hydrogen and elements.is_hydrogen_isotope(symbol):
                 found = f"hydrogen isotope {symbol!r} (isotopes_as_hydrogen=False)"
-        except errors.UnknownElementError:
+        except errors.UnknownElementError as e:
             found = f"unknown element type {symbol!r}"
+            if "placeholder" in str(e):
+                found += " (a placeholder name, not one of the 118 element symbols)"
         if len(_element_cache) < 100_000:
             _element_cache[key] = found
     return found
