@@ -155,7 +155,7 @@ def load(folder: str) -> SavedModel:
     params = _as_numpy(params)
     if not all(np.all(np.isfinite(leaf)) for leaf in _leaves(params)):
         raise errors.ModelError(f"{path} holds non-finite parameters: not a usable model")
-    check_fits(info["run"], config, model, params, folder)
+    check_fits(info["run"], config, model, params, os.path.join(folder, MODEL_JSON))
     return SavedModel(info, config, model, params)
 
 
@@ -173,10 +173,9 @@ def input_floats(config: config_lib.Config) -> int:
 
 
 def check_fits(run: dict, config: config_lib.Config, model: Any, params: Any,
-               folder: str) -> None:
-    """ModelError (one line naming model.json) unless the run definition is within sane
-    bounds and describes exactly the parameters in params.msgpack."""
-    where = os.path.join(folder, MODEL_JSON)
+               where: str, params_name: str = PARAMS) -> None:
+    """ModelError (one line naming `where`, the model.json or config.json holding `run`)
+    unless the run definition is within sane bounds and describes exactly `params`."""
     try:
         _check_bounds(run, config)
     except (errors.UserError, ValueError, TypeError, KeyError) as e:
@@ -197,9 +196,9 @@ def check_fits(run: dict, config: config_lib.Config, model: Any, params: Any,
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[0][0]
         raise errors.ModelError(
-            f"{where} does not describe the parameters in {PARAMS}: {diff} is "
-            f"{expected.get(diff, 'absent')} for model.json, {found.get(diff, 'absent')} in "
-            f"{PARAMS}")
+            f"{where} does not describe the parameters in {params_name}: {diff} is "
+            f"{expected.get(diff, 'absent')} for {os.path.basename(where)}, "
+            f"{found.get(diff, 'absent')} in {params_name}")
 
 
 def _check_bounds(run: dict, config: config_lib.Config) -> None:

@@ -283,3 +283,17 @@ def test_a_model_json_that_does_not_fit_its_params_is_refused(shipped_copy, edit
     with pytest.raises(errors.ModelError) as e:
         saved_model.load(str(shipped_copy))
     assert "model.json" in str(e.value) and word in str(e.value)
+
+
+def test_a_run_definition_that_does_not_fit_its_checkpoint_is_refused(toy_workdir, tmp_path):
+    from cryknn import checkpoints
+
+    workdir = shutil.copytree(toy_workdir, tmp_path / "w")
+    shutil.rmtree(workdir / "model")
+    path = workdir / "config.json"
+    run = json.loads(path.read_text())
+    run["config"]["width"] = 7
+    path.write_text(json.dumps(run))
+    with pytest.raises(errors.ModelError) as e:
+        checkpoints.load_trained(str(workdir))
+    assert "config.json" in str(e.value) and "checkpoint" in str(e.value)
