@@ -138,16 +138,24 @@ def split_featurizable(structures: Sequence[structures_lib.Structure], k: int | 
     needs too many lattice images for k neighbours)."""
     from cryknn import structures as structures_lib
 
+    k = None if k is None else check_k(k)
     good, skips = [], []
     for s in structures:
         try:
             validate_cell(s.lattice, s.frac)
-            if k is not None:
-                check_images(s.lattice, s.num_atoms, check_k(k))
             good.append(s)
         except errors.FeaturizeError as e:
             skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
-    return good, skips
+    if k is None or not good:
+        return good, skips
+    too_many = images_needed(np.stack([s.lattice for s in good]),
+                             [s.num_atoms for s in good], k) > MAX_BLOCK_CANDIDATES
+    for s in [s for s, bad in zip(good, too_many) if bad]:
+        try:
+            check_images(s.lattice, s.num_atoms, k)
+        except errors.FeaturizeError as e:
+            skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
+    return [s for s, bad in zip(good, too_many) if not bad], skips
 
 
 # Candidate slots (atom, image) of one query block at most: a block takes ~2 KB per slot
