@@ -220,7 +220,10 @@ def load_trained(workdir: str, step: int | None = None) -> saved_model.SavedMode
     info = {"run": run, "step": int(step), "total_steps": total,
             "notes": ([f"note: {damaged}; using the checkpoints instead"] if damaged else [])
             + notes}
-    return saved_model.SavedModel(info, config, model, _as_numpy(state["params"]))
+    params = _as_numpy(state["params"])
+    saved_model.check_fits(run, config, model, params, os.path.join(workdir, CONFIG_JSON),
+                           "the checkpoint")
+    return saved_model.SavedModel(info, config, model, params)
 
 
 def export(workdir: str, params: Any, run: dict, metrics: dict, step: int,

@@ -95,6 +95,27 @@ def help_text(usage: str) -> str:
 
 
 
+def check_output(out: str, inputs: Sequence[str], flag: str = "--out") -> None:
+    """ConfigError (one line) unless `out` may be written: absent or a regular file (not a
+    symbolic link, device, FIFO or folder), not one of the inputs, and not a CIF inside an
+    input folder (it would be read back next time)."""
+    try:
+        util.check_output_path(out)
+    except util.UnsafeOutputError as e:
+        raise errors.ConfigError(f"cannot write {flag}={out}: {e}") from None
+    real = os.path.realpath(out)
+    for path in inputs:
+        given = os.path.realpath(path)
+        if given == real or (os.path.exists(out) and os.path.exists(path)
+                             and not os.path.isdir(path) and os.path.samefile(out, path)):
+            raise errors.ConfigError(f"{flag}={out} is one of the input files: refusing to "
+                                     f"overwrite it")
+        if (os.path.isdir(path) and real.startswith(given.rstrip(os.sep) + os.sep)
+                and real.lower().endswith(".cif")):
+            raise errors.ConfigError(f"{flag}={out} is a CIF inside the input folder {path}: "
+                                     f"refusing to write there")
+
+
 # ----------------------------------------------------------------------------
 # Flags generated from a configuration dataclass.
 

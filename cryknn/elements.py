@@ -66,6 +66,12 @@ _LEADING_LETTERS = re.compile(r"^([A-Za-z]+)")
 DUMMY_SYMBOLS = ("du", "dum", "dummy", "cg", "cnt", "cent", "lp", "q", "x", "xx")
 
 
+# IUPAC's temporary names of elements 100-219 (Unq, Uuo, Ubn): three letters spelling
+# digits (n 0, u 1, b 2, t 3, q 4, p 5, h 6, s 7, o 8, e 9). Without this 'Uuo' would fall
+# back on 'U' (uranium).
+_PLACEHOLDER = re.compile(r"^(u[nubtqphsoe]{2}|b[nu][nubtqphsoe])$", re.IGNORECASE)
+
+
 def _element_letters(type_symbol: str) -> str:
     """The element symbol a CIF type symbol or site label starts with.
 
@@ -76,6 +82,10 @@ def _element_letters(type_symbol: str) -> str:
     if not match:
         raise errors.UnknownElementError(f"no element symbol in {type_symbol!r}")
     letters = match.group(1)
+    if _PLACEHOLDER.match(letters):
+        raise errors.UnknownElementError(
+            f"{type_symbol!r} is a systematic placeholder name (like Uuo for element 118, "
+            f"now Og), not one of the 118 element symbols")
     if letters.lower() in DUMMY_SYMBOLS:
         raise errors.UnknownElementError(f"{type_symbol!r} is a dummy or unknown atom type")
     for candidate in dict.fromkeys((letters[:2], letters[:1])):

@@ -41,6 +41,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output file; must end in .npz.")
     flags.DEFINE_integer("chunk_structures", 512,
                          "Structures read before each featurisation pass (bounds memory).")
+    flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
+                         "unread.", lower_bound=1)
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
@@ -48,6 +50,8 @@ def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -
     """Raise ConfigError (one line) for the first unusable argument."""
     if k < 1:
         raise errors.ConfigError(f"--k must be >= 1, got {k}")
+    if k > 1024:  # neighbours.MAX_K (not imported here: JAX loads slowly)
+        raise errors.ConfigError(f"--k must be at most 1024, got {k}")
     if chunk < 1:
         raise errors.ConfigError(f"--chunk_structures must be >= 1, got {chunk}")
     if not out:
@@ -64,6 +68,7 @@ def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -
     missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise errors.ConfigError(f"no such file or folder: {missing[0]}")
+    command.check_output(out, paths)
 
 
 class Rows:
@@ -120,9 +125,9 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
             skips.extend(skipped)
             if progress is not None:
                 progress(1, len(files))
-        good, unusable = neighbours.split_featurizable(read)
+        good, found, unusable = neighbours.featurize_isolated(read, k)
         skips.extend(unusable)
-        for s, nb in zip(good, neighbours.featurize(good, k)):
+        for s, nb in zip(good, found):
             rows.add(s, nb.distances, nb.indices)
     return rows, skips
 
@@ -152,6 +157,7 @@ def main(argv: list[str]) -> int:
     check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
     reading.require_readers(paths)
     options = command.dataclass_from_flags(structures_lib.ReadOptions)
+    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     neighbours.enable_compilation_cache()
     start = time.perf_counter()
     bar = _ProgressBar()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Cell lengths (angstrom) cryknn reads and featurises: float32 squared distances keep
+# 1e-9 A apart from 0 and stay finite for 1e9 A cells (real cells: 2 .. 1000 A).
+CELL_LENGTH_RANGE = (1e-9, 1e9)
+
 
 def interplanar_spacings(lattices: np.ndarray) -> np.ndarray:
     """(..., 3) distances between the lattice planes parallel to (b, c), (c, a), (a, b).

@@ -123,14 +123,22 @@ def validate_cell(lattice: np.ndarray, frac: np.ndarray) -> None:
         raise errors.FeaturizeError(f"positions must be (N>=1, 3), got shape {frac.shape}")
     if not np.all(np.isfinite(frac)):
         raise errors.FeaturizeError("positions contain NaN or infinite coordinates")
+    lengths = np.linalg.norm(lattice, axis=1)
+    low, high = geometry.CELL_LENGTH_RANGE
+    if lengths.min() < low or lengths.max() > high:
+        raise errors.FeaturizeError(f"cell lengths {lengths.min():.3g} .. {lengths.max():.3g} A "
+                                    f"outside {low:g} .. {high:g} A: float32 distances would "
+                                    f"underflow to 0 or overflow")
 
 
-def split_featurizable(structures: Sequence[structures_lib.Structure]
+def split_featurizable(structures: Sequence[structures_lib.Structure], k: int | None = None
                        ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
     """The structures whose cells can be featurised, and a Skip with the reason for each
-    of the others (a degenerate lattice, non-finite coordinates)."""
+    of the others (a degenerate lattice, non-finite coordinates; with `k`, a cell that
+    needs too many lattice images for k neighbours)."""
     from cryknn import structures as structures_lib
 
+    k = None if k is None else check_k(k)
     good, skips = [], []
     for s in structures:
         try:
@@ -138,7 +146,66 @@ def split_featurizable(structures: Sequence[structures_lib.Structure]
             good.append(s)
         except errors.FeaturizeError as e:
             skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
-    return good, skips
+    if k is None or not good:
+        return good, skips
+    too_many = images_needed(np.stack([s.lattice for s in good]),
+                             [s.num_atoms for s in good], k) > MAX_BLOCK_CANDIDATES
+    for s in [s for s, bad in zip(good, too_many) if bad]:
+        try:
+            check_images(s.lattice, s.num_atoms, k)
+        except errors.FeaturizeError as e:
+            skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
+    return [s for s, bad in zip(good, too_many) if not bad], skips
+
+
+# Candidate slots (atom, image) of one query block at most: a block takes ~2 KB per slot
+# on the device (32 queries, ~15 float32 temporaries each), so 2^18 slots are ~0.5 GB.
+# Real cells need < 2^16 even at k = 100; a cell that is a needle or a sheet (a = 1e-6 A,
+# b = c = 1e6 A) would need billions.
+MAX_BLOCK_CANDIDATES = 2**18
+# Neighbours per atom at most (memory grows with k; the research uses k <= 100).
+MAX_K = 1024
+
+
+def check_k(k) -> int:
+    """k as an int; FeaturizeError unless it is an integer in 1..MAX_K."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise errors.FeaturizeError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise errors.FeaturizeError(f"k must be >= 1, got {k}")
+    if k > MAX_K:
+        raise errors.FeaturizeError(f"k = {k}: at most {MAX_K} neighbours per atom")
+    return int(k)
+
+
+def images_needed(lattices: np.ndarray, num_atoms, k: int) -> np.ndarray:
+    """(S,) lattice images the first search for k neighbours takes per structure (as
+    `plan` grows its radius until the box can hold k + 1 points); computed in float64,
+    nothing allocated per image. lattices (S, 3, 3), num_atoms (S,)."""
+    lattices = np.asarray(lattices, np.float64).reshape(-1, 3, 3)
+    num_atoms = np.asarray(num_atoms, np.float64).reshape(-1)
+    spacings = geometry.interplanar_spacings(lattices)
+    radius = initial_radius(lattices, num_atoms, k)
+    for _ in range(200):
+        frac_radius = np.minimum(radius[:, None] * (1.0 + _BOX_SLACK) / spacings, 1e15)
+        images = np.prod(np.floor(2.0 * frac_radius) + 1.0, axis=1)
+        short = (images * num_atoms < k + 1) & (images <= MAX_BLOCK_CANDIDATES)
+        if not short.any():
+            break
+        radius = np.where(short, radius * 1.5, radius)
+    return images
+
+
+def check_images(lattice: np.ndarray, num_atoms: int, k: int) -> None:
+    """FeaturizeError when the first search for k neighbours alone needs more lattice
+    images than a block may hold (MAX_BLOCK_CANDIDATES)."""
+    (images,) = images_needed(lattice, [num_atoms], k)
+    if images > MAX_BLOCK_CANDIDATES:
+        spacings = geometry.interplanar_spacings(np.asarray(lattice, np.float64))
+        raise errors.FeaturizeError(
+            f"needs {images:.3g} lattice images (limit {MAX_BLOCK_CANDIDATES}): cell too "
+            f"anisotropic or too sparse for k = {k} (interplanar spacings "
+            f"{', '.join(f'{h:.3g}' for h in spacings)} A)")
 
 
 def initial_radius(lattice: np.ndarray, num_atoms, k: int):
@@ -619,14 +686,17 @@ def featurize_arrays(
     Returns:
       One Neighbours per structure, each proven exact.
     """
-    if k < 1:
-        raise errors.FeaturizeError(f"k must be >= 1, got {k}")
+    k = check_k(k)
     if len(lattices) != len(fracs):
         raise errors.FeaturizeError("lattices and fracs differ in length")
     for lattice, frac in zip(lattices, fracs):
         validate_cell(lattice, frac)
     if not lattices:
         return []
+    images = images_needed(np.stack(lattices), [len(f) for f in fracs], k)
+    if np.any(images > MAX_BLOCK_CANDIDATES):
+        bad = int(np.argmax(images > MAX_BLOCK_CANDIDATES))
+        check_images(lattices[bad], len(fracs[bad]), k)
     sizes = np.array([len(f) for f in fracs], np.int64)
     out = _Results(sizes, k)
     # One table size for every pass, so a retry reuses the compiled programs.
@@ -634,12 +704,53 @@ def featurize_arrays(
     pending, radii, asked, compiled = np.arange(len(sizes)), None, None, set()
     while pending.size:
         p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
+        _check_block_candidates(p, pending, k)
         done, (pending, radii, asked) = out.collect(
             p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
         if progress is not None:
             progress(done)
     return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))
             for a, n, r in zip(out.starts, sizes, out.radius)]
+
+
+def _check_block_candidates(p: Plan, which: np.ndarray, k: int) -> None:
+    """FeaturizeError naming the structure (its index in the caller's list) whose blocks
+    would hold more than MAX_BLOCK_CANDIDATES candidates (a retry's grown radius)."""
+    too_many = p.block_candidates > MAX_BLOCK_CANDIDATES
+    if too_many.any():
+        b = int(np.flatnonzero(too_many)[0])
+        s = int(p.block_structure[b])
+        raise errors.FeaturizeError(
+            f"structure {int(which[s])}: the search for k = {k} neighbours needs "
+            f"{int(p.block_candidates[b])} candidates per block (limit {MAX_BLOCK_CANDIDATES}, "
+            f"{int(np.prod(p.image_counts[s]))} lattice images): atoms too unevenly spread "
+            f"or cell too anisotropic")
+
+
+def featurize_isolated(structures: Sequence[structures_lib.Structure], k: int, **kwargs
+                       ) -> tuple[list, list[Neighbours], list[structures_lib.Skip]]:
+    """featurize that skips what it cannot featurise instead of failing the batch.
+
+    Returns (the structures featurised, their Neighbours, a Skip with the reason for each
+    other one). A failing batch is split in halves until the structure at fault is alone.
+    """
+    from cryknn import structures as structures_lib
+
+    good, skips = split_featurizable(structures, k)
+    if not good:
+        return [], [], skips
+    try:
+        return good, featurize(good, k, **kwargs), skips
+    except (errors.FeaturizeError, MemoryError) as e:
+        if len(good) == 1:
+            reason = str(e) if isinstance(e, errors.FeaturizeError) else "out of memory"
+            s = good[0]
+            return [], [], skips + [structures_lib.Skip(s.source, s.id.split(":", 1)[-1],
+                                                        reason)]
+    half = len(good) // 2
+    first, second = (featurize_isolated(good[:half], k, **kwargs),
+                     featurize_isolated(good[half:], k, **kwargs))
+    return first[0] + second[0], first[1] + second[1], skips + first[2] + second[2]
 
 
 class _Results:

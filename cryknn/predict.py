@@ -62,6 +62,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("per_atom", False, "One line (and CSV row) per unit-cell atom instead "
                       "of per site.")
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
+    flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
+                         "unread.", lower_bound=1)
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
@@ -76,6 +78,7 @@ def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> 
         folder = os.path.dirname(os.path.abspath(out))
         if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise errors.ConfigError(f"cannot write --out={out}")
+        command.check_output(out, paths)
 
 
 def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
@@ -140,10 +143,13 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
         return 1
     bar = util.ProgressBar("structure")
     try:
-        scores = model.score(report.structures, per_atom=per_atom, batch_size=batch_size,
-                             progress=bar.update)
+        scores, failed = scoring.score_isolated(model, report.structures, per_atom=per_atom,
+                                                batch_size=batch_size, progress=bar.update)
     finally:
         bar.close()
+    for skip in failed:
+        print(f"{skip.file}: block {skip.block or '?'} not scored: {util.one_line(skip.reason)}",
+              file=stderr)
     print(_wrapped(model.describe()), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
@@ -155,21 +161,22 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
         print(f"wrote {n} structures with implausible sites to {flagged_out}", file=stdout)
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)
-    return 0 if report.all_read else 1
+    return 0 if report.all_read and not failed and scores else 1
 
 
 def main(argv: list[str]) -> int:
     from absl import flags
 
     FLAGS = flags.FLAGS
+    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     try:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
                            flagged_out=FLAGS.flagged_out, worst=FLAGS.worst,
                            options=command.dataclass_from_flags(structures_lib.ReadOptions))
-    except (errors.UserError, KeyboardInterrupt):
-        raise
+    except (errors.UserError, KeyboardInterrupt, OSError):
+        raise  # one line, exit 2 (a full disk, an unwritable --out)
     except Exception as e:  # noqa: BLE001 - a scoring tool never shows a traceback
         print(f"error: {type(e).__name__}: {util.one_line(e, 300)}", file=sys.stderr)
         return 1

@@ -156,4 +156,95 @@ def load(folder: str) -> SavedModel:
     params = _as_numpy(params)
     if not all(np.all(np.isfinite(leaf)) for leaf in _leaves(params)):
         raise errors.ModelError(f"{path} holds non-finite parameters: not a usable model")
+    check_fits(info["run"], config, model, params, os.path.join(folder, MODEL_JSON))
     return SavedModel(info, config, model, params)
+
+
+# Bounds on what a model.json may ask for (the research used k <= 20, hops <= 4, width
+# <= 256): beyond them one atom's inputs or the parameters alone take gigabytes.
+MAX_K = 100
+MAX_WIDTH = 4096
+MAX_INPUT_FLOATS = 2**20  # per atom: k distances of each of 1 + k + ... + k**hops nodes
+
+
+def input_floats(config: config_lib.Config) -> int:
+    """Floats of one atom's model inputs (its neighbourhood up to config.hops)."""
+    hops = config.hops if config.model == "graph" else 0
+    return config.k * sum(config.k ** h for h in range(hops + 1))
+
+
+def check_fits(run: dict, config: config_lib.Config, model: Any, params: Any,
+               where: str, params_name: str = PARAMS) -> None:
+    """ModelError (one line naming `where`, the model.json or config.json holding `run`)
+    unless the run definition is within sane bounds and describes exactly `params`."""
+    try:
+        _check_bounds(run, config)
+    except (errors.UserError, ValueError, TypeError, KeyError) as e:
+        raise errors.ModelError(f"{where}: {util.one_line(e, 200)}") from None
+    stats = (run.get("input_mean", run.get("feature_mean")),
+             run.get("input_std", run.get("feature_std")))
+    if stats[0] is not None or stats[1] is not None:
+        width = _input_width(config)
+        for name, values in zip(("input_mean", "input_std"), stats):
+            if not isinstance(values, list) or len(values) != width or not all(
+                    isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+                got = (f"{len(values)} values" if isinstance(values, list)
+                       else util.one_line(values, 40))
+                raise errors.ModelError(f"{where}: {name} must be {width} finite numbers for "
+                                        f"k = {config.k}, got {got}")
+    expected = _param_shapes(model, config)
+    found = {key: tuple(np.shape(leaf)) for key, leaf in _flat(params).items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[0][0]
+        raise errors.ModelError(
+            f"{where} does not describe the parameters in {params_name}: {diff} is "
+            f"{expected.get(diff, 'absent')} for {os.path.basename(where)}, "
+            f"{found.get(diff, 'absent')} in {params_name}")
+
+
+def _check_bounds(run: dict, config: config_lib.Config) -> None:
+    models.check_model_config(config)
+    if not isinstance(config.k, int) or not 1 <= config.k <= MAX_K:
+        raise ValueError(f"k must be an integer in 1..{MAX_K}, got {config.k!r}")
+    if config.width is not None and not 1 <= config.width <= MAX_WIDTH:
+        raise ValueError(f"width must be in 1..{MAX_WIDTH}, got {config.width!r}")
+    if input_floats(config) > MAX_INPUT_FLOATS:
+        raise ValueError(f"k = {config.k} with {config.hops} hops gives {input_floats(config)} "
+                         f"input floats per atom (limit {MAX_INPUT_FLOATS})")
+    symbols, numbers = run["elements_resolved"], run["atomic_numbers"]
+    if len(symbols) != len(numbers) or not 2 <= len(numbers) <= 118:
+        raise ValueError(f"{len(symbols)} elements_resolved and {len(numbers)} atomic_numbers: "
+                         f"need the same number of elements, 2 to 118")
+    from cryknn import elements as elements_lib
+
+    for symbol, z in zip(symbols, numbers):
+        if not isinstance(z, int) or not 1 <= z <= 118 or elements_lib.symbol(z) != symbol:
+            raise ValueError(f"atomic_numbers: {z!r} is not element {symbol!r}")
+    if len(set(numbers)) != len(numbers):
+        raise ValueError("atomic_numbers repeat an element")
+
+
+def _input_width(config: config_lib.Config) -> int:
+    kind = config.input_map if config.model == "mlp" else "raw"
+    return int(models.input_map(np.ones((1, config.k)), kind).shape[1])
+
+
+def _param_shapes(model: Any, config: config_lib.Config) -> dict:
+    """{'/'-joined path: shape} of the parameters `model` has (traced, nothing computed)."""
+    import jax
+
+    from cryknn import input_pipeline
+
+    inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
+    shapes = jax.eval_shape(lambda: models.init_params(model, config.k, jax.random.key(0),
+                                                       inputs))
+    return {key: tuple(leaf.shape) for key, leaf in _flat(shapes).items()}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+    if hasattr(tree, "items"):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}/{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}

@@ -286,8 +286,13 @@ def atom_table(structures: Sequence[structures_lib.Structure],
     good, skips = neighbours.split_featurizable(structures)
     if skips:
         raise errors.FeaturizeError(f"{skips[0].file} [{skips[0].block}]: {skips[0].reason}")
-    found = neighbours.featurize(structures, k)
-    # Sites as in training: symmetry copies of a CIF row, and coincident same-element atoms.
+    return table_from(structures, neighbours.featurize(structures, k), k)
+
+
+def table_from(structures: Sequence[structures_lib.Structure],
+               found: Sequence[neighbours.Neighbours], k: int) -> input_pipeline.AtomTable:
+    """atom_table from the structures' k-NN already computed. Sites as in training:
+    symmetry copies of a CIF row, and coincident same-element atoms."""
     return input_pipeline.AtomTable.from_structures(
         [s.id for s in structures], [s.numbers for s in structures],
         [s.labels for s in structures], [n.distances for n in found],
@@ -346,6 +351,39 @@ def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None 
                             f"{util.one_line(sk.reason)}" for sk in skips)
         structures.extend(good)
     return structures, messages, all_read
+
+
+# Floats of model inputs per forward pass at most (~256 MB): a model with a wide
+# neighbourhood (large k, many hops) scores fewer atoms per pass.
+MAX_BATCH_INPUT_FLOATS = 2**26
+
+
+def score_isolated(model: Model, structures: Sequence[structures_lib.Structure], *,
+                   per_atom: bool = False, batch_size: int = 4096, chunk: int = 256,
+                   progress=None) -> tuple[Scores, list[structures_lib.Skip]]:
+    """Model.score, `chunk` structures at a time, skipping (with the reason) each one
+    that cannot be featurised instead of failing them all. Returns (scores, skips).
+    progress(done, total): called after every chunk with the structures it held."""
+    batch_size = max(1, min(batch_size, MAX_BATCH_INPUT_FLOATS
+                            // saved_model.input_floats(model.saved.config)))
+    scores, skips = Scores(), []
+    for part in util.chunked(structures, chunk):
+        kept, found, bad = neighbours.featurize_isolated(part, model.k)
+        skips.extend(bad)
+        if progress is not None:
+            progress(len(part), len(structures))
+        if not kept:
+            continue
+        table = table_from(kept, found, model.k)
+        probs = model.predict_table(table, batch_size=batch_size)
+        if not np.all(np.isfinite(probs)):  # the inputs are finite: the model is at fault
+            raise errors.ModelError(f"the {model.source} gives non-finite outputs: it is "
+                                    f"damaged or diverged in training; retrain it")
+        starts = np.cumsum([0] + [s.num_atoms for s in kept])
+        scores.extend(model._score_one(s, probs[a:a + s.num_atoms],
+                                       table.distances[a:a + s.num_atoms, 0], per_atom)
+                      for s, a in zip(kept, starts))
+    return scores, skips
 
 
 def format_structure(score: StructureScore, threshold: float,

@@ -108,6 +108,9 @@ class Structure:
         frac = np.asarray(frac, np.float64).reshape(len(numbers), 3)
         if numbers.size and (numbers.min() < 1 or numbers.max() > elements.NUM_ELEMENTS):
             raise errors.DataFormatError(f"{id}: atomic numbers outside 1..118")
+        if np.any(np.abs(frac) > MAX_FRACTIONAL):
+            raise errors.DataFormatError(f"{id}: fractional coordinates beyond "
+                                         f"+-{MAX_FRACTIONAL:g}")
         return cls(id=id, source=source or id, lattice=lattice, frac=_wrap(frac),
                    numbers=numbers, labels=_site_labels(numbers),
                    occupancies=np.ones(len(numbers), np.float32))
@@ -400,6 +403,19 @@ def _subset(keep: np.ndarray, i: np.ndarray, j: np.ndarray, d2: np.ndarray):
     return new_index[i[both]], new_index[j[both]], d2[both]
 
 
+# Pairs the close-pair search compares at most (~100 bytes each); real cells of a million
+# atoms need ~10^7. Only piles of coincident atoms reach it (the search is quadratic in the
+# atoms of one place).
+MAX_PAIR_CANDIDATES = 2**24
+# Atoms a unit cell may have after symmetry expansion (the largest real cells: ~10^5).
+MAX_ATOMS = 2**21
+
+
+def _crowded_reason(crowd: int, cutoff: float, total: int) -> str:
+    return (f"coincident sites: up to {crowd} atoms within {cutoff:g} A of one place; "
+            f"resolving them would compare {total} pairs (limit {MAX_PAIR_CANDIDATES})")
+
+
 def _close_pairs(frac: np.ndarray, lattice: np.ndarray, cutoff: float,
                  spacing: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -444,6 +460,8 @@ def _close_pairs(frac: np.ndarray, lattice: np.ndarray, cutoff: float,
     count = bin_count[neighbour].ravel()
     start = bin_start[neighbour].ravel()
     total = int(count.sum())
+    if total > MAX_PAIR_CANDIDATES:
+        raise _BlockSkip(_crowded_reason(int(bin_count.max()), cutoff, total))
     i = np.repeat(np.repeat(np.arange(n), shell.shape[0]), count)
     j = order[np.repeat(start - np.cumsum(count) + count, count) + np.arange(total)]
     if np.all(bins >= 3):
@@ -478,6 +496,12 @@ _CELL_TAGS = ("_cell_length_a", "_cell_length_b", "_cell_length_c",
               "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
 
 
+CELL_LENGTH_RANGE = geometry.CELL_LENGTH_RANGE
+# |fractional coordinate| read: beyond this, float64 keeps no digit of the position in
+# the cell (1e300 - floor(1e300) is 0), and no writer means a position 10^6 cells away.
+MAX_FRACTIONAL = 1e6
+
+
 def _cell(block) -> tuple[np.ndarray, gemmi.UnitCell]:
     """(3, 3) lattice with rows a, b, c in angstrom (cart = frac @ lattice), and the cell."""
     raw = [block.find_value(tag) for tag in _CELL_TAGS]
@@ -495,6 +519,10 @@ def _cell(block) -> tuple[np.ndarray, gemmi.UnitCell]:
     for tag, length in zip(_CELL_TAGS[:3], params[:3]):
         if length <= 0:
             raise _BlockSkip(f"non-positive cell length {tag} = {length:g}")
+        if not CELL_LENGTH_RANGE[0] <= length <= CELL_LENGTH_RANGE[1]:
+            raise _BlockSkip(f"cell length {tag} = {length:g} A outside "
+                             f"{CELL_LENGTH_RANGE[0]:g} .. {CELL_LENGTH_RANGE[1]:g} A (float32 "
+                             f"distances would underflow to 0 or overflow)")
     for tag, angle in zip(_CELL_TAGS[3:], params[3:]):
         if not 0 < angle < 180:
             raise _BlockSkip(f"cell angle {tag} = {angle:g} outside (0, 180)")
@@ -697,6 +725,9 @@ def _symmetry_images(frac: np.ndarray, rot: np.ndarray, tran: np.ndarray
       frac (N, 3), parent (N,) index of the site each copy comes from.
     """
     num_sites, num_ops = frac.shape[0], rot.shape[0]
+    if num_sites * num_ops > MAX_ATOMS:
+        raise _BlockSkip(f"too many atoms: {num_sites} sites x {num_ops} symmetry operations "
+                         f"= {num_sites * num_ops} atoms (limit {MAX_ATOMS})")
     if num_ops == 1:
         return _wrap(frac), np.arange(num_sites)
     images = _wrap(np.einsum("mij,nj->nmi", rot, frac) + tran).reshape(-1, 3)  # (S*M, 3)
@@ -802,8 +833,10 @@ def _element(symbol: str, isotopes_as_hydrogen: bool) -> int | str:
             found = elements.element_from_type_symbol(symbol, isotopes_as_hydrogen=True)
             if found == 1 and not isotopes_as_hydrogen and elements.is_hydrogen_isotope(symbol):
                 found = f"hydrogen isotope {symbol!r} (isotopes_as_hydrogen=False)"
-        except errors.UnknownElementError:
+        except errors.UnknownElementError as e:
             found = f"unknown element type {symbol!r}"
+            if "placeholder" in str(e):
+                found += " (a placeholder name, not one of the 118 element symbols)"
         if len(_element_cache) < 100_000:
             _element_cache[key] = found
     return found
@@ -986,6 +1019,7 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
         raw = [table.column(c)[k] for c in (_X, _Y, _Z)]
         raise _BlockSkip(f"missing or non-numeric coordinates at site {labels[k]!r} "
                          f"({' '.join(raw)}); {int(bad.sum())} such site(s)")
+    _check_fractional(frac, labels)
     occ = _occupancies(table, labels)
     rows, decided, partial = _disorder_rows(table, occ, options)
     candidates = (partial & ~decided) if options.disorder == "majority" else None
@@ -1006,6 +1040,15 @@ def _read_block(block, name: str, source: str, options: ReadOptions) -> Structur
         removed={key: n for key, n in removed.items() if n},
         notes=notes,
     )
+
+
+def _check_fractional(frac: np.ndarray, labels: list[str]) -> None:
+    far = np.abs(frac).max(axis=1) > MAX_FRACTIONAL
+    if far.any():
+        k = int(np.flatnonzero(far)[0])
+        raise _BlockSkip(f"fractional coordinate {np.abs(frac[k]).max():g} at site "
+                         f"{labels[k]!r} beyond +-{MAX_FRACTIONAL:g} (no position in the cell "
+                         f"survives); {int(far.sum())} such site(s)")
 
 
 def _atoms_of_rows(rows: np.ndarray, frac: np.ndarray, rot: np.ndarray, tran: np.ndarray,
@@ -1047,9 +1090,9 @@ def _duplicate_read_tag(block) -> str | None:
 def _decode(data: str | bytes) -> str:
     """CIF bytes -> str: UTF-8 (CIF 2.0, ASCII CIF 1.1), else Latin-1 (never fails)."""
     if isinstance(data, str):
-        return data
+        return data[1:] if data.startswith("\ufeff") else data
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a UTF-8 byte order mark is dropped
     except UnicodeDecodeError:
         return data.decode("latin-1")
 
@@ -1063,8 +1106,16 @@ _UNQUOTED_SPACE_GROUP = re.compile(
 
 
 def _repair(text: str) -> str:
-    """Quotes unquoted space-group names that contain spaces (tried after a parse error)."""
-    return _UNQUOTED_SPACE_GROUP.sub(lambda m: f"{m.group(1)} '{m.group(2)}'", text)
+    """Quotes unquoted space-group names that contain spaces and unquoted values with
+    characters beyond ASCII (tried after a parse error)."""
+    text = _UNQUOTED_SPACE_GROUP.sub(lambda m: f"{m.group(1)} '{m.group(2)}'", text)
+    return _UNQUOTED_NON_ASCII.sub(lambda m: f"'{m.group(1)}'", text)
+
+
+# A value with characters beyond ASCII written without quotes (gemmi takes them only
+# quoted): one token between white space, no quote or CIF syntax character in it.
+_UNQUOTED_NON_ASCII = re.compile(r"(?<![^\s])((?![#;_$\[\]])[^\s'\"]*[^\x00-\x7f][^\s'\"]*)"
+                                 r"(?![^\s])")
 
 
 def _parse(text: str):
@@ -1088,13 +1139,26 @@ def _parse(text: str):
                 raise strict_error from None
 
 
+def _non_ascii_hint(data: str | bytes) -> str:
+    """'; line N holds U+XXXX ...' for the first character beyond ASCII (CIF 1.1 allows
+    ASCII only, gemmi reports such a character as a bare 'parse error'), else ''."""
+    text = _decode(data)
+    match = re.search(r"[^\x00-\x7f]", text)
+    if match is None:
+        return ""
+    line = text.count("\n", 0, match.start()) + 1
+    return (f"; line {line} holds U+{ord(match.group()):04X} {match.group()!r}, not ASCII "
+            f"(the reader takes it only inside quotes)")
+
+
 def _iter_text(data: str | bytes, name: str, source: str,
                options: ReadOptions) -> Iterator[Structure | Skip]:
     """Structures and skips of one CIF document, in data block order."""
     try:
         doc, relaxed = _parse(_decode(data))
     except Exception as err:  # noqa: BLE001 - any parser failure becomes a Skip
-        yield Skip(source, "", f"CIF parse error: {util.one_line(err, 200)}")
+        yield Skip(source, "", f"CIF parse error: {util.one_line(err, 200)}"
+                               f"{_non_ascii_hint(data)}")
         return
     if len(doc) == 0:
         yield Skip(source, "", "no data blocks")
@@ -1137,15 +1201,49 @@ def read_cif_text(text: str | bytes, name: str, options: ReadOptions = ReadOptio
     return structures, skips
 
 
-def read_cif(path: str | os.PathLike, options: ReadOptions = ReadOptions()
-             ) -> tuple[list[Structure], list[Skip]]:
+def read_cif(path: str | os.PathLike, options: ReadOptions = ReadOptions(), *,
+             max_bytes: int | None = None) -> tuple[list[Structure], list[Skip]]:
     """Reads a CIF file; unreadable files and bad content become `Skip`s, never raise."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        return [], [Skip(str(path), "", f"cannot read file: {err.strerror or err}")]
+    data = read_file_bytes(path, max_bytes)
+    if isinstance(data, Skip):
+        return [], [data]
     return read_cif_text(data, path.stem, options, source=str(path))
+
+
+# Largest file read (bytes); the tools' --max_file_mb sets it. The largest CIF of CoRE
+# MOF 2019 is ~3 MB, of the COD ~60 MB.
+MAX_FILE_BYTES = 256 << 20
+
+
+def read_file_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes | Skip:
+    """The bytes of a regular file, or a Skip saying why not: it is not a regular file
+    (a FIFO, device, socket: never opened for reading, so never waited on), is larger
+    than `max_bytes` (default MAX_FILE_BYTES), or cannot be read."""
+    import stat
+
+    limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as err:
+        return Skip(str(path), "", f"cannot read file: {err.strerror or err}")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return Skip(str(path), "", "cannot read file: not a regular file (a folder, FIFO, "
+                                       "device or socket; never read)")
+        if info.st_size > limit:
+            return Skip(str(path), "", f"file larger than {limit / 2**20:g} MB "
+                                       f"({info.st_size / 2**20:.1f} MB; --max_file_mb)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew while being read
+            return Skip(str(path), "", f"file larger than {limit / 2**20:g} MB (--max_file_mb)")
+        return data
+    except OSError as err:
+        return Skip(str(path), "", f"cannot read file: {err.strerror or err}")
+    finally:
+        os.close(fd)
 
 
 def _walk_cifs(folder: Path) -> Iterator[Path]:
@@ -1187,10 +1285,9 @@ def iter_structures(paths: Iterable[str | os.PathLike], options: ReadOptions = R
     """Streams the structures and skips of all CIFs under paths, file by file, in
     data block order (memory does not grow with the number of files)."""
     for path in iter_cif_paths(paths):
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            yield Skip(str(path), "", f"cannot read file: {err.strerror or err}")
+        data = read_file_bytes(path)
+        if isinstance(data, Skip):
+            yield data
             continue
         yield from _iter_text(data, path.stem, str(path), options)
 

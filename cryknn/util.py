@@ -41,19 +41,84 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+class UnsafeOutputError(OSError):
+    """An output path that is not (and may not become) a plain regular file: a device, a
+    FIFO, a folder or a symbolic link. cryknn never replaces such a thing."""
+
+
+TEMP_MARK = "cryknn-partial"  # in every temporary file's name: '.<name>.cryknn-partial-<pid>.*'
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise UnsafeOutputError unless `path` is absent or an existing regular file (a
+    symbolic link is refused even to a regular file: the write would replace the link)."""
+    import stat
+
+    path = os.fspath(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise UnsafeOutputError(f"{path} is a symbolic link: name the file it points to, "
+                                f"cryknn does not replace links")
+    if not stat.S_ISREG(mode):
+        raise UnsafeOutputError(f"{path} exists and is not a regular file (a folder, device "
+                                f"or FIFO): cryknn writes only regular files")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
+    """Removes the temporary files that writers of `path` killed mid-write (kill -9, power
+    loss) left beside it: '.<name>.cryknn-partial-<pid>.*' whose process is gone.
+    Returns how many were removed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}.{TEMP_MARK}-"
+    removed = 0
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot tell: leave its file alone
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """A temporary path beside `path`; renamed to `path` when the block ends without error,
     removed otherwise. `suffix` keeps an extension that a writer insists on (numpy adds
-    '.npz' to names without it)."""
+    '.npz' to names without it).
+
+    Only regular files are written: `path` may not be a symbolic link, device, FIFO or
+    folder (UnsafeOutputError, checked before and again just before the rename). The
+    temporary file is named '.<name>.cryknn-partial-<pid>.<random>.tmp'; ones left by
+    killed writers are removed the next time `path` is written."""
     path = os.fspath(path)
+    check_output_path(path)
+    remove_stale_temporaries(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{TEMP_MARK}-{os.getpid()}.",
+                               suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+        check_output_path(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
