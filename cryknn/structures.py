@@ -978,26 +978,24 @@ def _expand(frac: np.ndarray, rows: np.ndarray, rot: np.ndarray, tran: np.ndarra
     return atoms, removed
 
 
-_LABEL_ELEMENT = re.compile(r"^([A-Za-z]{1,2})(?![A-Za-z])")
-
-
 def _label_guesses(labels: list[str]) -> tuple[str, ...]:
-    """Without _atom_site_type_symbol every element is guessed from its site label: the
-    note saying so, or a skip for a label that is not an element symbol followed by a
-    non-letter ('WatII' would otherwise be tungsten)."""
+    """Without _atom_site_type_symbol every element is guessed from its site label
+    (`elements.element_from_type_symbol`): the note saying so, or a skip for a label whose
+    one-letter element is followed by a lowercase letter. A two-letter symbol has its
+    second letter in lowercase, so 'WatII' or 'Ow1' name something else (water) and would
+    otherwise read as W or O; 'NaI', 'MgT', 'OW1' and 'HN1' read as Na, Mg, O and H."""
     guesses = {}
     for label in dict.fromkeys(labels):
-        match = _LABEL_ELEMENT.match(label.strip())
-        letters = match.group(1) if match else ""
-        if letters.lower() in elements.DUMMY_SYMBOLS:
-            continue  # a dummy atom: the element check says so
+        text = label.strip()
         try:
-            elements.atomic_number(letters)
+            symbol = elements.symbol(elements.element_from_type_symbol(text))
         except errors.UnknownElementError:
-            raise _BlockSkip(f"no _atom_site_type_symbol, and site label {label!r} is not an "
-                             f"element symbol followed by a non-letter: its element is "
-                             f"unknown") from None
-        guesses[label] = letters.capitalize()
+            continue  # dummy atoms and unknown types: the element check skips with a reason
+        if len(symbol) == 1 and text[1:2].islower():
+            raise _BlockSkip(f"no _atom_site_type_symbol, and site label {label!r} does not "
+                             f"name its element ({text[:2]!r} is no element symbol; read as "
+                             f"{symbol} it could be wrong)")
+        guesses[label] = symbol
     shown = ", ".join(f"{label}->{e}" for label, e in list(guesses.items())[:6])
     more = f", ... ({len(guesses)} labels)" if len(guesses) > 6 else ""
     return (f"elements guessed from site labels (no _atom_site_type_symbol): {shown}{more}",)

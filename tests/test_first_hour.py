@@ -142,6 +142,25 @@ def test_labels_that_name_no_element_are_skipped_with_the_reason():
     assert "WatII" in skips[0].reason and "label" in skips[0].reason
 
 
+@pytest.mark.parametrize("label,element", [("NaI", 11), ("NbII", 41), ("MgT", 12),
+                                           ("OW1", 8), ("HN1", 1), ("Ca1", 20)])
+def test_labels_that_start_with_an_element_symbol_are_read_as_it(label, element):
+    """Mineral and water labels: an element symbol in its case, then a tag."""
+    cif = make_cif([(label, 0.1, 0.1, 0.1), ("C1", 0.5, 0.5, 0.5)],
+                   site_columns=["label", "fract_x", "fract_y", "fract_z"], block="tagged")
+    found, skips = structures.read_cif_text(cif, "tagged")
+    assert not skips and found[0].numbers.tolist() == [element, 6]
+    assert any(f"{label}->" in note for note in found[0].notes)
+
+
+@pytest.mark.parametrize("label", ["Oa1", "Ow1", "Wat7"])
+def test_a_one_letter_element_then_lowercase_is_no_element(label):
+    cif = make_cif([(label, 0.1, 0.1, 0.1)], site_columns=["label", "fract_x", "fract_y",
+                                                             "fract_z"], block="word")
+    found, skips = structures.read_cif_text(cif, "word")
+    assert not found and label in skips[0].reason
+
+
 def test_elements_guessed_from_labels_are_reported(toy_workdir):
     cif = make_cif([("C1", 0.1, 0.1, 0.1), ("O2", 0.5, 0.5, 0.5), ("Cu1", 0.3, 0.7, 0.2)],
                    site_columns=["label", "fract_x", "fract_y", "fract_z"], block="guess")
