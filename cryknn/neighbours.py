@@ -99,11 +99,16 @@ class Neighbours:
         once, distinct sites that overlap it count (distance 0).
       indices: (N, k) int32 motif index of each neighbour (look up its element).
       radius: the radius (angstrom) under which the result was proven exact.
+      vectors: (N, k, 3) float32 Cartesian displacement (angstrom, the lattice's own
+        frame) from the atom to each neighbour's image: neighbour position minus atom
+        position, from the same candidate as its distance and index (so |vector| ==
+        distance up to float32 rounding, ties included).
     """
 
     distances: np.ndarray
     indices: np.ndarray
     radius: float
+    vectors: np.ndarray
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +326,8 @@ class KnnBatch:
       window_start: (D, P) int32 local sorted position of the first window atom.
       window_count: (D, P) int32 window atoms (window_count * images <= C).
       num_blocks: (D,) int32 real blocks per device row.
+      cell: (D, P, 3, 3) float32 the structure's lattice rows as given (not rotated):
+        displacement vectors are reported in its frame.
       k: neighbours per atom (static).
       window: C, candidate slots per block (static, >= k).
       group: blocks vmapped per loop step (static, divides P).
@@ -338,6 +345,7 @@ class KnnBatch:
     window_start: jax.Array
     window_count: jax.Array
     num_blocks: jax.Array
+    cell: jax.Array
     k: int = _static()
     window: int = _static()
     group: int = _static()
@@ -345,7 +353,7 @@ class KnnBatch:
 
 _BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms",
                  "query_atoms",
-                 "window_start", "window_count")
+                 "window_start", "window_count", "cell")
 
 
 def _candidates(table, block, window):
@@ -353,7 +361,7 @@ def _candidates(table, block, window):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count, _ = block
     slot = jnp.arange(window, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
     atom = (start + slot - image * count) % n
@@ -371,9 +379,10 @@ def _knn_block(table, block, k, window):
       block: one block's fields of _BLOCK_FIELDS (no batch axes).
     Returns:
       distances (Q, k) float32 ascending (+inf beyond the radius), neighbour local
-      sorted index (Q, k) int32, and the retry bound (Q,) float32 (see _retry_bound).
+      sorted index (Q, k) int32, the retry bound (Q,) float32 (see _retry_bound) and
+      the displacement vectors (Q, k, 3) float32 (see _selected_vectors).
     """
-    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count, cell = block
     near, atom, step, valid = _candidates(table, block, window)
     query = table[offset + query_atom]  # (Q, 3)
     shift = step.astype(lattice.dtype) @ lattice  # (C, 3) Cartesian image offsets
@@ -396,7 +405,22 @@ def _knn_block(table, block, k, window):
     # ~log k mispredicted comparisons, a rejected candidate one predictable one).
     d2 = jnp.where(valid[None, :] & ~is_self & (d2 <= radius * radius), d2, jnp.inf)
     neg_d2, slot = jax.lax.top_k(-d2, k)
-    return jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k))
+    vectors = _selected_vectors(near[slot], step[slot], query, frac_radius, cell)
+    return (jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k)),
+            vectors)
+
+
+def _selected_vectors(near, step, query, frac_radius, cell):
+    """(Q, k, 3) Cartesian displacements of the k selected candidates of each query.
+
+    Only the k chosen slots are gathered (near, step: (Q, k, 3)), so this costs k, not
+    C, per query. The image is the one the distance used: delta and its first
+    admissible translation ceil(-R_a - delta) are recomputed by the same float32
+    operations, plus the slot's integer step; the sum times the unrotated cell rows.
+    """
+    delta = near - query[:, None, :]
+    u = delta + (jnp.ceil(-frac_radius - delta) + step.astype(delta.dtype))
+    return u @ cell
 
 
 def _retry_bound(d2, counts, count, k):
@@ -425,7 +449,8 @@ def _kernel_local(batch: KnnBatch):
 
     out = (jnp.zeros((devices, per_device, q, k), jnp.float32),
            jnp.zeros((devices, per_device, q, k), jnp.int32),
-           jnp.zeros((devices, per_device, q), jnp.float32))
+           jnp.zeros((devices, per_device, q), jnp.float32),
+           jnp.zeros((devices, per_device, q, k, 3), jnp.float32))
     steps = (jnp.max(batch.num_blocks) + g - 1) // g
     return jax.lax.fori_loop(0, steps, step, out)
 
@@ -443,8 +468,10 @@ def knn_kernel(batch: KnnBatch):
 
     Returns:
       distances (D, P, Q, k) float32 ascending (+inf beyond the radius), indices
-      (D, P, Q, k) int32: the local sorted position of each neighbour, and a retry
-      bound (D, P, Q) float32 on each k-th distance. Rows of padding are meaningless.
+      (D, P, Q, k) int32: the local sorted position of each neighbour, a retry
+      bound (D, P, Q) float32 on each k-th distance, and the displacement vectors
+      (D, P, Q, k, 3) float32 (neighbour minus query, in the frame of `cell`) of the
+      same candidates. Rows of padding are meaningless.
     """
     sharding = jax.typeof(batch.num_blocks).sharding
     axis = sharding.spec[0] if len(sharding.spec) else None
@@ -528,6 +555,7 @@ def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int
         field(p.num_atoms[s], 1, np.int32), field(p.block_atoms[blocks], 0, np.int32, (QUERY_BLOCK,)),
         field(p.block_queries[blocks], 0, np.int32), field(p.window_start[blocks], 0, np.int32),
         field(p.window_count[blocks], 0, np.int32), num_blocks,
+        field(p.lattice[s], eye, np.float32, (3, 3)),
         k=k, window=window, group=group)
 
 
@@ -542,14 +570,15 @@ def _table(p: Plan, rows: int, sharding) -> jax.Array:
 
 
 def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """k-NN of every atom of a plan, in sorted order.
 
     Args:
       compiled: candidate buckets earlier passes used; a retry's few blocks go to the
         smallest of them that fits rather than compile another size. Updated.
-    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
-    and the retry bound (A,) float32 of each atom (see knn_kernel).
+    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32,
+    the retry bound (A,) float32 of each atom (see knn_kernel) and the displacement
+    vectors (A, k, 3) float32.
     """
     devices = 1 if sharding is None else sharding.mesh.size
     table = _table(p, rows, sharding)
@@ -571,7 +600,7 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | 
                 batch = jax.device_put(batch, _batch_sharding(batch, sharding))
             calls.append((blocks, size, knn_kernel(batch)))  # dispatched, not awaited
     outs = (np.empty((len(p.order), k), np.float32), np.empty((len(p.order), k), np.int32),
-            np.empty((len(p.order),), np.float32))
+            np.empty((len(p.order),), np.float32), np.empty((len(p.order), k, 3), np.float32))
     for blocks, size, result in calls:
         rows, keep, slots = _block_rows(p, blocks, size, devices)
         for out, got in zip(outs, jax.device_get(result)):
@@ -638,7 +667,7 @@ def featurize_arrays(
             p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
         if progress is not None:
             progress(done)
-    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))
+    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r), out.vec[a : a + n])
             for a, n, r in zip(out.starts, sizes, out.radius)]
 
 
@@ -649,17 +678,19 @@ class _Results:
         self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.dist = np.empty((sizes.sum(), k), np.float32)
         self.idx = np.empty((sizes.sum(), k), np.int32)
+        self.vec = np.empty((sizes.sum(), k, 3), np.float32)
         self.radius = np.zeros(len(sizes))
 
     def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
-                which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                vec: np.ndarray, which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Store the proven-exact atoms of a pass; plan the rest's retry.
 
         An atom is exact when its own k-th distance is within its structure's radius
         (every point within the radius was a candidate), whatever its neighbours do.
 
         Args:
-          dist, idx, bound: run_plan's rows (sorted order; idx a local sorted position).
+          dist, idx, bound, vec: run_plan's rows (sorted order; idx a local sorted
+            position).
           which: (S,) caller index of each plan structure.
         Returns:
           atoms stored, and the retry (caller indices, radii, asked atoms) for
@@ -675,6 +706,7 @@ class _Results:
         ok = dist[rows, -1] <= p.radius[owner].astype(np.float32)
         self.dist[target[ok]] = dist[rows[ok]]
         self.idx[target[ok]] = p.order[base[ok, None] + idx[rows[ok]]] - base[ok, None]
+        self.vec[target[ok]] = vec[rows[ok]]
         self.radius[which] = p.radius
         proven = np.zeros(len(p.num_atoms))
         np.maximum.at(proven, owner[~ok], bound[rows[~ok]])
