@@ -416,11 +416,12 @@ def _selected_vectors(near, step, query, frac_radius, cell):
     Only the k chosen slots are gathered (near, step: (Q, k, 3)), so this costs k, not
     C, per query. The image is the one the distance used: delta and its first
     admissible translation ceil(-R_a - delta) are recomputed by the same float32
-    operations, plus the slot's integer step; the sum times the unrotated cell rows.
+    operations, plus the slot's integer step; the sum times the unrotated cell rows
+    (as multiply-adds: XLA's CPU dot on 3-vectors costs more than the rest).
     """
     delta = near - query[:, None, :]
     u = delta + (jnp.ceil(-frac_radius - delta) + step.astype(delta.dtype))
-    return u @ cell
+    return u[..., 0:1] * cell[0] + u[..., 1:2] * cell[1] + u[..., 2:3] * cell[2]
 
 
 def _retry_bound(d2, counts, count, k):
@@ -603,8 +604,9 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | 
             np.empty((len(p.order),), np.float32), np.empty((len(p.order), k, 3), np.float32))
     for blocks, size, result in calls:
         rows, keep, slots = _block_rows(p, blocks, size, devices)
+        source = (slots[:, None] * QUERY_BLOCK + np.arange(QUERY_BLOCK))[keep]  # one copy
         for out, got in zip(outs, jax.device_get(result)):
-            out[rows[keep]] = got.reshape((size, QUERY_BLOCK) + out.shape[1:])[slots][keep]
+            out[rows[keep]] = got.reshape((size * QUERY_BLOCK,) + out.shape[1:])[source]
     return outs
 
 
