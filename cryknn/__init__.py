@@ -5,7 +5,7 @@
   structures = cryknn.read("x.cif")       # CIF natively; POSCAR, extxyz, ... through ase
   model.predict_proba(structures)         # (num_atoms, num_classes) per structure
   model.score(structures).to_pandas()     # one row per site, as `cryknn predict` prints
-  cryknn.knn(structures, k=5)             # exact periodic k-NN distances and neighbours
+  cryknn.knn(structures, k=5)             # exact periodic k-NN: distances, neighbours, vectors
 
 Names are imported on first use, so `import cryknn` stays cheap.
 """

@@ -69,7 +69,9 @@ def _read_with_ase(path: str, format: str | None) -> Structures:
 
 def knn(structures: Sequence[structures_lib.Structure], k: int):
     """Exact periodic k-NN of every atom: one `neighbours.Neighbours` (distances (N, k),
-    indices (N, k) of each neighbour's atom, radius) per structure."""
+    indices (N, k) of each neighbour's atom, radius, vectors (N, k, 3) float32 displacement
+    from the atom to that neighbour's image in angstrom, Cartesian in the structure's
+    lattice frame) per structure."""
     from cryknn import neighbours
 
     if isinstance(structures, structures_lib.Structure):

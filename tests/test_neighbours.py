@@ -384,6 +384,12 @@ def test_cli_writes_rows_and_reports_skips(tmp_path):
     numbers = data["atomic_number"]
     assert np.all(numbers[index] != numbers[:, None])
     np.testing.assert_allclose(data["distances"], 2.82, atol=1e-4)  # a / 2, six times
+    # neighbour_vector: the six neighbours at +-a/2 along the axes, |vector| == distance
+    vectors = data["neighbour_vector"]
+    assert vectors.shape == (8, 6, 3) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), data["distances"], atol=1e-5)
+    np.testing.assert_allclose(np.sort(vectors.sum(axis=-1), axis=1),
+                               np.tile([-2.82] * 3 + [2.82] * 3, (8, 1)), atol=1e-4)
     assert set(data["structure_id"]) == {"nacl:nacl"}
     assert sorted(set(data["atomic_number"])) == [11, 17]
     assert len(data["site_label"]) == 8
