@@ -42,6 +42,12 @@ difference), which keeps the error near 1e-6 angstrom. The lattice is rotated to
 lower-triangular basis first (distances do not change), which saves three of the
 nine multiply-adds per candidate.
 
+Displacement vectors (neighbour image minus atom, angstrom, in the caller's unrotated
+frame) come from the same search: top_k picks candidate slots, and only for the k picked
+slots the kernel recomputes the image (the same float32 operations as the distance, plus
+the slot's integer step) and multiplies it by the original cell. So a vector always
+belongs to its distance and index, ties included, at a cost of k (not C) per query.
+
 Layers: `plan` (host, float64, vectorised over structures) -> `pack` (a padded
 `KnnBatch` of blocks, the device kernel's pytree input) -> `knn_kernel` (jit, loop
 over groups of vmapped blocks) -> `featurize_arrays` (bucketing, calls, retry,
