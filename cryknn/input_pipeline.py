@@ -15,8 +15,9 @@ Feature cache:
 dataset build (`cryknn.datasets.build_fingerprint`), so a rebuilt or different dataset is
 never served features of another; the version changes with what a cache holds (2: with
 `neighbour_vector`), so older caches are recomputed, never misread. A cache built for a
-larger K serves any k <= K (the first k columns are the k-NN). Dataset names `toy/<name>` are synthetic feature tables written by
-`write_toy_cache`, for tests and benchmarks that must run without a real dataset.
+larger K serves any k <= K (the first k columns are the k-NN). Dataset names `toy/<name>`
+are synthetic feature tables written by `write_toy_cache`, for tests and benchmarks that
+must run without a real dataset.
 """
 
 from __future__ import annotations

@@ -690,7 +690,8 @@ class _Results:
         self.radius = np.zeros(len(sizes))
 
     def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
-                vec: np.ndarray, which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                vec: np.ndarray, which: np.ndarray
+                ) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Store the proven-exact atoms of a pass; plan the rest's retry.
 
         An atom is exact when its own k-th distance is within its structure's radius
