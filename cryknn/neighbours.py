@@ -576,16 +576,20 @@ def _table(p: Plan, rows: int, sharding) -> jax.Array:
                                                             jax.sharding.PartitionSpec()))
 
 
-def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None,
+             vectors: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-NN of every atom of a plan, in sorted order.
 
     Args:
       compiled: candidate buckets earlier passes used; a retry's few blocks go to the
         smallest of them that fits rather than compile another size. Updated.
-    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32,
-    the retry bound (A,) float32 of each atom (see knn_kernel) and the displacement
-    vectors (A, k, 3) float32.
+      vectors: optional (out (A', k, 3) float32, destination (A,) row of out for each
+        sorted row): the queries' displacement vectors are written straight there,
+        proven exact or not (a retry overwrites those that were not), which spares
+        the (A, k, 3) array two reorderings.
+    Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
+    and the retry bound (A,) float32 of each atom (see knn_kernel).
     """
     devices = 1 if sharding is None else sharding.mesh.size
     table = _table(p, rows, sharding)
@@ -607,12 +611,15 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | 
                 batch = jax.device_put(batch, _batch_sharding(batch, sharding))
             calls.append((blocks, size, knn_kernel(batch)))  # dispatched, not awaited
     outs = (np.empty((len(p.order), k), np.float32), np.empty((len(p.order), k), np.int32),
-            np.empty((len(p.order),), np.float32), np.empty((len(p.order), k, 3), np.float32))
+            np.empty((len(p.order),), np.float32))
     for blocks, size, result in calls:
         rows, keep, slots = _block_rows(p, blocks, size, devices)
         source = (slots[:, None] * QUERY_BLOCK + np.arange(QUERY_BLOCK))[keep]  # one copy
-        for out, got in zip(outs, jax.device_get(result)):
-            out[rows[keep]] = got.reshape((size * QUERY_BLOCK,) + out.shape[1:])[source]
+        got = jax.device_get(result)
+        for out, part in zip(outs, got[:3]):
+            out[rows[keep]] = part.reshape((size * QUERY_BLOCK,) + out.shape[1:])[source]
+        if vectors is not None:
+            vectors[0][vectors[1][rows[keep]]] = got[3].reshape(-1, k, 3)[source]
     return outs
 
 
@@ -671,8 +678,9 @@ def featurize_arrays(
     pending, radii, asked, compiled = np.arange(len(sizes)), None, None, set()
     while pending.size:
         p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
+        vectors = (out.vec, out.destination(p, pending))
         done, (pending, radii, asked) = out.collect(
-            p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
+            p, *run_plan(p, k, budget, sharding, rows, compiled, vectors), pending)
         if progress is not None:
             progress(done)
     return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r), out.vec[a : a + n])
@@ -689,17 +697,21 @@ class _Results:
         self.vec = np.empty((sizes.sum(), k, 3), np.float32)
         self.radius = np.zeros(len(sizes))
 
+    def destination(self, p: Plan, which: np.ndarray) -> np.ndarray:
+        """(A,) row of the results (caller order) of each sorted row of plan p; which:
+        (S,) caller index of each plan structure."""
+        owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)
+        return self.starts[which[owner]] + p.order - p.offset[owner]
+
     def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
-                vec: np.ndarray, which: np.ndarray
-                ) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Store the proven-exact atoms of a pass; plan the rest's retry.
 
         An atom is exact when its own k-th distance is within its structure's radius
         (every point within the radius was a candidate), whatever its neighbours do.
 
         Args:
-          dist, idx, bound, vec: run_plan's rows (sorted order; idx a local sorted
-            position).
+          dist, idx, bound: run_plan's rows (sorted order; idx a local sorted position).
           which: (S,) caller index of each plan structure.
         Returns:
           atoms stored, and the retry (caller indices, radii, asked atoms) for
@@ -715,7 +727,6 @@ class _Results:
         ok = dist[rows, -1] <= p.radius[owner].astype(np.float32)
         self.dist[target[ok]] = dist[rows[ok]]
         self.idx[target[ok]] = p.order[base[ok, None] + idx[rows[ok]]] - base[ok, None]
-        self.vec[target[ok]] = vec[rows[ok]]
         self.radius[which] = p.radius
         proven = np.zeros(len(p.num_atoms))
         np.maximum.at(proven, owner[~ok], bound[rows[~ok]])
