@@ -5,7 +5,7 @@
   structures = cryknn.read("x.cif")       # CIF natively; POSCAR, extxyz, ... through ase
   model.predict_proba(structures)         # (num_atoms, num_classes) per structure
   model.check(structures).to_pandas()     # one row per site, as `cryknn predict` prints
-  cryknn.knn(structures, k=5)             # exact periodic k-NN distances and neighbours
+  cryknn.knn(structures, k=5)             # exact periodic k-NN: distances, neighbours, vectors
 
 Every call takes one structure or a list: cryknn Structures, ase.Atoms or pymatgen
 Structures. `cryknn.read` raises FileNotFoundError for a path that does not exist.

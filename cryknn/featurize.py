@@ -6,7 +6,9 @@
 PATHs are structure files (CIF natively; POSCAR, extxyz, ... through the `ase` extra, as
 `cryknn.read` reads them) or folders (searched recursively for *.cif). The .npz holds one row
 per unit-cell atom: distances (A, k) float32, neighbour_index (A, k) int32 (the row of each
-neighbour's motif atom in this file), structure_id, site_label and atomic_number; then
+neighbour's motif atom in this file), neighbour_vector (A, k, 3) float32 (the displacement
+from the atom to that neighbour's image, angstrom, Cartesian in its structure's lattice
+frame; |neighbour_vector| == distances), structure_id, site_label and atomic_number; then
 the tool prints what was skipped and why, file by file. The reader's policies are flags
 (--disorder, --merge_duplicates, ...). The library behind it is `cryknn.neighbours`. When
 no structure could be featurised, nothing is written and the exit status is 1.
@@ -78,17 +80,19 @@ class Rows:
         self.k = k
         self.parts: dict[str, list[np.ndarray]] = {
             "distances": [], "neighbour_index": [], "structure_id": [], "site_label": [],
-            "atomic_number": []}
+            "atomic_number": [], "neighbour_vector": []}
         self.num_atoms = 0
         self.num_structures = 0
         self.removed = structures_lib.RemovalCounter()  # atoms the reading policies removed
         self.guessed = 0  # structures whose elements were guessed from site labels
 
     def add(self, structure: structures_lib.Structure, distances: np.ndarray,
-            indices: np.ndarray) -> None:
+            indices: np.ndarray, vectors: np.ndarray) -> None:
+        """One structure's rows: distances, indices (N, k) and vectors (N, k, 3)."""
         n = structure.num_atoms
         self.parts["distances"].append(distances)
         self.parts["neighbour_index"].append(indices + self.num_atoms)
+        self.parts["neighbour_vector"].append(vectors)
         self.parts["structure_id"].append(np.full(n, structure.id, dtype=object))
         self.parts["site_label"].append(np.asarray(structure.labels, dtype=object))
         self.parts["atomic_number"].append(np.asarray(structure.numbers, np.int32))
@@ -101,7 +105,8 @@ class Rows:
         empty = {"distances": np.zeros((0, self.k), np.float32),
                  "neighbour_index": np.zeros((0, self.k), np.int32),
                  "structure_id": np.zeros(0, object), "site_label": np.zeros(0, object),
-                 "atomic_number": np.zeros(0, np.int32)}
+                 "atomic_number": np.zeros(0, np.int32),
+                 "neighbour_vector": np.zeros((0, self.k, 3), np.float32)}
         out = {name: np.concatenate(parts) if parts else empty[name]
                for name, parts in self.parts.items()}
         for name in ("structure_id", "site_label"):
@@ -128,7 +133,7 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
         good, found, unusable = neighbours.featurize_isolated(read, k)
         skips.extend(unusable)
         for s, nb in zip(good, found):
-            rows.add(s, nb.distances, nb.indices)
+            rows.add(s, nb.distances, nb.indices, nb.vectors)
     return rows, skips
 
 

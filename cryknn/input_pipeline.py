@@ -9,12 +9,15 @@
     -> fixed-size numpy batches with a 0/1 mask, so a last partial batch pads instead of
        recompiling.
 
-Feature cache: `<data_dir>/cryknn_features/<dataset>/<build fingerprint>/k<K>/<split>.npz`
+Feature cache:
+`<data_dir>/cryknn_features/<dataset>/<build fingerprint>/v<CACHE_VERSION>/k<K>/<split>.npz`
 (suffix `.p<i>of<n>` per process when there are several). The fingerprint identifies the
 dataset build (`cryknn.datasets.build_fingerprint`), so a rebuilt or different dataset is
-never served features of another. A cache built for a larger K serves any k <= K (the first
-k columns are the k-NN). Dataset names `toy/<name>` are synthetic feature tables written by
-`write_toy_cache`, for tests and benchmarks that must run without a real dataset.
+never served features of another; the version changes with what a cache holds (2: with
+`neighbour_vector`), so older caches are recomputed, never misread. A cache built for a
+larger K serves any k <= K (the first k columns are the k-NN). Dataset names `toy/<name>`
+are synthetic feature tables written by `write_toy_cache`, for tests and benchmarks that
+must run without a real dataset.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from cryknn import util
 SPLITS = ("train", "validation", "test")
 TOY_PREFIX = "toy/"
 TOY_FINGERPRINT = "synthetic"
+CACHE_VERSION = 2  # 2: neighbour_vector
 _TABLE_FIELDS = ("distances", "neighbour_index", "atomic_number", "structure_index",
                  "site_label", "structure_id")
 # Same-element atoms closer than this (angstrom) are one site: left-over disorder (two
 # positions of one atom) must not show an atom its own element in masked-atom mode.
 COINCIDENT_SITE_DISTANCE = 0.7
+_OPTIONAL_FIELDS = ("site", "neighbour_vector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,8 @@ class AtomTable:
         symmetry copies (one CIF atom-site row) and same-element atoms closer than
         COINCIDENT_SITE_DISTANCE share it; or None: every atom its own site (toy data).
         Masked-atom inputs hide the elements of every atom of the same site.
+      neighbour_vector: (A, K, 3) float32 displacement from each atom to each neighbour's
+        image (angstrom, Cartesian in its structure's lattice frame), or None (toy tables).
     """
 
     distances: np.ndarray
@@ -71,6 +78,7 @@ class AtomTable:
     site_label: np.ndarray
     structure_id: np.ndarray
     site: np.ndarray | None = None
+    neighbour_vector: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.atomic_number.shape[0])
@@ -81,9 +89,11 @@ class AtomTable:
 
     def first_k(self, k: int) -> "AtomTable":
         """The table at k <= K: the first k neighbours of every atom."""
+        vectors = self.neighbour_vector
         return dataclasses.replace(
             self, distances=np.ascontiguousarray(self.distances[:, :k]),
-            neighbour_index=np.ascontiguousarray(self.neighbour_index[:, :k]))
+            neighbour_index=np.ascontiguousarray(self.neighbour_index[:, :k]),
+            neighbour_vector=None if vectors is None else np.ascontiguousarray(vectors[:, :k]))
 
     def atom_structure_ids(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(A,) str structure id of every atom (or of the atoms at `rows`)."""
@@ -92,34 +102,34 @@ class AtomTable:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        arrays = {name: getattr(self, name) for name in _TABLE_FIELDS}
-        if self.site is not None:
-            arrays["site"] = self.site
         with util.atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
+            np.savez(tmp, **{name: getattr(self, name) for name in
+                             _TABLE_FIELDS + _OPTIONAL_FIELDS if getattr(self, name) is not None})
 
     @classmethod
     def load(cls, path: str) -> "AtomTable":
         try:
             with np.load(path) as f:
                 return cls(**{name: f[name] for name in _TABLE_FIELDS},
-                           site=f["site"] if "site" in f.files else None)
+                           **{name: f[name] for name in _OPTIONAL_FIELDS if name in f.files})
         except (OSError, KeyError, ValueError) as e:
             raise errors.DataFormatError(f"feature cache {path} is unreadable ({e}); delete "
                                          f"it to recompute") from None
 
     @classmethod
     def from_structures(cls, ids, numbers, labels, distances, indices, k: int,
-                        site_index=None) -> "AtomTable":
+                        site_index=None, vectors=None) -> "AtomTable":
         """A table from per-structure lists: ids (S,); numbers, labels, site_index (N_s,)
         and distances, indices (N_s, k) per structure, indices into the structure's own
-        atoms. site_index None: every atom its own site."""
+        atoms (site_index None: every atom its own site); optional vectors (N_s, k, 3) per
+        structure (neighbour_vector)."""
         counts = np.asarray([len(z) for z in numbers], np.int64)
         offsets = np.cumsum(counts) - counts
         if not ids:
             return cls(np.zeros((0, k), np.float32), np.zeros((0, k), np.int32),
                        np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, "S1"),
-                       np.zeros(0, str))
+                       np.zeros(0, str), neighbour_vector=None if vectors is None else
+                       np.zeros((0, k, 3), np.float32))
         table = cls(
             distances=np.concatenate(distances).astype(np.float32),
             neighbour_index=np.concatenate([i + o for i, o in zip(indices, offsets)]
@@ -129,6 +139,8 @@ class AtomTable:
             site_label=np.concatenate([np.char.encode(np.asarray(x, dtype=str), "utf-8")
                                        for x in labels]),
             structure_id=np.asarray([str(i) for i in ids], dtype=str),
+            neighbour_vector=None if vectors is None else
+            np.concatenate(vectors).astype(np.float32),
         )
         if site_index is None:
             site_index = [np.arange(n) for n in counts]
@@ -189,7 +201,8 @@ def cache_path(data_dir: str | None, dataset: str, fingerprint: str, k: int, spl
 
     suffix = "" if process_count == 1 else f".p{process_index}of{process_count}"
     return os.path.join(data_dir or datasets.default_data_dir(), "cryknn_features",
-                        dataset.replace(":", "_"), fingerprint, f"k{k}", f"{split}{suffix}.npz")
+                        dataset.replace(":", "_"), fingerprint, f"v{CACHE_VERSION}", f"k{k}",
+                        f"{split}{suffix}.npz")
 
 
 def find_cache(data_dir, dataset, fingerprint, k, split, process_index=0,
@@ -216,7 +229,7 @@ def featurize_examples(examples: Iterable[dict], k: int, *,
     """
     from cryknn import neighbours  # JAX: only where features are computed
 
-    ids, numbers, labels, distances, indices, sites = [], [], [], [], [], []
+    ids, numbers, labels, distances, indices, sites, vectors = [], [], [], [], [], [], []
     for batch in util.chunked((ex for ex in examples if len(ex["numbers"])), chunk):
         found = neighbours.featurize_arrays(
             [np.asarray(ex["lattice"], np.float64) for ex in batch],
@@ -228,7 +241,9 @@ def featurize_examples(examples: Iterable[dict], k: int, *,
             distances.append(nb.distances)
             indices.append(nb.indices)
             sites.append(ex.get("site_index", np.arange(len(ex["numbers"]))))
-    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k, sites)
+            vectors.append(nb.vectors)
+    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k,
+                                     site_index=sites, vectors=vectors)
 
 
 def _text(x) -> str:

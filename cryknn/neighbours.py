@@ -42,6 +42,12 @@ difference), which keeps the error near 1e-6 angstrom. The lattice is rotated to
 lower-triangular basis first (distances do not change), which saves three of the
 nine multiply-adds per candidate.
 
+Displacement vectors (neighbour image minus atom, angstrom, in the caller's unrotated
+frame) come from the same search: top_k picks candidate slots, and only for the k picked
+slots the kernel recomputes the image (the same float32 operations as the distance, plus
+the slot's integer step) and multiplies it by the original cell. So a vector always
+belongs to its distance and index, ties included, at a cost of k (not C) per query.
+
 Layers: `plan` (host, float64, vectorised over structures) -> `pack` (a padded
 `KnnBatch` of blocks, the device kernel's pytree input) -> `knn_kernel` (jit, loop
 over groups of vmapped blocks) -> `featurize_arrays` (bucketing, calls, retry,
@@ -99,11 +105,16 @@ class Neighbours:
         once, distinct sites that overlap it count (distance 0).
       indices: (N, k) int32 motif index of each neighbour (look up its element).
       radius: the radius (angstrom) under which the result was proven exact.
+      vectors: (N, k, 3) float32 Cartesian displacement (angstrom, the lattice's own
+        frame) from the atom to each neighbour's image: neighbour position minus atom
+        position, from the same candidate as its distance and index (so |vector| ==
+        distance up to float32 rounding, ties included).
     """
 
     distances: np.ndarray
     indices: np.ndarray
     radius: float
+    vectors: np.ndarray
 
 
 # ----------------------------------------------------------------------------
@@ -388,6 +399,8 @@ class KnnBatch:
       window_start: (D, P) int32 local sorted position of the first window atom.
       window_count: (D, P) int32 window atoms (window_count * images <= C).
       num_blocks: (D,) int32 real blocks per device row.
+      cell: (D, P, 3, 3) float32 the structure's lattice rows as given (not rotated):
+        displacement vectors are reported in its frame.
       k: neighbours per atom (static).
       window: C, candidate slots per block (static, >= k).
       group: blocks vmapped per loop step (static, divides P).
@@ -405,6 +418,7 @@ class KnnBatch:
     window_start: jax.Array
     window_count: jax.Array
     num_blocks: jax.Array
+    cell: jax.Array
     k: int = _static()
     window: int = _static()
     group: int = _static()
@@ -412,7 +426,7 @@ class KnnBatch:
 
 _BLOCK_FIELDS = ("lattice", "frac_radius", "radius", "image_counts", "offset", "num_atoms",
                  "query_atoms",
-                 "window_start", "window_count")
+                 "window_start", "window_count", "cell")
 
 
 def _candidates(table, block, window):
@@ -420,7 +434,7 @@ def _candidates(table, block, window):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count, _ = block
     slot = jnp.arange(window, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
     atom = (start + slot - image * count) % n
@@ -438,9 +452,10 @@ def _knn_block(table, block, k, window):
       block: one block's fields of _BLOCK_FIELDS (no batch axes).
     Returns:
       distances (Q, k) float32 ascending (+inf beyond the radius), neighbour local
-      sorted index (Q, k) int32, and the retry bound (Q,) float32 (see _retry_bound).
+      sorted index (Q, k) int32, the retry bound (Q,) float32 (see _retry_bound) and
+      the displacement vectors (Q, k, 3) float32 (see _selected_vectors).
     """
-    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count = block
+    lattice, frac_radius, radius, counts, offset, n, query_atom, start, count, cell = block
     near, atom, step, valid = _candidates(table, block, window)
     query = table[offset + query_atom]  # (Q, 3)
     shift = step.astype(lattice.dtype) @ lattice  # (C, 3) Cartesian image offsets
@@ -463,7 +478,23 @@ def _knn_block(table, block, k, window):
     # ~log k mispredicted comparisons, a rejected candidate one predictable one).
     d2 = jnp.where(valid[None, :] & ~is_self & (d2 <= radius * radius), d2, jnp.inf)
     neg_d2, slot = jax.lax.top_k(-d2, k)
-    return jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k))
+    vectors = _selected_vectors(near[slot], step[slot], query, frac_radius, cell)
+    return (jnp.sqrt(-neg_d2), atom[slot], jnp.sqrt(_retry_bound(raw, counts, count, k)),
+            vectors)
+
+
+def _selected_vectors(near, step, query, frac_radius, cell):
+    """(Q, k, 3) Cartesian displacements of the k selected candidates of each query.
+
+    Only the k chosen slots are gathered (near, step: (Q, k, 3)), so this costs k, not
+    C, per query. The image is the one the distance used: delta and its first
+    admissible translation ceil(-R_a - delta) are recomputed by the same float32
+    operations, plus the slot's integer step; the sum times the unrotated cell rows
+    (as multiply-adds: XLA's CPU dot on 3-vectors costs more than the rest).
+    """
+    delta = near - query[:, None, :]
+    u = delta + (jnp.ceil(-frac_radius - delta) + step.astype(delta.dtype))
+    return u[..., 0:1] * cell[0] + u[..., 1:2] * cell[1] + u[..., 2:3] * cell[2]
 
 
 def _retry_bound(d2, counts, count, k):
@@ -492,7 +523,8 @@ def _kernel_local(batch: KnnBatch):
 
     out = (jnp.zeros((devices, per_device, q, k), jnp.float32),
            jnp.zeros((devices, per_device, q, k), jnp.int32),
-           jnp.zeros((devices, per_device, q), jnp.float32))
+           jnp.zeros((devices, per_device, q), jnp.float32),
+           jnp.zeros((devices, per_device, q, k, 3), jnp.float32))
     steps = (jnp.max(batch.num_blocks) + g - 1) // g
     return jax.lax.fori_loop(0, steps, step, out)
 
@@ -510,8 +542,10 @@ def knn_kernel(batch: KnnBatch):
 
     Returns:
       distances (D, P, Q, k) float32 ascending (+inf beyond the radius), indices
-      (D, P, Q, k) int32: the local sorted position of each neighbour, and a retry
-      bound (D, P, Q) float32 on each k-th distance. Rows of padding are meaningless.
+      (D, P, Q, k) int32: the local sorted position of each neighbour, a retry
+      bound (D, P, Q) float32 on each k-th distance, and the displacement vectors
+      (D, P, Q, k, 3) float32 (neighbour minus query, in the frame of `cell`) of the
+      same candidates. Rows of padding are meaningless.
     """
     sharding = jax.typeof(batch.num_blocks).sharding
     axis = sharding.spec[0] if len(sharding.spec) else None
@@ -595,6 +629,7 @@ def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int
         field(p.num_atoms[s], 1, np.int32), field(p.block_atoms[blocks], 0, np.int32, (QUERY_BLOCK,)),
         field(p.block_queries[blocks], 0, np.int32), field(p.window_start[blocks], 0, np.int32),
         field(p.window_count[blocks], 0, np.int32), num_blocks,
+        field(p.lattice[s], eye, np.float32, (3, 3)),
         k=k, window=window, group=group)
 
 
@@ -608,13 +643,18 @@ def _table(p: Plan, rows: int, sharding) -> jax.Array:
                                                             jax.sharding.PartitionSpec()))
 
 
-def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None
+def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | None = None,
+             vectors: tuple[np.ndarray, np.ndarray] | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-NN of every atom of a plan, in sorted order.
 
     Args:
       compiled: candidate buckets earlier passes used; a retry's few blocks go to the
         smallest of them that fits rather than compile another size. Updated.
+      vectors: optional (out (A', k, 3) float32, destination (A,) row of out for each
+        sorted row): the queries' displacement vectors are written straight there,
+        proven exact or not (a retry overwrites those that were not), which spares
+        the (A, k, 3) array two reorderings.
     Returns distances (A, k) float32, neighbour local sorted positions (A, k) int32
     and the retry bound (A,) float32 of each atom (see knn_kernel).
     """
@@ -641,8 +681,12 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | 
             np.empty((len(p.order),), np.float32))
     for blocks, size, result in calls:
         rows, keep, slots = _block_rows(p, blocks, size, devices)
-        for out, got in zip(outs, jax.device_get(result)):
-            out[rows[keep]] = got.reshape((size, QUERY_BLOCK) + out.shape[1:])[slots][keep]
+        source = (slots[:, None] * QUERY_BLOCK + np.arange(QUERY_BLOCK))[keep]  # one copy
+        got = jax.device_get(result)
+        for out, part in zip(outs, got[:3]):
+            out[rows[keep]] = part.reshape((size * QUERY_BLOCK,) + out.shape[1:])[source]
+        if vectors is not None:
+            vectors[0][vectors[1][rows[keep]]] = got[3].reshape(-1, k, 3)[source]
     return outs
 
 
@@ -705,11 +749,12 @@ def featurize_arrays(
     while pending.size:
         p = plan([lattices[i] for i in pending], [fracs[i] for i in pending], k, radii, asked)
         _check_block_candidates(p, pending, k)
+        vectors = (out.vec, out.destination(p, pending))
         done, (pending, radii, asked) = out.collect(
-            p, *run_plan(p, k, budget, sharding, rows, compiled), pending)
+            p, *run_plan(p, k, budget, sharding, rows, compiled, vectors), pending)
         if progress is not None:
             progress(done)
-    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r))
+    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r), out.vec[a : a + n])
             for a, n, r in zip(out.starts, sizes, out.radius)]
 
 
@@ -760,7 +805,14 @@ class _Results:
         self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.dist = np.empty((sizes.sum(), k), np.float32)
         self.idx = np.empty((sizes.sum(), k), np.int32)
+        self.vec = np.empty((sizes.sum(), k, 3), np.float32)
         self.radius = np.zeros(len(sizes))
+
+    def destination(self, p: Plan, which: np.ndarray) -> np.ndarray:
+        """(A,) row of the results (caller order) of each sorted row of plan p; which:
+        (S,) caller index of each plan structure."""
+        owner = np.repeat(np.arange(len(p.num_atoms)), p.num_atoms)
+        return self.starts[which[owner]] + p.order - p.offset[owner]
 
     def collect(self, p: Plan, dist: np.ndarray, idx: np.ndarray, bound: np.ndarray,
                 which: np.ndarray) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -146,8 +146,10 @@ def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None 
 
 def knn(structures, k: int):
     """Exact periodic k-NN of every atom: one `neighbours.Neighbours` (distances (N, k),
-    indices (N, k) of each neighbour's atom, radius) per structure. structures: one
-    Structure, ase.Atoms or pymatgen Structure, or a list of them."""
+    indices (N, k) of each neighbour's atom, radius, vectors (N, k, 3) float32 displacement
+    from the atom to that neighbour's image in angstrom, Cartesian in the structure's
+    lattice frame) per structure. structures: one Structure, ase.Atoms or pymatgen
+    Structure, or a list of them."""
     from cryknn import neighbours
 
     return neighbours.featurize(structures_lib.as_structures(structures), k)

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 
 
-def brute_force_knn(lattice, frac, k, queries=None):
+def brute_force_knn(lattice, frac, k, queries=None, vectors=False):
     """k smallest distances from every motif atom to all other periodic points.
 
     Args:
@@ -16,8 +16,11 @@ def brute_force_knn(lattice, frac, k, queries=None):
       frac: (N, 3) fractional coordinates.
       k: neighbours per atom.
       queries: optional motif indices to answer for (default: all atoms).
+      vectors: also return each neighbour's displacement vector.
     Returns:
-      distances (N or len(queries), k) float64 ascending, neighbour motif indices (N, k).
+      distances (N or len(queries), k) float64 ascending, neighbour motif indices (N, k),
+      and with vectors=True the displacements (N, k, 3) float64 (neighbour image minus
+      query atom, angstrom, in the lattice's frame).
 
     With frac wrapped into [0, 1), a point within distance d of atom i differs
     from it by a translation |t_a| <= ceil(d / h_a) + 1 along axis a (h_a the
@@ -36,7 +39,8 @@ def brute_force_knn(lattice, frac, k, queries=None):
         points = (cart[None] + (shifts @ lattice)[:, None]).reshape(-1, 3)
         owner = np.tile(np.arange(n), len(shifts))
         at_origin = np.repeat(np.all(shifts == 0, axis=1), n)
-        dist = np.linalg.norm(cart[queries, None, :] - points[None], axis=-1)
+        displacement = points[None] - cart[queries, None, :]
+        dist = np.linalg.norm(displacement, axis=-1)
         dist[(queries[:, None] == owner[None]) & at_origin[None]] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]
         kth = np.take_along_axis(dist, order, 1)
@@ -45,6 +49,8 @@ def brute_force_knn(lattice, frac, k, queries=None):
             continue
         needed = np.ceil(kth.max() / spacing).astype(int) + 1
         if np.all(reach >= needed):
+            if vectors:
+                return kth, owner[order], np.take_along_axis(displacement, order[..., None], 1)
             return kth, owner[order]
         reach = np.maximum(reach, needed)
 

@@ -100,3 +100,8 @@ def test_knn():
     (nb,) = cryknn.knn(found, k=6)
     np.testing.assert_allclose(nb.distances, 2.82, atol=1e-4)
     assert nb.indices.shape == (8, 6)
+    # Rock salt: each atom's six neighbours sit at +-a/2 along the three axes.
+    assert nb.vectors.shape == (8, 6, 3) and nb.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(nb.vectors, axis=-1), nb.distances, atol=1e-5)
+    np.testing.assert_allclose(nb.vectors.sum(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.abs(nb.vectors).max(axis=-1), 2.82, atol=1e-4)

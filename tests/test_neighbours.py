@@ -17,6 +17,7 @@ from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, r
 from tests.oracle import brute_force_knn, cell_from_parameters
 
 TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
+NORM_TOLERANCE = 1e-5  # angstrom, |vector| vs distance: both float32 from one candidate
 
 
 def random_cell(rng, lengths=(2.0, 12.0), angles=(20.0, 160.0), min_shape=0.05):
@@ -33,13 +34,49 @@ def random_cell(rng, lengths=(2.0, 12.0), angles=(20.0, 160.0), min_shape=0.05):
 
 def assert_matches_oracle(lattice, frac, k, queries=None):
     (result,) = neighbours.featurize_arrays([lattice], [frac], k)
-    expected, _ = brute_force_knn(lattice, frac, k, queries)
+    expected, expected_index, expected_vectors = brute_force_knn(lattice, frac, k, queries,
+                                                                 vectors=True)
     got = result.distances if queries is None else result.distances[queries]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
     assert np.all(np.diff(result.distances, axis=1) >= 0)
     assert_neighbours_are_real(lattice, frac, result, queries)
+    rows = np.arange(len(frac)) if queries is None else np.asarray(queries)
+    assert_vectors_consistent(lattice, frac, result, rows)
+    assert_same_neighbours(got, result.indices[rows], result.vectors[rows],
+                           expected, expected_index, expected_vectors)
     return result
+
+
+def assert_vectors_consistent(lattice, frac, result, rows):
+    """Each vector is the neighbour's image minus the atom: its norm is the distance, the
+    neighbour's fractional position plus an integer image reproduces it, and a row's
+    neighbours are distinct points (never the atom itself)."""
+    assert result.vectors.dtype == np.float32
+    assert result.vectors.shape == result.distances.shape + (3,)
+    lattice, frac = np.asarray(lattice, np.float64), np.asarray(frac, np.float64)
+    d = result.distances[rows].astype(np.float64)
+    j = result.indices[rows]
+    v = result.vectors[rows].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), d, atol=NORM_TOLERANCE, rtol=1e-6)
+    delta = frac[j] - frac[rows][:, None]  # (R, k, 3)
+    image = np.round(v @ np.linalg.inv(lattice) - delta)
+    np.testing.assert_allclose((delta + image) @ lattice, v, atol=TOLERANCE, rtol=0)
+    assert not np.any((j == rows[:, None]) & np.all(image == 0, axis=-1))
+    points = np.concatenate([j[..., None], image.astype(np.int64)], axis=-1)
+    for row in points:
+        assert len(np.unique(row, axis=0)) == len(row)
+
+
+def assert_same_neighbours(d, j, v, d_ref, j_ref, v_ref):
+    """Row by row the same (neighbour index, vector) pairs as the reference, except that
+    where the k-th distance is tied either side may hold other points of that tie."""
+    d, d_ref = np.asarray(d, np.float64), np.asarray(d_ref, np.float64)
+    same = (j[:, :, None] == j_ref[:, None, :]) & (
+        np.linalg.norm(v[:, :, None].astype(np.float64) - v_ref[:, None, :], axis=-1)
+        < TOLERANCE)
+    assert np.all(same.any(axis=2) | (np.abs(d - d_ref[:, -1:]) < TOLERANCE))
+    assert np.all(same.any(axis=1) | (np.abs(d_ref - d_ref[:, -1:]) < TOLERANCE))
 
 
 def assert_neighbours_are_real(lattice, frac, result, queries=None):
@@ -110,6 +147,11 @@ def test_simple_cubic_shells():
     expected = np.array([2.0] * 6 + [2.0 * np.sqrt(2)] * 12 + [2.0 * np.sqrt(3)] * 8)
     np.testing.assert_allclose(result.distances[0], expected, atol=TOLERANCE)
     assert set(result.indices[0]) == {0}
+    # The 26 vectors are the 26 lattice points around the origin, each once, by shell.
+    steps = np.round(result.vectors[0] / 2.0)
+    np.testing.assert_allclose(result.vectors[0], 2.0 * steps, atol=TOLERANCE)
+    assert len({tuple(s) for s in steps}) == 26 and not np.any(np.all(steps == 0, axis=1))
+    np.testing.assert_array_equal(np.abs(steps).sum(axis=1), [1] * 6 + [2] * 12 + [3] * 8)
 
 
 def test_self_excluded_once_and_overlapping_sites_kept():
@@ -119,6 +161,7 @@ def test_self_excluded_once_and_overlapping_sites_kept():
     assert result.distances[0, 0] == 0.0 and result.indices[0, 0] == 1
     assert result.distances[1, 0] == 0.0 and result.indices[1, 0] == 0
     assert result.distances[2, 0] > 0.0
+    np.testing.assert_array_equal(result.vectors[:2, 0], 0.0)
 
 
 def test_coordinates_outside_unit_cell_are_wrapped():
@@ -128,6 +171,7 @@ def test_coordinates_outside_unit_cell_are_wrapped():
     shifted = frac + rng.integers(-3, 4, frac.shape)
     a, b = neighbours.featurize_arrays([lattice, lattice], [frac, shifted], 8)
     np.testing.assert_allclose(a.distances, b.distances, atol=TOLERANCE)
+    assert_same_neighbours(a.distances, a.indices, a.vectors, b.distances, b.indices, b.vectors)
 
 
 def test_large_cell_high_k_bounded_memory():
@@ -162,6 +206,39 @@ def test_invariance_supercell_permutation_and_reduced_basis():
     assert _rows_multiset(sup.distances) == sorted(rows + rows)
     assert _rows_multiset(perm.distances) == rows
     assert _rows_multiset(other.distances) == rows
+
+
+def test_vectors_rotate_with_the_lattice():
+    # Rows of the lattice rotated (or reflected): the same neighbours, vectors rotated.
+    # The kernel works in a rotated frame of its own; vectors come back in the caller's.
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        lattice, frac = random_cell(rng), rng.random((int(rng.integers(1, 12)), 3))
+        rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+        a, b = neighbours.featurize_arrays([lattice, lattice @ rotation], [frac, frac], 10)
+        np.testing.assert_allclose(a.distances, b.distances, atol=TOLERANCE)
+        assert_same_neighbours(b.distances, b.indices, b.vectors, a.distances, a.indices,
+                               a.vectors.astype(np.float64) @ rotation)
+
+
+def test_vectors_of_a_random_batch_match_oracle():
+    # Tiny, skewed and long-thin cells of assorted sizes in one call (several blocks,
+    # candidate buckets and a retry), each checked against the oracle.
+    rng = np.random.default_rng(31)
+    lattices = [random_cell(rng, lengths=(0.8, 4.0)) for _ in range(3)]
+    lattices += [random_cell(rng) for _ in range(6)]
+    lattices += [cell_from_parameters(2.0, 2.2, 60.0, 80, 95, 110)[[2, 0, 1]],
+                 cell_from_parameters(1.8, 45.0, 2.1, 70, 100, 85)]
+    fracs = [rng.random((int(rng.integers(1, 45)), 3)) for _ in lattices]
+    k = 16
+    results = neighbours.featurize_arrays(lattices, fracs, k)
+    for lattice, frac, result in zip(lattices, fracs, results):
+        expected, index, vectors = brute_force_knn(lattice, frac, k, vectors=True)
+        np.testing.assert_allclose(result.distances, expected, atol=TOLERANCE, rtol=0)
+        rows = np.arange(len(frac))
+        assert_vectors_consistent(lattice, frac, result, rows)
+        assert_same_neighbours(result.distances, result.indices, result.vectors,
+                               expected, index, vectors)
 
 
 def test_bad_input_raises_clear_errors():
@@ -257,6 +334,7 @@ def test_sharded_path_matches_single_device(tmp_path):
         for a, b in zip(sharded, single):
             np.testing.assert_allclose(a.distances, b.distances, atol=1e-6)
             np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
         print("OK")
     """)
     proc = run_python(script, XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -306,6 +384,12 @@ def test_cli_writes_rows_and_reports_skips(tmp_path):
     numbers = data["atomic_number"]
     assert np.all(numbers[index] != numbers[:, None])
     np.testing.assert_allclose(data["distances"], 2.82, atol=1e-4)  # a / 2, six times
+    # neighbour_vector: the six neighbours at +-a/2 along the axes, |vector| == distance
+    vectors = data["neighbour_vector"]
+    assert vectors.shape == (8, 6, 3) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), data["distances"], atol=1e-5)
+    np.testing.assert_allclose(np.sort(vectors.sum(axis=-1), axis=1),
+                               np.tile([-2.82] * 3 + [2.82] * 3, (8, 1)), atol=1e-4)
     assert set(data["structure_id"]) == {"nacl:nacl"}
     assert sorted(set(data["atomic_number"])) == [11, 17]
     assert len(data["site_label"]) == 8

@@ -49,6 +49,23 @@ def test_feature_cache_serves_smaller_k(data_dir):
     assert input_pipeline.find_cache(data_dir, DATASET, fingerprint, 9, "train") is None
 
 
+def test_feature_cache_keeps_vectors_and_ignores_older_versions(tmp_path):
+    ex = {"id": "cube:cube", "lattice": np.diag([2.0, 2.5, 3.0]), "frac": np.zeros((1, 3)),
+          "numbers": np.array([29], np.int32), "labels": np.array(["Cu1"])}
+    table = input_pipeline.featurize_examples([ex], 4)
+    path = input_pipeline.cache_path(str(tmp_path), "x", "fp", 4, "train")
+    table.save(path)
+    loaded = input_pipeline.AtomTable.load(path).first_k(3)
+    assert loaded.neighbour_vector.shape == (1, 3, 3)
+    np.testing.assert_array_equal(loaded.neighbour_vector, table.neighbour_vector[:, :3])
+    # A cache of the layout before vectors (no version folder) is never found.
+    old = os.path.join(str(tmp_path), "cryknn_features", "x", "fp", "k8", "train.npz")
+    os.makedirs(os.path.dirname(old))
+    table.save(old)
+    assert input_pipeline.find_cache(str(tmp_path), "x", "fp", 4, "train") == path
+    assert input_pipeline.find_cache(str(tmp_path), "x", "fp", 5, "train") is None
+
+
 def test_featurize_examples_matches_brute_force():
     """Examples -> AtomTable through the featuriser (simple cubic: 6 at a, 12 at a*sqrt2)."""
     ex = {"id": "cube:cube", "lattice": np.eye(3) * 2.0, "frac": np.zeros((1, 3)),
@@ -59,6 +76,11 @@ def test_featurize_examples_matches_brute_force():
     assert fs.site_label[0] == b"Cu1"
     # One atom per cell: every neighbour is an image of the atom itself, in its own rows.
     assert fs.neighbour_index.tolist() == [[0] * 7, [1] * 7]
+    # Its vectors: the six lattice vectors +-2 e_i, then one of the twelve at 2 * sqrt(2).
+    assert fs.neighbour_vector.shape == (2, 7, 3) and fs.neighbour_vector.dtype == np.float32
+    steps = np.round(fs.neighbour_vector / 2.0)
+    np.testing.assert_allclose(fs.neighbour_vector, 2.0 * steps, atol=1e-5)
+    np.testing.assert_array_equal(np.abs(steps).sum(axis=-1), [[1] * 6 + [2]] * 2)
 
 
 def test_choose_and_select_elements():
