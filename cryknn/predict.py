@@ -67,7 +67,8 @@ def define_flags() -> None:
     command.define_dataclass_flags(structures_lib.ReadOptions)
 
 
-def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> None:
+def check_arguments(paths: Sequence[str], threshold: float, out: str | None,
+                    flag: str = "--out") -> None:
     if not paths:
         raise errors.ConfigError("name at least one CIF file or folder")
     if not 0 < threshold < 1:
@@ -77,15 +78,15 @@ def check_arguments(paths: Sequence[str], threshold: float, out: str | None) -> 
 
         folder = os.path.dirname(os.path.abspath(out))
         if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise errors.ConfigError(f"cannot write --out={out}")
-        command.check_output(out, paths)
+            raise errors.ConfigError(f"cannot write {flag}={out}")
+        command.check_output(out, paths, flag)
 
 
 def _check_flagged_out(paths: Sequence[str], threshold: float, flagged_out: str) -> None:
     from cryknn import extras
     from cryknn import scoring
 
-    check_arguments(paths, threshold, flagged_out)
+    check_arguments(paths, threshold, flagged_out, "--flagged_out")
     if not flagged_out.lower().endswith(scoring.FLAGGED_FORMATS):
         raise errors.ConfigError(f"--flagged_out must end in .cif, .xyz or .extxyz, got "
                                  f"{flagged_out}")

@@ -226,12 +226,14 @@ def test_version_and_check_command(toy_workdir, tmp_path):
 # flagged sites for crystallographers' tools.
 
 def test_long_run_output(toy_workdir, tmp_path):
+    inputs = tmp_path / "in"  # outputs beside it: a CIF written into it would be an input
+    inputs.mkdir()
     for i in range(3):
-        (tmp_path / f"m{i}.cif").write_text(METHANE_CIF)
-    (tmp_path / "broken.cif").write_text("not a CIF\n")
+        (inputs / f"m{i}.cif").write_text(METHANE_CIF)
+    (inputs / "broken.cif").write_text("not a CIF\n")
     out, flagged = tmp_path / "sites.csv", tmp_path / "flagged.cif"
     r = run_module("cryknn.predict", f"--workdir={toy_workdir}", f"--out={out}",
-                   f"--flagged_out={flagged}", "--threshold=0.99", str(tmp_path))
+                   f"--flagged_out={flagged}", "--threshold=0.99", str(inputs))
     assert r.returncode == 1, r.stderr
     assert "file" in r.stderr.replace(progress_free(r.stderr)[0], "")  # the bar was there
     paths = (str(tmp_path), toy_workdir)  # the paths given are printed as they are
