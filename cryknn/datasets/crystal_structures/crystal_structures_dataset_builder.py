@@ -120,6 +120,7 @@ or tfds.download.DownloadConfig(manual_dir=DIR). Every *.cif under DIR is read.
 """
 
 _BUILD_TMP = "_cryknn_build"
+_FINGERPRINT_CHUNK = 2048  # structures fingerprinted at a time in the first pass
 _BYTES = tfds.features.Encoding.BYTES
 
 
@@ -131,7 +132,7 @@ class CrystalStructuresConfig(tfds.core.BuilderConfig):
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-    """One example per crystal structure; splits by structure family."""
+    """One example per crystal structure; splits by near-copy group of families."""
 
     VERSION = tfds.core.Version(names.VERSION)
     RELEASE_NOTES = {
@@ -261,21 +262,24 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._spill_dir = None if self._beam else tempfile.mkdtemp(prefix="cryknn_build_")
         spill = None if self._beam else open(os.path.join(self._spill_dir, "parsed.pkl"), "wb")
         parser = self._parser or parsing.Parser(0, options=self._read_options)
-        stems, parsed = [], []
+        stems, pending, parts = [], [], []
         try:
             with tqdm(desc="Reading CIFs", unit=" files", mininterval=1.0) as bar:
                 for source, results in parser.parse(self._tasks()):
                     bar.update(1)
                     stems.append(parsing.stem_of_source(source))
-                    parsed.extend(r for r in results
-                                  if isinstance(r, structures_lib.Structure))
+                    pending.extend(r for r in results
+                                   if isinstance(r, structures_lib.Structure))
+                    if len(pending) >= _FINGERPRINT_CHUNK:  # memory bounded by the chunk
+                        parts.append(nearcopies.fingerprints(pending))
+                        pending = []
                     if spill is not None:
                         pickle.dump((source, results), spill, pickle.HIGHEST_PROTOCOL)
         finally:
             if spill is not None:
                 spill.close()
-        self._fingerprints = nearcopies.fingerprints(parsed)
-        del parsed
+        self._fingerprints = nearcopies.Fingerprints.concatenate(
+            parts + [nearcopies.fingerprints(pending)])
         self._splits = nearcopies.split_table(self._fingerprints,
                                               log=lambda m: logging.info("%s", m))
         counts = dict.fromkeys(families.SPLITS, 0)
