@@ -249,7 +249,7 @@ class SplitTable:
     @property
     def grouped(self) -> int:
         """Structures in a group of more than one family."""
-        return sum(1 for r in self.rows if r[1] != r[2] or r[1] in self.group_of)
+        return sum(1 for r in self.rows if r[1] in self.group_of)
 
     def write_csv(self, path: str) -> None:
         with util.atomic_open(path, "w", newline="", encoding="utf-8") as f:

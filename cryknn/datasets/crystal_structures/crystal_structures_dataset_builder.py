@@ -287,12 +287,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             counts[self._splits.split_of_stem(stem)] += 1
         return counts
 
-    def _tasks(self, with_data: bool = True) -> Iterator[parsing.ParseTask]:
+    def _tasks(self) -> Iterator[parsing.ParseTask]:
         """Parsing tasks in a stable order: the folder's files or the archive's members."""
         if self.builder_config.archive is None:
             return parsing.file_tasks(self._root, self._limit)
-        return parsing.core_mof_tasks(self.builder_config.archive, self._limit,
-                                      with_data=with_data)
+        return parsing.core_mof_tasks(self.builder_config.archive, self._limit)
 
     def _spilled(self, split: str) -> Iterator[tuple[str, list]]:
         """(source, results) of the first pass's files that fall in `split`."""
