@@ -17,6 +17,19 @@ from cryknn.datasets.crystal_structures import DEFAULT_DATASET
 
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
 MODEL_ALIASES = {"seed": "two_stage"}
+# Per-model defaults of the fields left at None (chosen on validation: docs/results.md).
+# The graph model computes every atom of a structure as context anyway, so every atom
+# carries a loss (the cap becomes a weight: `input_pipeline.class_weights`), a batch counts
+# node slots, and three passes over the ~3.1M training atoms fit the default run's budget;
+# no dropout at that data volume.
+_CAPPED = {"max_per_element": 40000, "epochs": 10, "batch_size": 512}
+MODEL_DEFAULTS = {
+    "graph": {"width": 64, "dropout": 0.0, "batch_size": 4096, "max_per_element": 40000,
+              "epochs": 3},
+    "mlp": {"width": 128, "dropout": 0.1, **_CAPPED},
+    "tree": {"width": 64, "dropout": 0.1, **_CAPPED},
+    "two_stage": {"dropout": 0.0, **_CAPPED},
+}
 
 
 def _field(default: Any, help_text: str, *, defines_run: bool = False) -> Any:
@@ -40,32 +53,44 @@ class Config:
     num_elements: int = _field(20, "Classify the N most abundant elements of the train split.")
     elements: str | None = _field(None, "Explicit element list, e.g. C,N,O,Li,Na,K "
                                   "(overrides --num_elements).")
-    max_per_element: int = _field(40000, "Cap on training atoms per element (0: no cap).",
-                                  defines_run=True)
+    max_per_element: int | None = _field(
+        None, "Cap on training atoms per element, the atoms that carry a loss (0: no cap; "
+        "default: the model's, MODEL_DEFAULTS). Graph model: every atom carries a loss and "
+        "each element weighs what this many of its atoms would.", defines_run=True)
     # Model.
-    model: str = _field("graph", "graph (default: message passing over the k-NN graph), mlp "
-                        "(the atom's own distances only), or two_stage: the original "
-                        "research's two-stage sigmoid model, called 'seed' there "
-                        "(--model=seed works too).", defines_run=True)
-    width: int | None = _field(None, "Hidden width of the mlp and graph models (default: 128 "
+    model: str = _field("graph", "graph (default: message passing over whole structures on "
+                        "the device, with the directions of each atom's neighbours), mlp (the "
+                        "atom's own distances only), two_stage (the original research's "
+                        "two-stage sigmoid model, called 'seed' there; --model=seed works too) "
+                        "or tree (the graph model before cryknn 0.3: each atom's neighbourhood "
+                        "unrolled on the host).", defines_run=True)
+    width: int | None = _field(None, "Hidden width of the mlp, graph and tree models (default: "
+                               "the model's, MODEL_DEFAULTS)."
                                "for mlp, 64 for graph).", defines_run=True)
     depth: int = _field(2, "mlp: residual blocks.", defines_run=True)
-    dropout: float = _field(0.1, "mlp and graph: dropout rate in [0, 1).", defines_run=True)
+    dropout: float | None = _field(None, "mlp, graph and tree: dropout rate in [0, 1) "
+                                   "(default: the model's, MODEL_DEFAULTS).", defines_run=True)
     input_map: str = _field("raw", "mlp: input features, raw (the distances) or "
                             "inverse_log_diff ([1/d, log d, d[i+1]-d[i]]).", defines_run=True)
-    hops: int = _field(2, "graph: message-passing rounds over the periodic k-NN graph; each "
+    hops: int = _field(2, "graph, tree: message-passing rounds over the periodic k-NN graph; each "
                        "atom sees its neighbours' distances up to this many hops away.",
                        defines_run=True)
-    neighbour_elements: bool = _field(False, "Masked-atom mode (graph model): the model also "
+    neighbour_elements: bool = _field(False, "Masked-atom mode (graph, tree): the model also "
                                       "sees the elements of each atom's neighbours, as when "
                                       "checking one site of a known structure.",
                                       defines_run=True)
+    directions: bool = _field(True, "graph: also read the directions of each atom's "
+                              "neighbours (the shape of its shell), not only their distances.",
+                              defines_run=True)
     # Optimisation.
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",
                                   defines_run=True)
-    epochs: int = _field(10, "Passes over the selected training atoms.", defines_run=True)
-    batch_size: int = _field(512, "Global batch size (atoms).", defines_run=True)
+    epochs: int | None = _field(None, "Passes over the selected training atoms (default: "
+                                "the model's, MODEL_DEFAULTS).", defines_run=True)
+    batch_size: int | None = _field(None, "Global batch size: atoms, or for the graph model "
+                                    "node slots (default: the model's, MODEL_DEFAULTS).",
+                                    defines_run=True)
     learning_rate: float = _field(2e-3, "Peak learning rate (AdamW, warmup + cosine decay).",
                                   defines_run=True)
     weight_decay: float = _field(1e-4, "AdamW weight decay.", defines_run=True)
@@ -85,22 +110,38 @@ class Config:
         # The research called its two-stage model 'seed'; the name stays usable.
         if self.model in MODEL_ALIASES:
             object.__setattr__(self, "model", MODEL_ALIASES[self.model])
+        for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """What a model reads of each atom: its k distances and, for graph models, the
-    distances (and in masked-atom mode the elements) of its neighbours up to `hops` hops."""
+    """What a model reads of each atom: its k distances and, for graph models, its
+    neighbourhood up to `hops` hops (in masked-atom mode with the neighbours' elements).
+
+    reads: 'atoms', 'tree' or 'graph' (`models.ModelKind.reads`).
+    """
 
     k: int
     hops: int = 0
     neighbour_elements: bool = False
+    reads: str = "tree"
+
+    @property
+    def receptive_hops(self) -> int:
+        """Hops of the k-NN graph one prediction depends on (its receptive field): the
+        graph model's element context reads two shells."""
+        return max(self.hops, 2 if self.neighbour_elements else 0)
 
 
 def input_spec(config: Config) -> InputSpec:
-    if config.model != "graph":
-        return InputSpec(config.k)
-    return InputSpec(config.k, config.hops, config.neighbour_elements)
+    from cryknn import models  # flax: only once a model is built
+
+    reads = models.kind_of(config).reads
+    if reads == "atoms":
+        return InputSpec(config.k, reads=reads)
+    return InputSpec(config.k, config.hops, config.neighbour_elements, reads)
 
 
 def run_defining_fields() -> tuple[str, ...]:
@@ -113,6 +154,8 @@ def from_dict(values: dict) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     renamed = {"features": "input_map"}  # the field's name before cryknn 0.2
     values = {renamed.get(key, key): value for key, value in values.items()}
+    if values.get("model") == "graph" and "directions" not in values:
+        values["model"] = "tree"  # before cryknn 0.3, 'graph' was the tree model
     return Config(**{key: value for key, value in values.items() if key in names})
 
 

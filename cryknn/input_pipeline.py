@@ -35,6 +35,7 @@ from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
 from cryknn import families
+from cryknn import graph_batch
 from cryknn import nearcopies
 from cryknn import parallel
 from cryknn import util
@@ -348,10 +349,13 @@ def select_atoms(atomic_number: np.ndarray, element_list: list[int], *,
     return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
 
 
-def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
+def class_weights(counts: np.ndarray, mode: str, cap: int | None = None) -> np.ndarray:
     """(C,) float32 per-class loss weights from (C,) training atoms per class.
 
     'none': 1; 'inverse_frequency': 1/n_c; 'sqrt_inverse_frequency': 1/sqrt(n_c).
+    cap: every atom carries a loss, but each class weighs what `cap` atoms of it would
+    (a soft per-element cap: the same class balance as selecting at most `cap` atoms
+    per class, in expectation): w_c = w(m_c) m_c / n_c with m_c = min(n_c, cap).
     Normalised so the mean weight over training atoms is 1 (sum_c w_c n_c = sum_c n_c),
     which keeps the loss scale (and a good learning rate) independent of the mode.
     """
@@ -360,8 +364,9 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
         raise errors.ConfigError(f"unknown class weighting {mode!r}; choose one of "
                                  f"{', '.join(config_lib.CLASS_WEIGHTINGS)}")
     safe = np.maximum(counts, 1.0)
-    w = {"none": np.ones_like(safe), "inverse_frequency": 1.0 / safe,
-         "sqrt_inverse_frequency": 1.0 / np.sqrt(safe)}[mode]
+    kept = np.minimum(safe, cap) if cap else safe
+    w = {"none": np.ones_like(safe), "inverse_frequency": 1.0 / kept,
+         "sqrt_inverse_frequency": 1.0 / np.sqrt(kept)}[mode] * kept / safe
     w = w * counts.sum() / max((w * counts).sum(), 1e-12)
     return w.astype(np.float32)
 
@@ -460,7 +465,11 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
     element_list = choose_elements(counts, num_elements=config.num_elements,
                                    elements=config.elements)
     labels = label_table(element_list)
-    cap = config.max_per_element // process_count if config.max_per_element else None
+    # The graph model computes whole structures anyway: every atom carries a loss, and the
+    # cap limits each element's share of the loss instead of its atoms (`capped_weights`).
+    soft_cap = config_lib.input_spec(config).reads == "graph"
+    cap = (config.max_per_element // process_count
+           if config.max_per_element and not soft_cap else None)
     train_rows = select_atoms(tables["train"].atomic_number, element_list,
                               max_per_element=cap, seed=config.seed + 1000 * process_index)
     splits = {"train": _labelled(tables["train"], train_rows, labels)}
@@ -477,8 +486,9 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
         + ", ".join(f"{s} {n}" for s, n in zip(symbols, train_counts)))
     return PreparedData(
         element_list=element_list, symbols=symbols, monitor=monitor,
-        train_counts=train_counts, class_weights=class_weights(train_counts,
-                                                               config.class_weighting),
+        train_counts=train_counts, class_weights=class_weights(
+            train_counts, config.class_weighting,
+            cap=config.max_per_element if soft_cap else None),
         validation_support=parallel.global_sum(
             np.bincount(splits["validation"].labels, minlength=num_classes)),
         dataset=record, load_seconds=time.time() - start,
@@ -564,6 +574,116 @@ def eval_batches(atoms: LabelledAtoms, batch_size: int,
                "mask": (np.arange(batch_size) < len(index)).astype(np.float32)}
 
 
+class AtomBatches:
+    """Batches of atoms (models that read each atom's own distances, or its tree gathered
+    on the host): `batch_size` atoms per batch on this process."""
+
+    def __init__(self, spec: config_lib.InputSpec, batch_size: int):
+        self.spec, self.batch_size = spec, batch_size
+
+    def steps_per_epoch(self, atoms: LabelledAtoms) -> int:
+        return len(atoms) // self.batch_size
+
+    def epoch(self, atoms: LabelledAtoms, *, seed: int, epoch: int,
+              start: int = 0) -> Iterator[dict]:
+        return epoch_batches(atoms, self.batch_size, self.spec, seed=seed, epoch=epoch,
+                             start=start)
+
+    def evaluation(self, atoms: LabelledAtoms) -> Iterator[tuple[dict, np.ndarray]]:
+        """(batch, (B,) position in `atoms` of each row, -1 on padding) in order."""
+        for b, batch in enumerate(eval_batches(atoms, self.batch_size, self.spec)):
+            position = b * self.batch_size + np.arange(self.batch_size)
+            yield batch, np.where(batch["mask"] > 0, position, -1)
+
+    def filler(self) -> dict:
+        return {"inputs": filler_inputs(self.spec, self.batch_size),
+                "label": np.zeros(self.batch_size, np.int32),
+                "mask": np.zeros(self.batch_size, np.float32)}
+
+
+class GraphBatches:
+    """Batches of `packs` packs of `pack_size` node slots on this process
+    (`cryknn.graph_batch`): whole structures, or crops holding every loss atom's receptive
+    field. An epoch shuffles the units (structures, crops) by (seed, epoch) and packs them
+    in that order; every epoch has the same number of steps (the first epoch's: a later
+    epoch that packs tighter pads with empty packs, one that packs looser drops its last
+    packs, as a fixed-size batcher drops its remainder)."""
+
+    def __init__(self, spec: config_lib.InputSpec, pack_size: int, packs: int):
+        self.spec, self.pack_size, self.packs = spec, pack_size, packs
+        self._units: dict[int, tuple] = {}
+
+    def units(self, atoms: LabelledAtoms) -> list:
+        key = id(atoms)
+        if key not in self._units:  # the selection object stays alive with its units
+            self._units[key] = (atoms, graph_batch.make_units(
+                atoms.table.neighbour_index, atoms.table.structure_index, atoms.rows,
+                self.spec.receptive_hops, self.pack_size - 1))
+        return self._units[key][1]
+
+    def _epoch_packs(self, atoms: LabelledAtoms, seed: int, epoch: int) -> list:
+        units = self.units(atoms)
+        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        return graph_batch.pack_units([units[i] for i in order], self.pack_size - 1)
+
+    def steps_per_epoch(self, atoms: LabelledAtoms) -> int:
+        return len(self._epoch_packs(atoms, 0, 0)) // self.packs
+
+    def epoch(self, atoms: LabelledAtoms, *, seed: int, epoch: int,
+              start: int = 0) -> Iterator[dict]:
+        packs = self._epoch_packs(atoms, seed, epoch)
+        steps = self.steps_per_epoch(atoms)
+        for b in range(start, steps):
+            yield self._batch(atoms, packs[b * self.packs:(b + 1) * self.packs])
+
+    def evaluation(self, atoms: LabelledAtoms) -> Iterator[tuple[dict, np.ndarray]]:
+        """(batch, (G, N) position in `atoms` of each loss node, -1 elsewhere) in order."""
+        packs = graph_batch.pack_units(self.units(atoms), self.pack_size - 1)
+        for b in range(0, len(packs), self.packs):
+            batch = self._batch(atoms, packs[b:b + self.packs])
+            yield batch, batch.pop("position")
+
+    def filler(self) -> dict:
+        return {"inputs": graph_batch.filler(self.pack_size, self.spec.k, self.packs,
+                                             with_elements=self.spec.neighbour_elements),
+                "label": np.zeros((self.packs, self.pack_size), np.int32),
+                "mask": np.zeros((self.packs, self.pack_size), np.float32)}
+
+    def _batch(self, atoms: LabelledAtoms, packs: list) -> dict:
+        scratch = np.full(len(atoms.table), -1, np.int64)
+        arrays = [graph_batch.pack_arrays(atoms.table, units, self.pack_size,
+                                          with_elements=self.spec.neighbour_elements,
+                                          scratch=scratch) for units in packs]
+        empty = self.packs - len(arrays)
+        if empty:
+            arrays += [graph_batch.empty_pack(self.pack_size, self.spec.k,
+                                              with_elements=self.spec.neighbour_elements)
+                       ] * empty
+        inputs, position = graph_batch.stack(arrays)
+        loss = position >= 0
+        return {"inputs": inputs, "label": np.where(loss, atoms.labels[position], 0).astype(
+                    np.int32), "mask": loss.astype(np.float32), "position": position}
+
+
+def batches_for(spec: config_lib.InputSpec, batch_size: int, devices: int,
+                local_devices: int) -> AtomBatches | GraphBatches:
+    """The batcher of a model reading `spec`, for a global batch of `batch_size` atoms
+    (graph: node slots, one pack per device) over `devices` devices, `local_devices` of
+    them on this process."""
+    if spec.reads == "graph":
+        return GraphBatches(spec, batch_size // devices, local_devices)
+    return AtomBatches(spec, batch_size * local_devices // devices)
+
+
+def example_inputs(spec: config_lib.InputSpec, size: int = 1):
+    """Model inputs of `size` dummy atoms (graph: one pack of `size` + 1 slots, at least
+    two): the shapes models are initialised from."""
+    if spec.reads == "graph":
+        return graph_batch.filler(max(size + 1, 2), spec.k, 1,
+                                  with_elements=spec.neighbour_elements)
+    return filler_inputs(spec, size)
+
+
 # ----------------------------------------------------------------------------
 # A toy data set for tests and benchmarks that must run without the real one.
 
@@ -577,7 +697,7 @@ def toy_features(atomic_numbers, atoms_per_element, k: int, *, seed: int = 0,
 
     Atom j of element Z gets sorted distances d_i = f(Z) * (1 + 0.3 i) + noise, grouped into
     structures `toy<n>:toy<n>` of `atoms_per_structure` atoms with site labels like 'C3';
-    neighbours are random atoms of the same structure.
+    neighbours are random atoms of the same structure, in random directions.
     """
     rng = np.random.default_rng(seed)
     zs = np.repeat(np.asarray(atomic_numbers, np.int32), atoms_per_element)
@@ -593,8 +713,11 @@ def toy_features(atomic_numbers, atoms_per_element, k: int, *, seed: int = 0,
     labels = np.array([f"{elements_lib.symbol(z)}{i % atoms_per_structure + 1}"
                        for i, z in enumerate(zs)]).astype(np.bytes_)
     ids = np.array([f"toy{seed}_{i}:toy{seed}_{i}" for i in range(n_struct)])
+    directions = rng.standard_normal((len(zs), k, 3))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
     return AtomTable(distances=d, neighbour_index=neighbours.astype(np.int32), atomic_number=zs,
-                     structure_index=index, site_label=labels, structure_id=ids)
+                     structure_index=index, site_label=labels, structure_id=ids,
+                     neighbour_vector=(directions * d[..., None]).astype(np.float32))
 
 
 def write_toy_cache(data_dir: str, dataset: str, k: int, atomic_numbers,

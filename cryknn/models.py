@@ -33,6 +33,7 @@ listed in node n's own row.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -42,7 +43,6 @@ import numpy as np
 
 from cryknn import errors
 
-MODEL_NAMES = ("mlp", "two_stage", "graph")
 INPUT_MAPS = ("raw", "inverse_log_diff")
 
 # Distances below this are clipped before 1/d and log d (overlapping sites give d ~ 0).
@@ -189,8 +189,9 @@ class Interaction(nn.Module):
         return parent + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-class GraphModel(nn.Module):
-    """Message passing over the periodic k-NN graph, unrolled to depth `hops` per atom.
+class TreeModel(nn.Module):
+    """Message passing over each atom's k-NN tree, unrolled to depth `hops` on the host
+    (the graph model before cryknn 0.3; the baseline of experiments/bench_model.py).
 
     input_mean / input_std: (k,) statistics of the training atoms' own distances; every
     node's k distances are standardised with them.
@@ -227,48 +228,250 @@ class GraphModel(nn.Module):
         return {"logits": nn.Dense(self.num_classes, name="head")(x)}
 
 
+# ----------------------------------------------------------------------------
+# The graph model: message passing over whole structures on the device.
+
+
+def gather_nodes(values: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """values (G, N, ...) per node, index (G, N, k, ...) slots in the same pack ->
+    (G, N, k, ..., ...) the values of the indexed nodes (a gather on the device)."""
+    return jax.vmap(lambda v, i: v[i])(values, index)
+
+
+# Real spherical harmonics up to degree 4 as polynomials of a unit vector (x, y, z); each
+# degree's block is orthonormal on the sphere, so its squared norm is rotation invariant.
+_SQ = np.sqrt
+_HARMONICS = (
+    (lambda x, y, z: 0.5 * _SQ(1 / np.pi) + 0 * x,),
+    (lambda x, y, z: _SQ(3 / (4 * np.pi)) * y, lambda x, y, z: _SQ(3 / (4 * np.pi)) * z,
+     lambda x, y, z: _SQ(3 / (4 * np.pi)) * x),
+    (lambda x, y, z: 0.5 * _SQ(15 / np.pi) * x * y,
+     lambda x, y, z: 0.5 * _SQ(15 / np.pi) * y * z,
+     lambda x, y, z: 0.25 * _SQ(5 / np.pi) * (3 * z * z - 1),
+     lambda x, y, z: 0.5 * _SQ(15 / np.pi) * x * z,
+     lambda x, y, z: 0.25 * _SQ(15 / np.pi) * (x * x - y * y)),
+    (lambda x, y, z: 0.25 * _SQ(35 / (2 * np.pi)) * y * (3 * x * x - y * y),
+     lambda x, y, z: 0.5 * _SQ(105 / np.pi) * x * y * z,
+     lambda x, y, z: 0.25 * _SQ(21 / (2 * np.pi)) * y * (5 * z * z - 1),
+     lambda x, y, z: 0.25 * _SQ(7 / np.pi) * z * (5 * z * z - 3),
+     lambda x, y, z: 0.25 * _SQ(21 / (2 * np.pi)) * x * (5 * z * z - 1),
+     lambda x, y, z: 0.25 * _SQ(105 / np.pi) * z * (x * x - y * y),
+     lambda x, y, z: 0.25 * _SQ(35 / (2 * np.pi)) * x * (x * x - 3 * y * y)),
+    (lambda x, y, z: 0.75 * _SQ(35 / np.pi) * x * y * (x * x - y * y),
+     lambda x, y, z: 0.75 * _SQ(35 / (2 * np.pi)) * y * z * (3 * x * x - y * y),
+     lambda x, y, z: 0.75 * _SQ(5 / np.pi) * x * y * (7 * z * z - 1),
+     lambda x, y, z: 0.75 * _SQ(5 / (2 * np.pi)) * y * z * (7 * z * z - 3),
+     lambda x, y, z: 3 / 16 * _SQ(1 / np.pi) * (35 * z ** 4 - 30 * z * z + 3),
+     lambda x, y, z: 0.75 * _SQ(5 / (2 * np.pi)) * x * z * (7 * z * z - 3),
+     lambda x, y, z: 3 / 8 * _SQ(5 / np.pi) * (x * x - y * y) * (7 * z * z - 1),
+     lambda x, y, z: 0.75 * _SQ(35 / (2 * np.pi)) * x * z * (x * x - 3 * y * y),
+     lambda x, y, z: 3 / 16 * _SQ(35 / np.pi) * (x * x * (x * x - 3 * y * y)
+                                                 - y * y * (3 * x * x - y * y))),
+)
+MAX_DEGREE = len(_HARMONICS) - 1
+
+
+def spherical_harmonics(vectors: jnp.ndarray, degree: int) -> jnp.ndarray:
+    """(..., 3) vectors -> (..., (degree + 1)**2) real spherical harmonics of their
+    directions, degrees 0..degree in order (zero vectors give the direction +x)."""
+    norm = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
+    unit = jnp.where(norm > 1e-6, vectors / jnp.maximum(norm, 1e-6),
+                     jnp.asarray([1.0, 0.0, 0.0], vectors.dtype))
+    x, y, z = unit[..., 0], unit[..., 1], unit[..., 2]
+    return jnp.stack([f(x, y, z) for block in _HARMONICS[:degree + 1] for f in block],
+                     axis=-1).astype(vectors.dtype)
+
+
+def angular_invariants(moments: jnp.ndarray, degree: int, first: int = 0) -> jnp.ndarray:
+    """(..., (degree + 1)**2 - first**2, W) per-channel harmonic moments of degrees
+    first..degree -> (..., (degree + 1 - first) * W): the squared norm of each degree's
+    block per channel (its power spectrum), invariant under rotations of the
+    neighbourhood."""
+    offset = first * first
+    blocks = [jnp.sum(moments[..., l * l - offset:(l + 1) ** 2 - offset, :] ** 2, axis=-2)
+              for l in range(first, degree + 1)]
+    return jnp.concatenate(blocks, axis=-1)
+
+
+class GraphLayer(nn.Module):
+    """One round of message passing over the pack, each node's state computed once.
+
+    message_ij = Dense(h_j) * filter(edge_ij) (a continuous convolution); the node reads the
+    mean message (order invariant) and, with directions, the power spectrum of the harmonic
+    moments A_i = mean_j a_ij Y(u_ij) (degrees 1..degree) of narrower messages a_ij over
+    `angular` channels: the shape of the shell (linear, planar, tetrahedral, octahedral
+    ...), weighted by what each neighbour is, not only its radii.
+    """
+
+    width: int
+    degree: int
+    angular: int = 16
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, h, index, edge_features, harmonics, *, train: bool):
+        """h (G, N, W), index (G, N, k), edge_features (G, N, k, E), harmonics
+        (G, N, k, S) or None -> (G, N, W)."""
+        width = self.width + (self.angular if harmonics is not None else 0)
+        # One gather and one filter serve the radial and the angular messages.
+        messages = gather_nodes(nn.Dense(width, name="message")(h), index)
+        messages = messages * nn.Dense(width, name="filter")(edge_features)
+        parts = [h, messages[..., :self.width].mean(axis=-2)]
+        if harmonics is not None:
+            a = messages[..., self.width:]  # (G, N, k, A)
+            # A broadcast product runs faster than a batched tiny matmul on CPU.
+            moments = jnp.mean(harmonics[..., 1:, None] * a[..., None, :], axis=-3)
+            parts.append(angular_invariants(moments, self.degree, first=1))
+        y = nn.LayerNorm(name="norm")(jnp.concatenate(parts, axis=-1))
+        y = nn.Dense(self.width, name="update_out")(
+            nn.gelu(nn.Dense(self.width, name="update_in")(y)))
+        return h + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class ElementContext(nn.Module):
+    """Masked-atom mode: what a node may know of the elements around it.
+
+    The elements of its neighbours (first shell) and of their neighbours (second shell),
+    each filtered by its edge's distance; every atom of the node's own site (its symmetry
+    copies and images) reads as element 0 (unknown). Geometry states never see elements,
+    so nothing carries an atom's own element back to it.
+    """
+
+    width: int
+
+    @nn.compact
+    def __call__(self, inputs, index, edge_features):
+        """-> (G, N, W) element context of every node."""
+        site = inputs.site
+        own = site[..., None]
+        first_site = gather_nodes(site, index)  # (G, N, k)
+        first = jnp.where(first_site == own, 0, gather_nodes(inputs.elements, index))
+        second_index = gather_nodes(index, index)  # (G, N, k, k)
+        second_site = gather_nodes(site, second_index)
+        second = jnp.where(second_site == own[..., None], 0,
+                           gather_nodes(inputs.elements, second_index))
+        embed = nn.Embed(elements_count(), self.width, name="element_embedding")
+        edge_filter = nn.Dense(self.width, name="element_filter")(edge_features)
+        second_filter = gather_nodes(edge_filter, index)  # (G, N, k, k, W): edge j -> l
+        shell2 = (embed(second) * second_filter).mean(axis=-2)
+        pair = embed(first) + nn.Dense(self.width, name="second_shell")(shell2)
+        return (pair * edge_filter).mean(axis=-2)
+
+
+class GraphModel(nn.Module):
+    """Message passing over whole structures (`graph_batch.GraphInputs`, G packs of N
+    nodes), every gather on the device.
+
+    Each node starts from its standardised k distances (input_mean / input_std: (k,)
+    training statistics); `hops` `GraphLayer`s refine it from its k neighbours' states
+    (with `directions`, from the shape of its shell too); a head predicts its element.
+    Outputs {'logits': (G, N, C)}. In masked-atom mode (`neighbour_elements`) the head also
+    reads the node's `ElementContext`, never its own element.
+    """
+
+    num_classes: int
+    input_mean: Sequence[float]
+    input_std: Sequence[float]
+    hops: int = 2
+    width: int = 64
+    dropout: float = 0.1
+    neighbour_elements: bool = False
+    directions: bool = True
+    degree: int = MAX_DEGREE
+    num_rbf: int = 24
+    edge_width: int = 16
+    d_max: float = 6.0
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False) -> dict:
+        d = inputs.distances
+        mean = jnp.asarray(self.input_mean, d.dtype)
+        std = jnp.asarray(self.input_std, d.dtype)
+        h = nn.Dense(self.width, name="encode_out")(
+            nn.gelu(nn.Dense(self.width, name="encode_in")((d - mean) / std)))
+        edges = nn.gelu(nn.Dense(self.edge_width, name="edge_embed")(
+            radial_basis(d, self.num_rbf, self.d_max)))  # (G, N, k, E)
+        harmonics = (spherical_harmonics(inputs.vectors, self.degree)
+                     if self.directions else None)
+        for r in range(self.hops):
+            h = GraphLayer(self.width, self.degree, dropout=self.dropout, name=f"layer{r}")(
+                h, inputs.neighbour_index, edges, harmonics, train=train)
+        if self.neighbour_elements:
+            context = ElementContext(self.width, name="elements")(
+                inputs, inputs.neighbour_index, edges)
+            h = h + nn.Dense(self.width, name="context")(nn.gelu(context))
+        x = nn.gelu(nn.LayerNorm(name="final_norm")(h))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return {"logits": nn.Dense(self.num_classes, name="head")(x)}
+
+
 def elements_count() -> int:
     """Rows of the element embedding: atomic numbers 0..118 (0 unused)."""
     return 119
 
 
-DEFAULT_WIDTH = {"mlp": 128, "graph": 64}
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """What `--model=<name>` builds and reads.
+
+    fields: the Config fields its architecture is built from (its hyperparameters).
+    reads: 'atoms' (each atom's own k distances), 'tree' (each atom's neighbourhood
+      unrolled on the host: `input_pipeline.gather_inputs`) or 'graph' (whole structures
+      on the device: `graph_batch.GraphInputs`).
+    """
+
+    cls: type
+    fields: tuple[str, ...]
+    reads: str
+
+    @property
+    def standardises_inputs(self) -> bool:
+        return "input_mean" in self.cls.__dataclass_fields__
+
+
+MODELS = {
+    "graph": ModelKind(GraphModel, ("width", "hops", "dropout", "neighbour_elements",
+                                    "directions"), "graph"),
+    "mlp": ModelKind(MLPModel, ("width", "depth", "dropout", "input_map"), "atoms"),
+    "two_stage": ModelKind(TwoStageModel, (), "atoms"),
+    "tree": ModelKind(TreeModel, ("width", "hops", "dropout", "neighbour_elements"), "tree"),
+}
+MODEL_NAMES = tuple(MODELS)
+
+
+def kind_of(config: Any) -> ModelKind:
+    check_model_config(config)
+    return MODELS[config.model]
 
 
 def hyperparameters(config: Any) -> dict:
     """The configuration fields the chosen model is built from (its architecture)."""
-    width = config.width or DEFAULT_WIDTH.get(config.model)
-    if config.model == "mlp":
-        return {"width": width, "depth": config.depth, "dropout": config.dropout,
-                "input_map": config.input_map}
-    if config.model == "graph":
-        return {"width": width, "hops": config.hops, "dropout": config.dropout,
-                "neighbour_elements": config.neighbour_elements}
-    return {}
+    kind = kind_of(config)
+    return {name: getattr(config, name) for name in kind.fields}
 
 
 def check_model_config(config: Any) -> None:
     """Raise ConfigError for a model name or model hyperparameter that cannot work."""
-    if config.model not in MODEL_NAMES:
+    if config.model not in MODELS:
         raise errors.ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)} (or seed), "
                                  f"got {config.model!r}")
-    if config.model == "mlp":
-        if config.input_map not in INPUT_MAPS:
-            raise errors.ConfigError(f"--input_map must be one of {', '.join(INPUT_MAPS)}, got "
-                                     f"{config.input_map!r}")
-    if config.model in ("mlp", "graph"):
+    fields = MODELS[config.model].fields
+    if "input_map" in fields and config.input_map not in INPUT_MAPS:
+        raise errors.ConfigError(f"--input_map must be one of {', '.join(INPUT_MAPS)}, got "
+                                 f"{config.input_map!r}")
+    if "width" in fields:
         if (config.width is not None and config.width < 1) or config.depth < 0:
             raise errors.ConfigError("--width must be >= 1 and --depth >= 0")
         if not 0 <= config.dropout < 1:
             raise errors.ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
-    if config.model == "graph" and not 1 <= config.hops <= 4:
+    if "hops" in fields and not 1 <= config.hops <= 4:
         raise errors.ConfigError(f"--hops must be 1 to 4, got {config.hops}")
-    if config.neighbour_elements and config.model != "graph":
-        raise errors.ConfigError("--neighbour_elements needs --model=graph")
+    if config.neighbour_elements and "neighbour_elements" not in fields:
+        raise errors.ConfigError("--neighbour_elements needs --model=graph (or tree)")
 
 
 def needs_input_statistics(config: Any) -> bool:
-    return config.model in ("mlp", "graph")
+    return kind_of(config).standardises_inputs
 
 
 def create_model(config: Any, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
@@ -278,17 +481,20 @@ def create_model(config: Any, num_classes: int, input_stats: tuple | None = None
     node's k distances) on the training set
     (`input_statistics`); identity scaling when None (tests, structure-only uses).
     """
-    check_model_config(config)
-    if config.model == "two_stage":
-        return TwoStageModel(num_classes=num_classes)
+    kind = kind_of(config)
     kwargs = hyperparameters(config)
+    if not kind.standardises_inputs:
+        return kind.cls(num_classes=num_classes, **kwargs)
     if input_stats is None:
-        kind = config.input_map if config.model == "mlp" else "raw"
-        num = input_map(np.ones((1, config.k), np.float32), kind).shape[-1]
+        num = input_map(np.ones((1, config.k), np.float32), _input_map_of(config)).shape[-1]
         input_stats = ([0.0] * num, [1.0] * num)
     mean, std = input_stats
-    cls = MLPModel if config.model == "mlp" else GraphModel
-    return cls(num_classes=num_classes, input_mean=tuple(mean), input_std=tuple(std), **kwargs)
+    return kind.cls(num_classes=num_classes, input_mean=tuple(mean), input_std=tuple(std),
+                    **kwargs)
+
+
+def _input_map_of(config: Any) -> str:
+    return config.input_map if "input_map" in MODELS[config.model].fields else "raw"
 
 
 def input_statistics_of(config: Any, distances: np.ndarray,
@@ -296,8 +502,7 @@ def input_statistics_of(config: Any, distances: np.ndarray,
     """The model's input statistics from (A, k) training distances (None if it needs none)."""
     if not needs_input_statistics(config):
         return None
-    kind = config.input_map if config.model == "mlp" else "raw"
-    return input_statistics(distances, kind, sum_fn=sum_fn)
+    return input_statistics(distances, _input_map_of(config), sum_fn=sum_fn)
 
 
 def init_params(model: nn.Module, k: int, rng: jax.Array, inputs: dict | None = None) -> Any:

@@ -169,7 +169,7 @@ MAX_INPUT_FLOATS = 2**20  # per atom: k distances of each of 1 + k + ... + k**ho
 
 def input_floats(config: config_lib.Config) -> int:
     """Floats of one atom's model inputs (its neighbourhood up to config.hops)."""
-    hops = config.hops if config.model == "graph" else 0
+    hops = config.hops if config.model == "tree" else 0
     return config.k * sum(config.k ** h for h in range(hops + 1))
 
 
@@ -235,7 +235,7 @@ def _param_shapes(model: Any, config: config_lib.Config) -> dict:
 
     from cryknn import input_pipeline
 
-    inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
+    inputs = input_pipeline.example_inputs(config_lib.input_spec(config))
     shapes = jax.eval_shape(lambda: models.init_params(model, config.k, jax.random.key(0),
                                                        inputs))
     return {key: tuple(leaf.shape) for key, leaf in _flat(shapes).items()}

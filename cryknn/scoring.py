@@ -222,6 +222,8 @@ class Model:
                       batch_size: int = 4096) -> np.ndarray:
         """(R, C) probabilities of the atoms at `rows` (default: all) of a feature table."""
         rows = np.arange(len(table)) if rows is None else np.asarray(rows)
+        if self.spec.reads == "graph":
+            return self._predict_graph(table, rows, batch_size)
         out = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -230,6 +232,22 @@ class Model:
             inputs = input_pipeline.gather_inputs(table, padded, self.spec)
             out.append(np.asarray(self._probs(self.saved.params, inputs))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
+
+    def _predict_graph(self, table: input_pipeline.AtomTable, rows: np.ndarray,
+                       batch_size: int) -> np.ndarray:
+        """Whole structures (crops of big ones) in packs of at most `batch_size` slots: one
+        forward pass per pack, every atom's state computed once per hop."""
+        from cryknn import graph_batch
+
+        probs = np.zeros((len(rows), len(self.elements)), np.float32)
+        for pack in graph_batch.inference_packs(
+                table, rows, self.spec.receptive_hops, batch_size,
+                with_elements=self.spec.neighbour_elements):
+            inputs = graph_batch.stack([pack])[0]
+            out = np.asarray(self._probs(self.saved.params, inputs))[0]
+            keep = pack.loss_position >= 0
+            probs[pack.loss_position[keep]] = out[keep]
+        return probs
 
     def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096) -> Scores:
         """Per-site (or per-atom) scores of every structure (one, or a list; cryknn
@@ -296,7 +314,8 @@ def table_from(structures: Sequence[structures_lib.Structure],
     return input_pipeline.AtomTable.from_structures(
         [s.id for s in structures], [s.numbers for s in structures],
         [s.labels for s in structures], [n.distances for n in found],
-        [n.indices for n in found], k, [s.site_index for s in structures])
+        [n.indices for n in found], k, [s.site_index for s in structures],
+        [n.vectors for n in found])
 
 
 def _site_labels(s: structures_lib.Structure) -> list[str]:

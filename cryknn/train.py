@@ -69,7 +69,7 @@ def make_optimizer(config: config_lib.Config, total_steps: int) -> optax.Gradien
 
 def create_train_state(model: nn.Module, config: config_lib.Config,
                        total_steps: int) -> TrainState:
-    inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
+    inputs = input_pipeline.example_inputs(config_lib.input_spec(config))
     params = models.init_params(model, config.k, jax.random.key(config.seed), inputs)
     return TrainState.create(apply_fn=model.apply, params=params,
                              tx=make_optimizer(config, total_steps))
@@ -79,12 +79,14 @@ def loss_fn(outputs: dict, labels: jnp.ndarray, mask: jnp.ndarray,
             class_weights: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     """Class-weighted cross-entropy, averaged over the real (mask 1) atoms of the batch.
 
-    outputs['logits'] (B, C): softmax cross-entropy (optax) times class_weights[label].
+    outputs['logits'] (B, C), or (G, N, C) with labels and mask (G, N): softmax cross-entropy (optax) times class_weights[label].
     outputs['stage1_logits'] (B, C), two-stage model only: one-vs-rest sigmoid binary
     cross-entropy (mean over classes) with the same per-atom class weight, added to the loss
     (the stop-gradient inside the model keeps the two stages' losses apart).
     Returns (loss, {'loss_sum', 'correct', 'count'}) with sums over the batch.
     """
+    outputs = {key: value.reshape(-1, value.shape[-1]) for key, value in outputs.items()}
+    labels, mask = labels.reshape(-1), mask.reshape(-1)  # graph batches: (G, N) nodes
     w = class_weights[labels] * mask
     count = jnp.maximum(mask.sum(), 1.0)
     per_atom = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], labels)
@@ -197,6 +199,7 @@ class Trainer:
     state: TrainState
     input_stats: tuple | None
     steps_per_epoch: int
+    batches: input_pipeline.AtomBatches | input_pipeline.GraphBatches
     history: list = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0  # training steps only: evaluation and hooks excluded
     trained_atoms: int = 0
@@ -208,8 +211,9 @@ class Trainer:
         if config.batch_size % par.num_devices:
             raise errors.ConfigError(f"--batch_size={config.batch_size} is not a multiple of "
                                      f"the {par.num_devices} devices")
-        local_batch = config.batch_size // jax.process_count()
-        steps_per_epoch = parallel.global_min(len(data.train) // local_batch)
+        batches = input_pipeline.batches_for(config_lib.input_spec(config), config.batch_size,
+                                             par.num_devices, jax.local_device_count())
+        steps_per_epoch = parallel.global_min(batches.steps_per_epoch(data.train))
         if steps_per_epoch < 1:
             raise errors.ConfigError(f"--batch_size={config.batch_size} is larger than the "
                                      f"{len(data.train)} selected training atoms")
@@ -218,15 +222,11 @@ class Trainer:
         model = models.create_model(config, len(data.symbols), input_stats)
         state = create_train_state(model, config, steps_per_epoch * config.epochs)
         return cls(config, data, par, model, par.replicate(state), input_stats,
-                   steps_per_epoch)
+                   steps_per_epoch, batches)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.epochs
-
-    @property
-    def local_batch(self) -> int:
-        return self.config.batch_size // jax.process_count()
 
     @property
     def input_spec(self) -> config_lib.InputSpec:
@@ -243,21 +243,19 @@ class Trainer:
     def probs(self, atoms: input_pipeline.LabelledAtoms) -> np.ndarray:
         """(A, C) probabilities of this process's selected atoms under the current params;
         every process steps through the same number of batches."""
-        num_classes = len(self.data.symbols)
-        steps = parallel.global_max(input_pipeline.num_batches(len(atoms), self.local_batch,
-                                                               drop_remainder=False))
-        batches = input_pipeline.eval_batches(atoms, self.local_batch, self.input_spec)
-        out = []
-        for _ in range(steps):
-            batch = next(batches, None)
-            if batch is None:  # this process is out of atoms; keep in step with the others
-                batch = {"inputs": input_pipeline.filler_inputs(self.input_spec,
-                                                                self.local_batch)}
+        batches = list(self.batches.evaluation(atoms))
+        steps = parallel.global_max(len(batches))
+        probs = np.zeros((len(atoms), len(self.data.symbols)), np.float32)
+        for b in range(steps):
+            if b < len(batches):
+                batch, position = batches[b]
+            else:  # this process is out of atoms; keep in step with the others
+                batch, position = self.batches.filler(), None
             inputs = self.parallel.global_batch(batch["inputs"])
-            out.append(self.parallel.local(self._predict(self.state.params, inputs)))
-        if not out:
-            return np.zeros((0, num_classes), np.float32)
-        return np.concatenate(out)[:len(atoms)]
+            out = self.parallel.local(self._predict(self.state.params, inputs))
+            if position is not None:
+                probs[position[position >= 0]] = out[position >= 0]
+        return probs
 
     def monitor(self) -> dict:
         """Validation loss, accuracy and balanced accuracy, estimated from `data.monitor`."""
@@ -272,7 +270,8 @@ class Trainer:
         self.state, self.history, _ = checkpoints.restore(mngr, self.state, log=log)
         if self.history:  # the run's clock and atom count carry on from the checkpoint
             self.train_seconds = self._epoch_start_s = self.history[-1]["train_time_s"]
-            self.trained_atoms = self.history[-1]["step"] * self.config.batch_size
+            last = self.history[-1]
+            self.trained_atoms = last.get("trained_atoms", last["step"] * self.config.batch_size)
         return True
 
     def fit(self, hooks: Sequence[Hook] = (), until_epoch: int | None = None,
@@ -291,19 +290,18 @@ class Trainer:
         dropout_seed = par.replicate(np.int32(config.seed + 1))
         window, epoch_sums = [], []
         clock = t_window = time.perf_counter()
-        for local in input_pipeline.epoch_batches(
-                self.data.train, self.local_batch, self.input_spec,
-                seed=config.seed + jax.process_index(), epoch=epoch, start=start):
+        for local in self.batches.epoch(self.data.train, seed=config.seed + jax.process_index(),
+                                        epoch=epoch, start=start):
             if step >= (epoch + 1) * self.steps_per_epoch:
                 break
             self.state, metrics = step_fn(self.state, par.global_batch(local), weights,
                                           dropout_seed)
             step += 1
-            self.trained_atoms += config.batch_size
             window.append(metrics)
             epoch_end = step == (epoch + 1) * self.steps_per_epoch
             if step % config.log_every == 0 or epoch_end:
                 sums = _sum_metrics(window)
+                self.trained_atoms += int(sums["count"])
                 epoch_sums.append(sums)
                 window = []
                 self._check_finite(sums, step, epoch)
@@ -348,7 +346,8 @@ class Trainer:
             "validation_loss": val["loss"], "validation_accuracy": val["accuracy"],
             "validation_balanced_accuracy": val["balanced_accuracy"],
             "learning_rate": float(learning_rate_schedule(self.config, self.total_steps)(step)),
-            "atoms_per_s": total["count"] / max(self.train_seconds - self._epoch_start_s, 1e-9)})
+            "atoms_per_s": total["count"] / max(self.train_seconds - self._epoch_start_s, 1e-9),
+            "trained_atoms": self.trained_atoms})
         self._epoch_start_s = self.train_seconds
         log(f"epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f} balanced "
             f"{val['balanced_accuracy']:.4f} (estimated from {len(self.data.monitor)} atoms, "

@@ -1,5 +1,7 @@
-"""The k-NN graph model: its inputs follow the periodic k-NN graph, message passing is
-invariant to the order of neighbours, it trains, scores, and has a masked-atom mode."""
+"""The graph models train, score and have a masked-atom mode; the tree model's inputs
+(each atom's neighbourhood unrolled on the host) follow the periodic k-NN graph.
+
+The on-device graph model's batches and invariances: tests/test_graph_batch.py."""
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +60,7 @@ def test_masked_mode_never_shows_an_atom_its_own_element():
         np.testing.assert_array_equal(elements[others], table.atomic_number[index][others])
 
 
-def test_interaction_is_invariant_to_the_order_of_children():
+def test_tree_interaction_is_invariant_to_the_order_of_children():
     layer = models.Interaction(width=16)
     rng = np.random.default_rng(0)
     parent = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
@@ -75,8 +77,8 @@ def test_interaction_is_invariant_to_the_order_of_children():
 
 
 @pytest.mark.parametrize("hops,masked", [(1, False), (2, False), (2, True)])
-def test_graph_model_shapes_and_inputs(hops, masked):
-    config = config_lib.Config(model="graph", k=4, hops=hops, width=16,
+def test_tree_model_shapes_and_inputs(hops, masked):
+    config = config_lib.Config(model="tree", k=4, hops=hops, width=16,
                                neighbour_elements=masked)
     model = models.create_model(config, 5)
     inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 3)
@@ -99,9 +101,10 @@ def toy_data(tmp_path_factory):
     return data_dir
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_graph_model_trains_and_scores_a_structure(toy_data, tmp_path, masked):
-    config = config_lib.Config(dataset="toy/graph", data_dir=toy_data, k=5, model="graph",
+@pytest.mark.parametrize("model_name,masked", [("graph", False), ("graph", True),
+                                              ("tree", False)])
+def test_graph_models_train_and_score_a_structure(toy_data, tmp_path, model_name, masked):
+    config = config_lib.Config(dataset="toy/graph", data_dir=toy_data, k=5, model=model_name,
                                hops=2, width=16, num_elements=3, epochs=2, batch_size=64,
                                log_every=1000, monitor_per_element=40, neighbour_elements=masked)
     metrics = train.train_and_evaluate(config, str(tmp_path))
@@ -115,10 +118,20 @@ def test_graph_model_trains_and_scores_a_structure(toy_data, tmp_path, masked):
     assert sum(s.multiplicity for s in score.sites) == 8 and 0 < score.plausibility <= 1
 
 
-def test_each_model_has_its_own_default_width():
+def test_each_model_has_its_own_defaults():
     assert models.hyperparameters(config_lib.Config(model="graph"))["width"] == 64
     assert models.hyperparameters(config_lib.Config(model="mlp"))["width"] == 128
     assert models.hyperparameters(config_lib.Config(model="graph", width=32))["width"] == 32
+    assert config_lib.Config(model="graph").batch_size == 4096
+    assert config_lib.Config(model="mlp").batch_size == 512
+    assert config_lib.Config(model="mlp", batch_size=64).batch_size == 64
+
+
+def test_a_graph_run_from_before_directions_is_the_tree_model():
+    """config.json of cryknn < 0.3 said 'graph' for what is now the tree model."""
+    old = config_lib.from_dict({"model": "graph", "k": 5, "hops": 2})
+    assert old.model == "tree"
+    assert config_lib.from_dict({"model": "graph", "directions": False}).model == "graph"
 
 
 def test_masked_mode_hides_the_symmetry_copies_of_a_site():
@@ -127,7 +140,7 @@ def test_masked_mode_hides_the_symmetry_copies_of_a_site():
     table = scoring.atom_table(found, 6)
     assert len(np.unique(table.site)) == 2  # Na1 and Cl1, four atoms each
     spec = config_lib.InputSpec(k=6, hops=2, neighbour_elements=True)
-    inputs = input_pipeline.gather_inputs(table, np.arange(8), spec)
+    inputs = input_pipeline.gather_inputs(table, np.arange(8), spec)  # the tree model's
     # Every first neighbour is of the other site and shows its element; at hop 2 the
     # atom's own site comes back and is hidden.
     assert np.all(inputs["neighbour_elements_1"] == np.where(table.atomic_number == 11, 17,

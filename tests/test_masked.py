@@ -7,8 +7,10 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from cryknn import config as config_lib
+from cryknn import graph_batch
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import scoring
@@ -64,20 +66,32 @@ def test_coincident_same_element_atoms_are_one_site():
 
 
 def _masked_logits(table, rows, params, model, spec):
+    """(R, C) logits of the atoms at rows, through the model's own input path."""
+    if spec.reads == "graph":
+        out = np.zeros((len(rows), model.num_classes), np.float32)
+        for pack in graph_batch.inference_packs(table, rows, spec.receptive_hops, 4096,
+                                                with_elements=True):
+            logits = model.apply({"params": params}, graph_batch.stack([pack])[0])["logits"]
+            keep = pack.loss_position >= 0
+            out[pack.loss_position[keep]] = np.asarray(logits)[0][keep]
+        return out
     inputs = input_pipeline.gather_inputs(table, rows, spec)
     return np.asarray(model.apply({"params": params}, inputs)["logits"])
 
 
-def test_an_atoms_own_element_and_its_copies_never_reach_its_logits():
+@pytest.mark.parametrize("model_name,hops", [("graph", 1), ("graph", 2), ("graph", 3),
+                                             ("tree", 2)])
+def test_an_atoms_own_element_and_its_copies_never_reach_its_logits(model_name, hops):
     """Changing only atom 0's element and its site copies' leaves its logits bit-identical;
     changing another site's element changes them."""
     found = _read(P1BAR_CIF)
     table = input_pipeline.featurize_examples(_examples(found), 5)
-    config = config_lib.Config(model="graph", k=5, hops=2, width=16, neighbour_elements=True)
+    config = config_lib.Config(model=model_name, k=5, hops=hops, width=16,
+                               neighbour_elements=True)
     spec = config_lib.input_spec(config)
     model = models.create_model(config, 4)
     params = models.init_params(model, 5, jax.random.key(0),
-                                input_pipeline.filler_inputs(spec, 2))
+                                input_pipeline.example_inputs(spec, 2))
     rows = np.arange(len(table))
     before = _masked_logits(table, rows, params, model, spec)
     own = table.site == table.site[0]
