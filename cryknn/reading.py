@@ -1,6 +1,6 @@
 """Structures from any file, and their k-NN: the `cryknn.read` and `cryknn.knn` API.
 
-CIF files (and folders of them, recursively) are read natively (`cryknn.structures`);
+CIF files (and folders of them, recursively) are read natively (`cryknn.cif`);
 other formats (POSCAR, extxyz, ...) through ase when it is installed
 (`pip install 'cryknn[ase]'`). What could not be read is kept with its reason in
 `Structures.skips`, as the command-line tools report it. A path that does not exist raises

@@ -188,11 +188,11 @@ def test_a_utf8_bom_is_read():
 
 
 def test_a_non_ascii_unquoted_value_is_read_or_named():
-    cif = make_cif([("C\u00e91", "C", 0, 0, 0), ("\u00e9", "O", 0.5, 0.5, 0.5)])
-    found, skips = cif.read_cif_text(cif.encode("utf-8"), "accent")
+    text = make_cif([("C\u00e91", "C", 0, 0, 0), ("\u00e9", "O", 0.5, 0.5, 0.5)])
+    found, skips = cif.read_cif_text(text.encode("utf-8"), "accent")
     assert list(found[0].labels) == ["C\u00e91", "\u00e9"], skips
-    cif = make_cif([("C1", "C", 0, 0, 0)]).replace("_cell_length_a", "_cell_length_a\u00e9")
-    found, skips = cif.read_cif_text(cif.encode("utf-8"), "accent")
+    text = make_cif([("C1", "C", 0, 0, 0)]).replace("_cell_length_a", "_cell_length_a\u00e9")
+    found, skips = cif.read_cif_text(text.encode("utf-8"), "accent")
     assert not found and "U+00E9" in skips[0].reason and "line 2" in skips[0].reason
 
 

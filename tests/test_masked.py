@@ -54,10 +54,10 @@ def test_coincident_same_element_atoms_are_one_site():
     """Two listed positions of one disordered C 0.55 A apart (other CIF rows, beyond the
     reader's 0.4 A duplicate merge) are one site;
     an O as close stays its own."""
-    cif = make_cif([("C1", "C", 0.10, 0.10, 0.10), ("C1B", "C", 0.21, 0.10, 0.10),
-                    ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
+    text = make_cif([("C1", "C", 0.10, 0.10, 0.10), ("C1B", "C", 0.21, 0.10, 0.10),
+                     ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
                    cell="5 6 7 90 90 90", block="dis")
-    found, _ = cif.read_cif_text(cif, "dis", cif.ReadOptions(disorder="all"))
+    found, _ = cif.read_cif_text(text, "dis", cif.ReadOptions(disorder="all"))
     table = input_pipeline.featurize_examples(_examples(found), 3)
     site = table.site
     assert site[0] == site[1] and len({site[0], site[2], site[3]}) == 3

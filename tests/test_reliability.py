@@ -156,11 +156,11 @@ def test_absurd_geometry_is_scored_with_a_warning(toy_workdir, cell, sites, warn
 
 
 def test_occupancy_above_one_is_a_warning(toy_workdir):
-    cif = make_cif([("C1", "C", 0.1, 0.2, 0.3, 5), ("O1", "O", 0.5, 0.5, 0.5, 1)],
-                   cell="4 4 4 90 90 90",
-                   site_columns=["label", "type_symbol", "fract_x", "fract_y", "fract_z",
-                                 "occupancy"])
-    found, _ = cif.read_cif_text(cif, "occ", cif.ReadOptions(disorder="all"))
+    text = make_cif([("C1", "C", 0.1, 0.2, 0.3, 5), ("O1", "O", 0.5, 0.5, 0.5, 1)],
+                    cell="4 4 4 90 90 90",
+                    site_columns=["label", "type_symbol", "fract_x", "fract_y", "fract_z",
+                                  "occupancy"])
+    found, _ = cif.read_cif_text(text, "occ", cif.ReadOptions(disorder="all"))
     (score,) = scoring.load_model(toy_workdir).score(found)
     assert any("occupancy above 1" in w for w in score.warnings), score.warnings
 
@@ -222,8 +222,8 @@ def test_a_partial_build_is_announced(tmp_path):
 
 
 def test_atoms_removed_while_reading_are_noted_in_the_scores(toy_workdir):
-    cif = make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
-                    ("O1", "O", 0.5, 0.5, 0.5)], cell="10 10 10 90 90 90", block="dup")
-    found, _ = cif.read_cif_text(cif, "dup")
+    text = make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
+                     ("O1", "O", 0.5, 0.5, 0.5)], cell="10 10 10 90 90 90", block="dup")
+    found, _ = cif.read_cif_text(text, "dup")
     (score,) = scoring.load_model(toy_workdir).score(found)
     assert any("removed 1 atoms: duplicate atoms merged" in w for w in score.warnings)

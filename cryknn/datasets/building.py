@@ -174,7 +174,7 @@ def build(dataset: str = names.DEFAULT_DATASET, data_dir: str | None = None, *,
     num_workers: parsing processes (default: the CPUs this process may use).
     beam_runner / beam_options: build as an Apache Beam pipeline (e.g. 'DirectRunner', or
       PipelineOptions for Dataflow/Flink/Spark); needs `pip install apache-beam`.
-    read_options: the CIF reader's policies (structures.ReadOptions; default: its defaults).
+    read_options: the CIF reader's policies (cif.ReadOptions; default: its defaults).
     Prints the skip summary through `log`. Raises DataError for anything the user can fix.
     """
     _check_build_arguments(dataset, data_dir, manual_dir)

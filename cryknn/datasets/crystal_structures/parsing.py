@@ -59,7 +59,7 @@ class ArchiveShard:
 
 
 def file_tasks(root: str, limit: int | None = None) -> Iterator[ParseTask]:
-    """Tasks of the `*.cif` files under root, in `structures.iter_cif_paths` order."""
+    """Tasks of the `*.cif` files under root, in `cif.iter_cif_paths` order."""
     for count, path in enumerate(cif.iter_cif_paths([root])):
         if limit is not None and count >= limit:
             return
