@@ -95,6 +95,16 @@ def test_unreadable_file_is_a_skip(tmp_path):
     assert not found and "cannot read file" in skips[0].reason
 
 
+def test_file_size_limit_is_read_from_the_reader_module(tmp_path, monkeypatch):
+    # featurize and predict set --max_file_mb on cif.reader (the package does not copy it)
+    path = tmp_path / "c.cif"
+    path.write_text(make_cif([["C1", "C", 0.1, 0.2, 0.3]]))
+    assert read_cif(path)[0]
+    monkeypatch.setattr(cif.reader, "MAX_FILE_BYTES", 10)
+    found, skips = read_cif(path)
+    assert not found and skips[0].reason.startswith("file larger than")
+
+
 def test_iter_cif_paths_recursive_sorted(tmp_path):
     for rel in ["b/z.cif", "b/a.CIF", "a/c.cif", "a/notes.txt", "top.cif", "a/deep/x.Cif"]:
         path = tmp_path / rel
