@@ -28,6 +28,14 @@ def _site_labels(numbers: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=str)
 
 
+def _import_ase():
+    try:
+        import ase
+    except ImportError:
+        raise errors.UserError("this needs ase: pip install 'cryknn[ase]'") from None
+    return ase
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Structure:
     """One crystal, expanded to its full unit cell.
@@ -178,14 +186,6 @@ def is_single(x) -> bool:
     """Whether x is one structure (a Structure, ase.Atoms, pymatgen Structure), not a list."""
     return (isinstance(x, Structure) or not isinstance(x, Iterable) or hasattr(x, "pbc")
             or hasattr(x, "frac_coords"))
-
-
-def _import_ase():
-    try:
-        import ase
-    except ImportError:
-        raise errors.UserError("this needs ase: pip install 'cryknn[ase]'") from None
-    return ase
 
 
 @dataclasses.dataclass(frozen=True)
