@@ -20,7 +20,7 @@ import importlib
 __version__ = "0.2.0"
 
 _API = {
-    "Structure": ("cryknn.structures", "Structure"),
+    "Structure": ("cryknn.cif", "Structure"),
     "Structures": ("cryknn.reading", "Structures"),
     "read": ("cryknn.reading", "read"),
     "knn": ("cryknn.reading", "knn"),

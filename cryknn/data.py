@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from cryknn import cif
 from cryknn import command
 from cryknn import errors
 from cryknn import extras
-from cryknn import structures as structures_lib
 
 USAGE = """\
 usage: {prog} build|stats [--dataset=crystal_structures/CONFIG] [flags]
@@ -50,7 +50,7 @@ def define_flags() -> None:
     flags.DEFINE_boolean("overwrite", False, "build: rebuild even if already built")
     flags.DEFINE_integer("top", None, "stats: only the N most abundant training elements",
                          lower_bound=1)
-    command.define_dataclass_flags(structures_lib.ReadOptions)
+    command.define_dataclass_flags(cif.ReadOptions)
 
 
 def _beam_arguments(runner: str | None, options: str | None):
@@ -72,7 +72,7 @@ def build_command(FLAGS) -> None:
     datasets.build(FLAGS.dataset, FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                    limit=FLAGS.limit, num_workers=FLAGS.num_workers, beam_runner=runner,
                    beam_options=options, overwrite=FLAGS.overwrite,
-                   read_options=command.dataclass_from_flags(structures_lib.ReadOptions))
+                   read_options=command.dataclass_from_flags(cif.ReadOptions))
 
 
 def stats_command(FLAGS) -> None:

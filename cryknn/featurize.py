@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
+from cryknn import cif
 from cryknn import command
 from cryknn import errors
-from cryknn import structures as structures_lib
 from cryknn import util
 
 USAGE = """\
@@ -45,7 +45,7 @@ def define_flags() -> None:
                          "Structures read before each featurisation pass (bounds memory).")
     flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
                          "unread.", lower_bound=1)
-    command.define_dataclass_flags(structures_lib.ReadOptions)
+    command.define_dataclass_flags(cif.ReadOptions)
 
 
 def check_arguments(paths: Sequence[str], k: int, out: str | None, chunk: int) -> None:
@@ -83,10 +83,10 @@ class Rows:
             "atomic_number": [], "neighbour_vector": []}
         self.num_atoms = 0
         self.num_structures = 0
-        self.removed = structures_lib.RemovalCounter()  # atoms the reading policies removed
+        self.removed = cif.RemovalCounter()  # atoms the reading policies removed
         self.guessed = 0  # structures whose elements were guessed from site labels
 
-    def add(self, structure: structures_lib.Structure, distances: np.ndarray,
+    def add(self, structure: cif.Structure, distances: np.ndarray,
             indices: np.ndarray, vectors: np.ndarray) -> None:
         """One structure's rows: distances, indices (N, k) and vectors (N, k, 3)."""
         n = structure.num_atoms
@@ -114,14 +114,14 @@ class Rows:
         return out
 
 
-def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOptions,
-                    chunk: int, progress=None) -> tuple[Rows, list[structures_lib.Skip]]:
+def featurize_files(paths: Sequence[str], k: int, options: cif.ReadOptions,
+                    chunk: int, progress=None) -> tuple[Rows, list[cif.Skip]]:
     """Reads and featurises every CIF under paths, `chunk` structures at a time."""
     from cryknn import neighbours
     from cryknn import reading
 
     rows, skips = Rows(k), []
-    files = list(structures_lib.iter_cif_paths(paths))
+    files = list(cif.iter_cif_paths(paths))
     for batch in util.chunked(files, chunk):
         read = []
         for path in batch:
@@ -137,7 +137,7 @@ def featurize_files(paths: Sequence[str], k: int, options: structures_lib.ReadOp
     return rows, skips
 
 
-def skip_report(skips: Sequence[structures_lib.Skip], limit: int = MAX_LISTED_SKIPS) -> str:
+def skip_report(skips: Sequence[cif.Skip], limit: int = MAX_LISTED_SKIPS) -> str:
     """`N skipped`, then each skipped file (and block) with its reason, then counts per reason."""
     if not skips:
         return "0 skipped"
@@ -147,7 +147,7 @@ def skip_report(skips: Sequence[structures_lib.Skip], limit: int = MAX_LISTED_SK
         lines.append(f"  {where}: {util.one_line(skip.reason, 160)}")
     if len(skips) > limit:
         lines.append(f"  ... and {len(skips) - limit} more; by reason:")
-        lines.extend(structures_lib.summarize_skips(skip.reason for skip in skips))
+        lines.extend(cif.summarize_skips(skip.reason for skip in skips))
     return "\n".join(lines)
 
 
@@ -161,8 +161,8 @@ def main(argv: list[str]) -> int:
     paths = argv[1:]
     check_arguments(paths, FLAGS.k, FLAGS.out, FLAGS.chunk_structures)
     reading.require_readers(paths)
-    options = command.dataclass_from_flags(structures_lib.ReadOptions)
-    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
+    options = command.dataclass_from_flags(cif.ReadOptions)
+    cif.reader.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     neighbours.enable_compilation_cache()
     start = time.perf_counter()
     bar = _ProgressBar()
@@ -189,7 +189,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _nothing_featurised(skips: Sequence[structures_lib.Skip]) -> int:
+def _nothing_featurised(skips: Sequence[cif.Skip]) -> int:
     """Exit status 1, no file: the skips on stdout, one error line on stderr."""
     print(skip_report(skips))
     files = len({skip.file for skip in skips})

@@ -17,3 +17,10 @@ def interplanar_spacings(lattices: np.ndarray) -> np.ndarray:
     """
     inverse = np.linalg.inv(np.asarray(lattices, np.float64))
     return 1.0 / np.linalg.norm(inverse, axis=-2)
+
+
+def wrap(frac: np.ndarray) -> np.ndarray:
+    """Fractional coordinates (..., 3) wrapped into [0, 1) (a new array)."""
+    frac = frac - np.floor(frac)
+    frac[frac >= 1.0] = 0.0  # -1e-17 - floor(-1e-17) rounds to 1.0
+    return frac

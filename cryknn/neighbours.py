@@ -70,7 +70,7 @@ from cryknn import errors
 from cryknn import geometry
 
 if TYPE_CHECKING:  # the CIF reader (gemmi) is not needed to featurise arrays
-    from cryknn import structures as structures_lib
+    from cryknn import cif
 
 # Work per device call, counted in candidate (query, neighbour, image) triples.
 DEFAULT_CALL_BUDGET = 2**23
@@ -142,12 +142,12 @@ def validate_cell(lattice: np.ndarray, frac: np.ndarray) -> None:
                                     f"underflow to 0 or overflow")
 
 
-def split_featurizable(structures: Sequence[structures_lib.Structure], k: int | None = None
-                       ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
+def split_featurizable(structures: Sequence[cif.Structure], k: int | None = None
+                       ) -> tuple[list[cif.Structure], list[cif.Skip]]:
     """The structures whose cells can be featurised, and a Skip with the reason for each
     of the others (a degenerate lattice, non-finite coordinates; with `k`, a cell that
     needs too many lattice images for k neighbours)."""
-    from cryknn import structures as structures_lib
+    from cryknn import cif
 
     k = None if k is None else check_k(k)
     good, skips = [], []
@@ -156,7 +156,7 @@ def split_featurizable(structures: Sequence[structures_lib.Structure], k: int | 
             validate_cell(s.lattice, s.frac)
             good.append(s)
         except errors.FeaturizeError as e:
-            skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
+            skips.append(cif.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
     if k is None or not good:
         return good, skips
     too_many = images_needed(np.stack([s.lattice for s in good]),
@@ -165,7 +165,7 @@ def split_featurizable(structures: Sequence[structures_lib.Structure], k: int | 
         try:
             check_images(s.lattice, s.num_atoms, k)
         except errors.FeaturizeError as e:
-            skips.append(structures_lib.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
+            skips.append(cif.Skip(s.source, s.id.split(":", 1)[-1], str(e)))
     return [s for s, bad in zip(good, too_many) if not bad], skips
 
 
@@ -298,9 +298,7 @@ def plan(lattices: Sequence[np.ndarray], fracs: Sequence[np.ndarray], k: int,
     lattice = np.asarray(np.stack(lattices), np.float64)
     num_atoms = np.array([len(f) for f in fracs], np.int64)
     offset = np.concatenate([[0], np.cumsum(num_atoms)[:-1]])
-    frac = np.concatenate(fracs).astype(np.float64)
-    frac -= np.floor(frac)
-    frac[frac >= 1.0] = 0.0  # -1e-20 - floor(-1e-20) rounds to 1.0
+    frac = geometry.wrap(np.concatenate(fracs).astype(np.float64))
     spacings = geometry.interplanar_spacings(lattice)
     if radii is None:
         radii = initial_radius(lattice, num_atoms, k)
@@ -772,14 +770,14 @@ def _check_block_candidates(p: Plan, which: np.ndarray, k: int) -> None:
             f"or cell too anisotropic")
 
 
-def featurize_isolated(structures: Sequence[structures_lib.Structure], k: int, **kwargs
-                       ) -> tuple[list, list[Neighbours], list[structures_lib.Skip]]:
+def featurize_isolated(structures: Sequence[cif.Structure], k: int, **kwargs
+                       ) -> tuple[list, list[Neighbours], list[cif.Skip]]:
     """featurize that skips what it cannot featurise instead of failing the batch.
 
     Returns (the structures featurised, their Neighbours, a Skip with the reason for each
     other one). A failing batch is split in halves until the structure at fault is alone.
     """
-    from cryknn import structures as structures_lib
+    from cryknn import cif
 
     good, skips = split_featurizable(structures, k)
     if not good:
@@ -790,7 +788,7 @@ def featurize_isolated(structures: Sequence[structures_lib.Structure], k: int, *
         if len(good) == 1:
             reason = str(e) if isinstance(e, errors.FeaturizeError) else "out of memory"
             s = good[0]
-            return [], [], skips + [structures_lib.Skip(s.source, s.id.split(":", 1)[-1],
+            return [], [], skips + [cif.Skip(s.source, s.id.split(":", 1)[-1],
                                                         reason)]
     half = len(good) // 2
     first, second = (featurize_isolated(good[:half], k, **kwargs),
@@ -849,7 +847,7 @@ class _Results:
         return int(ok.sum()), (which[failed], radii[failed], asked)
 
 
-def featurize(structures: Sequence[structures_lib.Structure], k: int, **kwargs) -> list[Neighbours]:
+def featurize(structures: Sequence[cif.Structure], k: int, **kwargs) -> list[Neighbours]:
     """featurize_arrays for Structure records (same order)."""
     return featurize_arrays(
         [s.lattice for s in structures], [s.frac for s in structures], k, **kwargs

@@ -29,7 +29,7 @@ from typing import Sequence
 
 from cryknn import command
 from cryknn import errors
-from cryknn import structures as structures_lib
+from cryknn.cif import reader as structures_lib
 from cryknn import util
 
 USAGE = """\

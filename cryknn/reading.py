@@ -1,6 +1,6 @@
 """Structures from any file, and their k-NN: the `cryknn.read` and `cryknn.knn` API.
 
-CIF files (and folders of them, recursively) are read natively (`cryknn.structures`);
+CIF files (and folders of them, recursively) are read natively (`cryknn.cif`);
 other formats (POSCAR, extxyz, ...) through ase when it is installed
 (`pip install 'cryknn[ase]'`). What could not be read is kept with its reason in
 `Structures.skips`, as the command-line tools report it. A path that does not exist raises
@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from cryknn import cif
 from cryknn import errors
-from cryknn import structures as structures_lib
 from cryknn import util
 
 
 class Structures(list):
     """A list of Structure; `skips` holds a Skip (file, block, reason) per part not read."""
 
-    def __init__(self, items=(), skips: Sequence[structures_lib.Skip] = ()):
+    def __init__(self, items=(), skips: Sequence[cif.Skip] = ()):
         super().__init__(items)
         self.skips = list(skips)
 
@@ -30,7 +30,7 @@ def _is_cif(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(".cif")
 
 
-def read(path: str | os.PathLike, options: structures_lib.ReadOptions | None = None, *,
+def read(path: str | os.PathLike, options: cif.ReadOptions | None = None, *,
          format: str | None = None) -> Structures:
     """Every structure in a file or folder (CIFs found recursively).
 
@@ -44,8 +44,8 @@ def read(path: str | os.PathLike, options: structures_lib.ReadOptions | None = N
         raise errors.InputNotFoundError(f"no such file or folder: {path}")
     if format is None and _is_cif(path):
         found, skips = [], []
-        for file in structures_lib.iter_cif_paths([path]):
-            good, bad = structures_lib.read_cif(file, options or structures_lib.ReadOptions())
+        for file in cif.iter_cif_paths([path]):
+            good, bad = cif.read_cif(file, options or cif.ReadOptions())
             found += good
             skips += bad
         return Structures(found, skips)
@@ -62,30 +62,30 @@ def _read_with_ase(path: str, format: str | None) -> Structures:
     try:
         images = ase.io.read(path, index=":", format=format)
     except Exception as e:  # noqa: BLE001 - any reader failure is a skip with its reason
-        return Structures([], [structures_lib.Skip(path, "", f"ase could not read it: {e}")])
+        return Structures([], [cif.Skip(path, "", f"ase could not read it: {e}")])
     found, skips = [], []
     for i, atoms in enumerate(images):
         block = str(i) if len(images) > 1 else stem
         try:
-            found.append(structures_lib.Structure.from_ase(atoms, id=f"{stem}:{block}"))
+            found.append(cif.Structure.from_ase(atoms, id=f"{stem}:{block}"))
         except errors.DataFormatError as e:
-            skips.append(structures_lib.Skip(path, block, str(e)))
+            skips.append(cif.Skip(path, block, str(e)))
     return Structures(found, skips)
 
 
-def read_file(path: str | os.PathLike, options: structures_lib.ReadOptions | None = None
-              ) -> tuple[list[structures_lib.Structure], list[structures_lib.Skip]]:
+def read_file(path: str | os.PathLike, options: cif.ReadOptions | None = None
+              ) -> tuple[list[cif.Structure], list[cif.Skip]]:
     """(structures, skips) of one file of any format `read` takes; never raises: a missing
     file, or a non-CIF file without ase, is a Skip whose reason says so."""
     path = os.fspath(path)
     if not os.path.lexists(path):
-        return [], [structures_lib.Skip(path, "", "no such file or folder")]
+        return [], [cif.Skip(path, "", "no such file or folder")]
     if _is_cif(path):
-        return structures_lib.read_cif(path, options or structures_lib.ReadOptions())
+        return cif.read_cif(path, options or cif.ReadOptions())
     try:
         found = _read_with_ase(path, None)
     except errors.DataError as e:
-        return [], [structures_lib.Skip(path, "", str(e))]
+        return [], [cif.Skip(path, "", str(e))]
     return list(found), found.skips
 
 
@@ -97,14 +97,14 @@ def require_readers(paths: Sequence[str | os.PathLike]) -> None:
     others = [os.fspath(p) for p in paths if os.path.lexists(p) and not _is_cif(os.fspath(p))]
     if others and not extras.installed("ase"):
         extras.require("ase", f"reading {os.path.basename(others[0])} (only CIF is read "
-                              f"natively)")
+                       f"natively)")
 
 
 class ReadReport:
     """What `read_files` read: unpacks as (structures, messages, all_read)."""
 
     def __init__(self):
-        self.structures: list[structures_lib.Structure] = []
+        self.structures: list[cif.Structure] = []
         self.messages: list[str] = []
         self.files = 0  # files looked at
         self.not_read = 0  # files that gave no structure
@@ -117,14 +117,14 @@ class ReadReport:
         return iter((self.structures, self.messages, self.all_read))
 
 
-def read_files(paths: Sequence[str], options: structures_lib.ReadOptions | None = None,
+def read_files(paths: Sequence[str], options: cif.ReadOptions | None = None,
                progress=None) -> ReadReport:
     """Every structure in the files and folders of `paths` (folders: CIFs, recursively;
     files: any format `read` takes) that can be featurised, one message line per file not
     read or block skipped. progress(done, total) is called after each file."""
     from cryknn import neighbours
 
-    files = list(structures_lib.iter_cif_paths(paths))
+    files = list(cif.iter_cif_paths(paths))
     report = ReadReport()
     for path in files:
         found, skips = read_file(path, options)
@@ -152,4 +152,4 @@ def knn(structures, k: int):
     Structure, or a list of them."""
     from cryknn import neighbours
 
-    return neighbours.featurize(structures_lib.as_structures(structures), k)
+    return neighbours.featurize(cif.as_structures(structures), k)

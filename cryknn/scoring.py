@@ -34,7 +34,7 @@ from cryknn import extras
 from cryknn import input_pipeline
 from cryknn import neighbours
 from cryknn import saved_model
-from cryknn import structures as structures_lib
+from cryknn import cif as structures_lib
 from cryknn import util
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryknn import errors  # noqa: E402
 from cryknn import neighbours  # noqa: E402
-from cryknn import structures  # noqa: E402
+from cryknn import cif  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cifs", None, "Folder of CIFs; default: the embedded core-mof data.")
@@ -53,16 +53,16 @@ flags.DEFINE_integer("sharded_devices", 8, "Simulated CPU devices for the sharde
 flags.DEFINE_string("_sharded_worker", None, "Internal: output file of a sharded run.")
 
 
-def load_structures() -> list[structures.Structure]:
+def load_structures() -> list[cif.Structure]:
     if FLAGS.cifs:
-        items = structures.iter_structures([FLAGS.cifs])
+        items = cif.iter_structures([FLAGS.cifs])
     elif FLAGS.source == "pyxtal":
-        items = iter(structures.read_pyxtal_db())
+        items = iter(cif.read_pyxtal_db())
     else:
-        items = structures.iter_core_mof("2019-ASR")
+        items = cif.iter_core_mof("2019-ASR")
     out = []
     for item in items:
-        if isinstance(item, structures.Structure):
+        if isinstance(item, cif.Structure):
             try:
                 neighbours.validate_cell(item.lattice, item.frac)
             except errors.FeaturizeError:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryknn import errors, structures
+from cryknn import cif, errors
 
 DEFAULT_COD = Path(__file__).resolve().parents[2] / "shared" / "data" / "cod"
 
@@ -66,7 +66,7 @@ def _time_limit(seconds: float):
 # --- readers: (name, bytes) -> (structures, atoms) -------------------------------------
 
 def read_cryknn(name: str, data: bytes) -> tuple[int, int]:
-    found, _ = structures.read_cif_text(data, name)
+    found, _ = cif.read_cif_text(data, name)
     return len(found), sum(s.num_atoms for s in found)
 
 
@@ -96,12 +96,12 @@ READERS = {"cryknn": lambda: read_cryknn, "ase": make_ase_reader,
 # --- inputs ---------------------------------------------------------------------------
 
 def load_cod(folder: Path) -> list[tuple[str, bytes]]:
-    return [(p.stem, p.read_bytes()) for p in structures.iter_cif_paths([folder])]
+    return [(p.stem, p.read_bytes()) for p in cif.iter_cif_paths([folder])]
 
 
 def load_core_mof(version: str, limit: int) -> list[tuple[str, bytes]]:
     out = []
-    with tarfile.open(structures.core_mof_archive(version), mode="r|xz") as tar:
+    with tarfile.open(cif.core_mof_archive(version), mode="r|xz") as tar:
         for member in tar:
             if len(out) >= limit:
                 break
@@ -157,8 +157,8 @@ def summarize(per_file, failed: int = 0, timed_out: int = 0) -> dict:
 def run_cryknn_streaming(version: str, limit: int) -> dict:
     found = atoms = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    for item in structures.iter_core_mof(version, limit=limit):
-        if isinstance(item, structures.Structure):
+    for item in cif.iter_core_mof(version, limit=limit):
+        if isinstance(item, cif.Structure):
             found += 1
             atoms += item.num_atoms
     row = (time.perf_counter() - start, time.process_time() - cpu_start, found, atoms)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cod_dir", type=Path, default=DEFAULT_COD,
                         help="folder of CIFs (default: ../shared/data/cod; skipped if absent)")
     parser.add_argument("--core_mof_version", default="2019-ASR",
-                        choices=structures.CORE_MOF_VERSIONS)
+                        choices=cif.CORE_MOF_VERSIONS)
     parser.add_argument("--core_mof_limit", type=int, default=1000,
                         help="number of CoRE MOF members to read (0: skip CoRE MOF)")
     parser.add_argument("--readers", default="cryknn,ase,pymatgen",

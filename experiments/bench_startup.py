@@ -29,9 +29,9 @@ import common  # noqa: E402
 
 def example_cif(folder: str) -> str:
     """The first CoRE MOF 2019-ASR structure of the embedded archive, as a CIF file."""
-    from cryknn import structures
+    from cryknn import cif
 
-    name, data = next(structures.iter_tar_cifs(structures.core_mof_archive("2019-ASR"), 1))
+    name, data = next(cif.iter_tar_cifs(cif.core_mof_archive("2019-ASR"), 1))
     path = os.path.join(folder, os.path.basename(name))
     Path(path).write_bytes(data)
     return path

@@ -102,19 +102,19 @@ def read_structures(source: str, limit: int | None, cod_dir: str | os.PathLike =
 
     Raises FileNotFoundError when source is 'cod' and cod_dir does not exist.
     """
-    from cryknn import structures as structures_lib
+    from cryknn import cif
 
     if source == "core_mof":
-        stream: Iterable = structures_lib.iter_core_mof("2019-ASR")
+        stream: Iterable = cif.iter_core_mof("2019-ASR")
     elif source == "cod":
         if not Path(cod_dir).is_dir():
             raise FileNotFoundError(f"COD folder {cod_dir} not found")
-        stream = structures_lib.iter_structures([cod_dir])
+        stream = cif.iter_structures([cod_dir])
     else:
         raise ValueError(f"unknown source {source!r} (core_mof or cod)")
     kept, skips = [], []
     for item in stream:
-        if isinstance(item, structures_lib.Skip):
+        if isinstance(item, cif.Skip):
             skips.append(item)
             continue
         if item.num_atoms == 0:

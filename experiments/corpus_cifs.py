@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryknn import elements  # noqa: E402
 from cryknn import neighbours  # noqa: E402
-from cryknn import structures  # noqa: E402
+from cryknn import cif  # noqa: E402
 from cryknn import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,7 +32,7 @@ flags.DEFINE_string("out", None, "Folder to write (created).", required=True)
 def _usable(items) -> int:
     count = 0
     for item in items:
-        if isinstance(item, structures.Structure):
+        if isinstance(item, cif.Structure):
             try:
                 neighbours.validate_cell(item.lattice, item.frac)
                 count += 1
@@ -42,19 +42,19 @@ def _usable(items) -> int:
 
 
 def write_core_mof(out: Path, count: int) -> int:
-    archive = structures.core_mof_archive("2019-ASR")
+    archive = cif.core_mof_archive("2019-ASR")
     found = files = 0
-    for member, data in structures.iter_tar_cifs(archive):
+    for member, data in cif.iter_tar_cifs(archive):
         stem = PurePosixPath(member).stem
         (out / f"{stem}.cif").write_bytes(data)
         files += 1
-        found += _usable(structures.read_cif_text(data, stem)[0])
+        found += _usable(cif.read_cif_text(data, stem)[0])
         if found >= count:
             break
     return files
 
 
-def p1_cif(s: structures.Structure) -> str:
+def p1_cif(s: cif.Structure) -> str:
     a, b, c = np.linalg.norm(s.lattice, axis=1)
     cos = [np.dot(s.lattice[1], s.lattice[2]) / (b * c), np.dot(s.lattice[0], s.lattice[2])
            / (a * c), np.dot(s.lattice[0], s.lattice[1]) / (a * b)]
@@ -79,7 +79,7 @@ def main(argv):
     if FLAGS.source == "core_mof":
         files = write_core_mof(out, FLAGS.num_structures)
     else:
-        crystals = structures.read_pyxtal_db()
+        crystals = cif.read_pyxtal_db()
         for s in crystals:
             (out / f"{s.id.split(':')[-1]}.cif").write_text(p1_cif(s))
         files = len(crystals)

@@ -62,10 +62,10 @@ def load_corpus(path: str | None, count: int, source: str) -> tuple[list, list, 
         return list(data["lattice"][:count]), fracs[:count], f"{path}"
     if source == "core_mof":
         try:
-            from cryknn import structures
+            from cryknn import cif
 
-            items = list(itertools.islice((s for s in structures.iter_core_mof("2019-ASR")
-                                           if isinstance(s, structures.Structure)), count))
+            items = list(itertools.islice((s for s in cif.iter_core_mof("2019-ASR")
+                                           if isinstance(s, cif.Structure)), count))
             return [s.lattice for s in items], [s.frac for s in items], "core_mof 2019-ASR"
         except ImportError as e:
             print(f"core_mof unavailable ({e}); synthetic corpus", flush=True)

@@ -68,7 +68,7 @@ sweeps() {
   python experiments/k_sweep.py --name=core_mof_graph --ks=1,2,3,4,5,6 \
     --max_per_element=10000 --epochs=4
   python experiments/confusions.py --name=core_mof_graph --max_k=6
-  python experiments/warm_start.py --name=core_mof_graph --k_new=6 --warm_lr_scales=1 \
+  python experiments/warm_start_sweep.py --name=core_mof_graph --k_new=6 --warm_lr_scales=1 \
     --seeds=0,1 --max_per_element=10000 --epochs=4
 }
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,42 @@ def make_cif(sites, cell="5 6 7 90 90 90", block="test", symmetry="", site_colum
 def symmetry_ops(ops) -> str:
     """A `_symmetry_equiv_pos_as_xyz` loop of the given operations ('x,y,z', ...)."""
     return "loop_\n_symmetry_equiv_pos_as_xyz\n" + "".join(f"'{op}'\n" for op in ops)
+
+
+def read_one(text, options=None):
+    """The one structure of CIF text read without skips (checked by check_structure)."""
+    from cryknn import cif
+
+    found, skips = cif.read_cif_text(text, "t", options or cif.ReadOptions())
+    assert not skips, skips
+    assert len(found) == 1
+    check_structure(found[0])
+    return found[0]
+
+
+def skip_reason(text, options=None):
+    """The reason of the one skip CIF text gives (and no structure)."""
+    from cryknn import cif
+
+    found, skips = cif.read_cif_text(text, "t", options or cif.ReadOptions())
+    assert not found
+    assert len(skips) == 1
+    return skips[0].reason
+
+
+def check_structure(s) -> None:
+    """The invariants of every Structure a reader returns (shapes, dtypes, ranges)."""
+    n = s.num_atoms
+    assert n > 0
+    assert s.lattice.shape == (3, 3) and s.lattice.dtype == np.float64
+    assert s.frac.shape == (n, 3) and s.frac.dtype == np.float64
+    assert np.all(s.frac >= 0) and np.all(s.frac < 1)
+    assert s.numbers.shape == (n,) and s.numbers.dtype == np.int32
+    assert np.all((s.numbers >= 1) & (s.numbers <= 118))
+    assert s.labels.shape == (n,) and s.labels.dtype.kind == "U"
+    assert s.occupancies.shape == (n,) and s.occupancies.dtype == np.float32
+    assert s.volume > 0
+    assert ":" in s.id
 
 
 # Rock salt from its H-M symbol: 8 atoms in the unit cell, every first neighbour at a / 2.

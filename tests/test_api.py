@@ -8,7 +8,7 @@ import pytest
 
 import cryknn
 from cryknn import errors
-from cryknn import structures
+from cryknn import cif
 from tests.conftest import METHANE_CIF, NACL_CIF, make_cif, run_python
 
 # A P1 file as COF exporters write them: every carbon is labelled 'C'.
@@ -73,12 +73,12 @@ def test_missing_ase_is_one_readable_line(tmp_path, monkeypatch):
         cryknn.read(tmp_path / "POSCAR")
     assert "\n" not in str(e.value)
     with pytest.raises(errors.UserError, match="ase"):
-        structures.Structure.from_arrays(
+        cif.Structure.from_arrays(
             np.eye(3), np.zeros((1, 3)), [6]).to_ase()
 
 
 def test_repeated_labels_give_one_row_per_site(toy_workdir):
-    found, _ = structures.read_cif_text(REPEATED_LABELS_CIF, "cof")
+    found, _ = cif.read_cif_text(REPEATED_LABELS_CIF, "cof")
     (score,) = cryknn.load_model(toy_workdir).score(found)
     assert [s.site_label for s in score.sites] == ["C#1", "C#2", "C#3", "H", "O"]
     assert [s.site_row for s in score.sites] == [1, 2, 3, 4, 5]
@@ -87,7 +87,7 @@ def test_repeated_labels_give_one_row_per_site(toy_workdir):
 
 
 def test_multiplicities_add_up_to_the_unit_cell(toy_workdir):
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
     model = cryknn.load_model(toy_workdir)
     (score,) = model.score(found)
     assert [(s.site_label, s.multiplicity) for s in score.sites] == [("Na1", 4), ("Cl1", 4)]
@@ -96,7 +96,7 @@ def test_multiplicities_add_up_to_the_unit_cell(toy_workdir):
 
 
 def test_knn():
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
     (nb,) = cryknn.knn(found, k=6)
     np.testing.assert_allclose(nb.distances, 2.82, atol=1e-4)
     assert nb.indices.shape == (8, 6)

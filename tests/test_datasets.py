@@ -18,7 +18,7 @@ import pytest
 from cryknn import datasets
 from cryknn import errors
 from cryknn import families
-from cryknn import structures
+from cryknn import cif
 from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
 from tests.conftest import error_lines, make_cif, run_module, symmetry_ops
@@ -94,9 +94,9 @@ def write_cif_folder(root, splits=families.SPLITS):
 
 
 def _reader_output(root):
-    got = list(structures.iter_structures([root]))
-    return ([s for s in got if isinstance(s, structures.Structure)],
-            [s for s in got if isinstance(s, structures.Skip)])
+    got = list(cif.iter_structures([root]))
+    return ([s for s in got if isinstance(s, cif.Structure)],
+            [s for s in got if isinstance(s, cif.Skip)])
 
 
 def _examples(dataset, data_dir, splits=families.SPLITS):
@@ -192,7 +192,7 @@ def test_load_structures_and_per_process(cif_build):
     assert mine == whole  # one JAX process reads the whole split
     recs = list(datasets.load_structures("crystal_structures/cif_dir", "train", data_dir))
     assert [r.id for r in recs] == whole
-    assert all(isinstance(r, structures.Structure) for r in recs)
+    assert all(isinstance(r, cif.Structure) for r in recs)
 
 
 def test_registered_with_tfds(cif_build):
@@ -280,8 +280,8 @@ def test_core_mof_limited_build(tmp_path):
     data_dir = str(tmp_path)
     datasets.build("crystal_structures/core_mof_2019_asr", data_dir, limit=LIMIT, num_workers=0,
                log=lambda _: None)
-    expected = list(structures.iter_core_mof("2019-ASR", limit=LIMIT))
-    want = {s.id: s for s in expected if isinstance(s, structures.Structure)}
+    expected = list(cif.iter_core_mof("2019-ASR", limit=LIMIT))
+    want = {s.id: s for s in expected if isinstance(s, cif.Structure)}
     examples = _examples("crystal_structures/core_mof_2019_asr", data_dir,
                          splits=[s for s in families.SPLITS if s in _built_splits(data_dir)])
     got = {ex["id"]: (split, ex) for split, exs in examples.items() for ex in exs}
@@ -394,8 +394,8 @@ def test_beam_core_mof_limited(tmp_path):
     pytest.importorskip("apache_beam")
     datasets.build("crystal_structures/core_mof_2014", str(tmp_path), limit=30,
                beam_runner="DirectRunner", num_workers=2, log=lambda _: None)
-    expected = [s.id for s in structures.iter_core_mof("2014", limit=30)
-                if isinstance(s, structures.Structure)]
+    expected = [s.id for s in cif.iter_core_mof("2014", limit=30)
+                if isinstance(s, cif.Structure)]
     stats = datasets.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
     got = [ex["id"] for split in stats["splits"]
            for ex in datasets.load_split("crystal_structures/core_mof_2014", split, str(tmp_path))]

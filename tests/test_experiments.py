@@ -25,7 +25,7 @@ def _load(name):
 common = _load("common")
 distances = _load("distances")
 k_sweep = _load("k_sweep")
-warm_start_exp = _load("warm_start")
+warm_start_sweep = _load("warm_start_sweep")
 confusions = _load("confusions")
 ablation = _load("ablation")
 headline = _load("headline")
@@ -174,27 +174,27 @@ def test_warm_start_first_reach_and_compare(tmp_path):
     scratch = [{"step": 0, "seconds": 0.0, "balanced_accuracy": 0.05},
                {"step": 25, "seconds": 1.0, "balanced_accuracy": 0.60},
                {"step": 50, "seconds": 2.0, "balanced_accuracy": 0.745}]
-    assert warm_start_exp.first_reach(warm, 0.72)["step"] == 25
-    assert warm_start_exp.first_reach(warm, 0.9) is None
-    c = warm_start_exp.compare(warm, scratch)
+    assert warm_start_sweep.first_reach(warm, 0.72)["step"] == 25
+    assert warm_start_sweep.first_reach(warm, 0.9) is None
+    c = warm_start_sweep.compare(warm, scratch)
     assert c["target_balanced_accuracy"] == 0.745
     assert (c["warm_steps"], c["scratch_steps"], c["step_ratio"]) == (50, 50, 1.0)
-    c = warm_start_exp.compare(warm[:2] + [dict(warm[2], balanced_accuracy=0.8)], scratch)
+    c = warm_start_sweep.compare(warm[:2] + [dict(warm[2], balanced_accuracy=0.8)], scratch)
     assert c["warm_steps"] == 50
-    c = warm_start_exp.compare([dict(p, balanced_accuracy=0.9) for p in warm], scratch)
+    c = warm_start_sweep.compare([dict(p, balanced_accuracy=0.9) for p in warm], scratch)
     assert c["warm_steps"] == 0 and "step_ratio" not in c
     test = {"accuracy": 0.9, "balanced_accuracy": 0.8, "top3_accuracy": 0.95}
     results = [{"k": 5, "k_new": 6, "seed": s, "warm_lr_scale": lr, "warm_curve": warm,
                 "scratch_curve": scratch, "base_test": test, "warm_test": test,
                 "scratch_test": test, "base_validation_balanced_accuracy": 0.7,
-                "comparison": warm_start_exp.compare(warm if lr == 1 else warm[:2], scratch)}
+                "comparison": warm_start_sweep.compare(warm if lr == 1 else warm[:2], scratch)}
                for s in (0, 1) for lr in (1.0, 0.1)]
-    rows = warm_start_exp.summary(results)
+    rows = warm_start_sweep.summary(results)
     assert [(r["lr"], r["reached"], r["warm_steps"]) for r in rows] == [("x1", "2/2", 50),
                                                                       ("x0.1", "0/2", None)]
-    assert "| 5 -> 6 | x0.1 | 2 | 0/2 | - |" in warm_start_exp.summary_markdown(rows)
-    assert "| 5 -> 6 | 1 | x0.1 |" in warm_start_exp.table_markdown(results)
-    warm_start_exp.plot(results, "tiny", tmp_path / "warm.png")
+    assert "| 5 -> 6 | x0.1 | 2 | 0/2 | - |" in warm_start_sweep.summary_markdown(rows)
+    assert "| 5 -> 6 | 1 | x0.1 |" in warm_start_sweep.table_markdown(results)
+    warm_start_sweep.plot(results, "tiny", tmp_path / "warm.png")
     assert (tmp_path / "warm.png").stat().st_size > 1000
 
 

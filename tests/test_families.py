@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cryknn import families
-from cryknn import structures
+from cryknn import cif
 
 FAMILY_CASES = [
     # CSD refcodes: the six leading capitals, whatever follows
@@ -114,7 +114,7 @@ def test_no_family_crosses_splits_synthetic():
 
 
 def _core_mof_names(version="2019-ASR"):
-    csv_path = structures.core_mof_archive(version).parent / f"{version}.csv"
+    csv_path = cif.core_mof_archive(version).parent / f"{version}.csv"
     with open(csv_path, newline="") as f:
         return [row[0] for row in csv.reader(f)][1:]
 

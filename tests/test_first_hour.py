@@ -15,7 +15,7 @@ import cryknn
 from cryknn import errors
 from cryknn import reading
 from cryknn import scoring
-from cryknn import structures
+from cryknn.cif import as_structure, read_cif_text
 from tests.conftest import (METHANE_CIF, NACL_CIF, REPO, error_lines, make_cif, progress_free,
                             run_core_only, run_module)
 
@@ -47,7 +47,7 @@ def test_data_stats_without_its_extra_is_one_line(tmp_path):
 
 
 def test_to_pandas_without_pandas_is_one_line(toy_workdir, monkeypatch):
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = read_cif_text(NACL_CIF, "nacl")
     scores = cryknn.load_model(toy_workdir).check(found)
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(errors.MissingExtraError, match=r"pip install 'cryknn\[pandas\]'") as e:
@@ -80,7 +80,7 @@ def test_readme_core_commands_in_a_core_only_install(toy_workdir, tmp_path):
 
 def test_to_pandas_is_typed_with_nan_for_missing(toy_workdir):
     pytest.importorskip("pandas")
-    found, _ = structures.read_cif_text(METHANE_CIF, "methane")
+    found, _ = read_cif_text(METHANE_CIF, "methane")
     scores = cryknn.load_model(toy_workdir).check(found)
     sites = scores.to_pandas()
     assert list(sites.columns)[:len(scoring.CSV_COLUMNS)] == list(scoring.CSV_COLUMNS)
@@ -112,7 +112,7 @@ def test_predict_and_featurize_of_nothing_exit_1(toy_workdir, tmp_path):
 
 def test_the_command_reads_what_cryknn_read_reads(toy_workdir, tmp_path):
     ase_io = pytest.importorskip("ase.io")
-    found, _ = structures.read_cif_text(METHANE_CIF, "methane")
+    found, _ = read_cif_text(METHANE_CIF, "methane")
     ase_io.write(tmp_path / "POSCAR", found[0].to_ase(), format="vasp")
     r = run_module("cryknn.predict", f"--workdir={toy_workdir}", str(tmp_path / "POSCAR"))
     assert r.returncode == 0, r.stderr
@@ -137,7 +137,7 @@ def test_non_cif_without_ase_is_a_one_line_hint(tmp_path, monkeypatch):
 def test_labels_that_name_no_element_are_skipped_with_the_reason():
     cif = make_cif([("WatII", 0.1, 0.1, 0.1), ("C1", 0.5, 0.5, 0.5)],
                    site_columns=["label", "fract_x", "fract_y", "fract_z"], block="water")
-    found, skips = structures.read_cif_text(cif, "water")
+    found, skips = read_cif_text(cif, "water")
     assert not found and len(skips) == 1
     assert "WatII" in skips[0].reason and "label" in skips[0].reason
 
@@ -148,7 +148,7 @@ def test_labels_that_start_with_an_element_symbol_are_read_as_it(label, element)
     """Mineral and water labels: an element symbol in its case, then a tag."""
     cif = make_cif([(label, 0.1, 0.1, 0.1), ("C1", 0.5, 0.5, 0.5)],
                    site_columns=["label", "fract_x", "fract_y", "fract_z"], block="tagged")
-    found, skips = structures.read_cif_text(cif, "tagged")
+    found, skips = read_cif_text(cif, "tagged")
     assert not skips and found[0].numbers.tolist() == [element, 6]
     assert any(f"{label}->" in note for note in found[0].notes)
 
@@ -157,14 +157,14 @@ def test_labels_that_start_with_an_element_symbol_are_read_as_it(label, element)
 def test_a_one_letter_element_then_lowercase_is_no_element(label):
     cif = make_cif([(label, 0.1, 0.1, 0.1)], site_columns=["label", "fract_x", "fract_y",
                                                              "fract_z"], block="word")
-    found, skips = structures.read_cif_text(cif, "word")
+    found, skips = read_cif_text(cif, "word")
     assert not found and label in skips[0].reason
 
 
 def test_elements_guessed_from_labels_are_reported(toy_workdir):
     cif = make_cif([("C1", 0.1, 0.1, 0.1), ("O2", 0.5, 0.5, 0.5), ("Cu1", 0.3, 0.7, 0.2)],
                    site_columns=["label", "fract_x", "fract_y", "fract_z"], block="guess")
-    (s,), skips = structures.read_cif_text(cif, "guess")
+    (s,), skips = read_cif_text(cif, "guess")
     assert not skips and s.numbers.tolist() == [6, 8, 29]
     assert any("guessed from" in note and "Cu1->Cu" in note for note in s.notes)
     (score,) = cryknn.load_model(toy_workdir).check(s)
@@ -186,7 +186,7 @@ def test_featurize_reports_guessed_elements(tmp_path):
 def test_single_structures_and_foreign_objects_are_accepted(toy_workdir):
     ase = pytest.importorskip("ase")
     pymatgen = pytest.importorskip("pymatgen.core")
-    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    (s,), _ = read_cif_text(METHANE_CIF, "methane")
     model = cryknn.load_model(toy_workdir)
     probs = model.predict_proba(s)
     assert probs.shape == (7, 3)
@@ -200,7 +200,7 @@ def test_single_structures_and_foreign_objects_are_accepted(toy_workdir):
 
 
 def test_structure_repr_len_and_missing_paths(tmp_path):
-    (s,), _ = structures.read_cif_text(NACL_CIF, "nacl")
+    (s,), _ = read_cif_text(NACL_CIF, "nacl")
     assert len(s) == 8 and len(repr(s)) < 200 and "nacl:nacl" in repr(s)
     with pytest.raises(FileNotFoundError):
         cryknn.read(tmp_path / "missing.cif")
@@ -258,10 +258,10 @@ def test_long_run_output(toy_workdir, tmp_path):
 
 def test_flagged_sites_as_extended_xyz(toy_workdir, tmp_path):
     ase_io = pytest.importorskip("ase.io")
-    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    (s,), _ = read_cif_text(METHANE_CIF, "methane")
     scores = cryknn.load_model(toy_workdir).check([s, s.to_ase()])
     out = str(tmp_path / "flagged.extxyz")
-    assert scoring.write_flagged(out, [s, structures.as_structure(s.to_ase())], scores,
+    assert scoring.write_flagged(out, [s, as_structure(s.to_ase())], scores,
                                  threshold=1.01) == 2
     images = ase_io.read(out, index=":")
     assert len(images) == 2 and len(images[0]) == 7
@@ -271,7 +271,7 @@ def test_flagged_sites_as_extended_xyz(toy_workdir, tmp_path):
 
 
 def test_site_top3_and_terminal_block(toy_workdir):
-    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    (s,), _ = read_cif_text(METHANE_CIF, "methane")
     (score,) = cryknn.load_model(toy_workdir).check(s)
     site = score.sites[0]
     probs = [p for _, p in site.top]
@@ -286,7 +286,7 @@ def test_per_atom_lines_and_flags_name_each_atom(toy_workdir, tmp_path):
     rock_salt = make_cif([("C1", "C", 0, 0, 0), ("O1", "O", 0.5, 0.5, 0.5)],
                          cell="5.64 5.64 5.64 90 90 90", block="co",
                          symmetry="_space_group_name_H-M_alt 'F m -3 m'")
-    (s,), _ = structures.read_cif_text(rock_salt, "co")
+    (s,), _ = read_cif_text(rock_salt, "co")
     (score,) = cryknn.load_model(toy_workdir).check(s, per_atom=True)
     text = scoring.format_structure(score, threshold=0.5)
     assert "C1[0]" in text and "C1[3]" in text and "O1[7]" in text

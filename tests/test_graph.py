@@ -13,7 +13,7 @@ from cryknn import errors
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import scoring
-from cryknn import structures
+from cryknn import cif
 from cryknn import train
 from tests.conftest import NACL_CIF
 
@@ -112,7 +112,7 @@ def test_graph_models_train_and_score_a_structure(toy_data, tmp_path, model_name
     model = scoring.load_model(str(tmp_path))
     assert model.spec.hops == 2 and model.spec.neighbour_elements == masked
     assert ("masked-atom" in model.describe()) == masked
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
     (score,) = model.score(found)
     assert {s.site_label for s in score.sites} == {"Na1", "Cl1"}
     assert sum(s.multiplicity for s in score.sites) == 8 and 0 < score.plausibility <= 1
@@ -136,7 +136,7 @@ def test_a_graph_run_from_before_directions_is_the_tree_model():
 
 def test_masked_mode_hides_the_symmetry_copies_of_a_site():
     """From a CIF, the symmetry copies of a site are that site: none shows its element."""
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
     table = scoring.atom_table(found, 6)
     assert len(np.unique(table.site)) == 2  # Na1 and Cl1, four atoms each
     spec = config_lib.InputSpec(k=6, hops=2, neighbour_elements=True)

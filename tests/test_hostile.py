@@ -14,7 +14,7 @@ import pytest
 from cryknn import elements
 from cryknn import errors
 from cryknn import neighbours
-from cryknn import structures
+from cryknn import cif
 from cryknn import util
 from tests.conftest import METHANE_CIF, NACL_CIF, error_lines, make_cif, run_module
 
@@ -90,34 +90,34 @@ def test_stale_temporary_files_are_named_and_cleaned(tmp_path):
 def test_a_fifo_named_cif_is_skipped_not_waited_on(tmp_path):
     fifo = tmp_path / "pipe.cif"
     os.mkfifo(fifo)
-    found, skips = structures.read_cif(fifo)
+    found, skips = cif.read_cif(fifo)
     assert not found and "not a regular file" in skips[0].reason
-    (skip,) = [s for s in structures.iter_structures([tmp_path])]
+    (skip,) = [s for s in cif.iter_structures([tmp_path])]
     assert "not a regular file" in skip.reason
 
 
 def test_a_link_to_dev_zero_is_skipped(tmp_path):
     link = tmp_path / "zero.cif"
     link.symlink_to("/dev/zero")
-    found, skips = structures.read_cif(link)
+    found, skips = cif.read_cif(link)
     assert not found and "not a regular file" in skips[0].reason
 
 
 def test_files_over_the_size_cap_are_skipped(tmp_path):
     path = tmp_path / "big.cif"
     path.write_text(NACL_CIF + "#" * 2000 + "\n")
-    found, skips = structures.read_cif(path, max_bytes=1000)
+    found, skips = cif.read_cif(path, max_bytes=1000)
     assert not found and "larger than" in skips[0].reason
-    assert structures.read_cif(path)[0]
+    assert cif.read_cif(path)[0]
 
 
 def test_coincident_atoms_are_a_reasoned_skip():
     rows = [(f"C{i}", "C", 0.25, 0.25, 0.25) for i in range(30000)]
-    found, skips = structures.read_cif_text(make_cif(rows, cell="10 10 10 90 90 90",
-                                                     symmetry=P1), "pile")
+    found, skips = cif.read_cif_text(make_cif(rows, cell="10 10 10 90 90 90",
+                                              symmetry=P1), "pile")
     assert not found and "coincident" in skips[0].reason, skips
     rows = [(f"C{i}", "C", 0.1, 0.2, 0.3) for i in range(2000)]
-    found, skips = structures.read_cif_text(make_cif(
+    found, skips = cif.read_cif_text(make_cif(
         rows, cell="10 10 10 90 90 90", symmetry="_space_group_name_H-M_alt 'F m -3 m'"),
         "pile")
     assert not found and "coincident" in skips[0].reason, skips
@@ -127,12 +127,12 @@ def test_coincident_atoms_are_a_reasoned_skip():
                                       ("1e20 1e20 1e20 90 90 90", "outside"),
                                       ("1e19 5 5 90 90 90", "outside")])
 def test_cells_beyond_float32_are_skipped(cell, why):
-    found, skips = structures.read_cif_text(make_cif([("C1", "C", 0, 0, 0)], cell=cell), "c")
+    found, skips = cif.read_cif_text(make_cif([("C1", "C", 0, 0, 0)], cell=cell), "c")
     assert not found and why in skips[0].reason and "float32" in skips[0].reason
 
 
 def test_too_many_lattice_images_is_a_reasoned_skip():
-    s = structures.Structure.from_arrays(np.diag([1e-6, 1e6, 1e6]), [[0, 0, 0]], [6])
+    s = cif.Structure.from_arrays(np.diag([1e-6, 1e6, 1e6]), [[0, 0, 0]], [6])
     good, skips = neighbours.split_featurizable([s], k=5)
     assert not good and "lattice images" in skips[0].reason and "k = 5" in skips[0].reason
     with pytest.raises(errors.FeaturizeError, match="lattice images"):
@@ -140,7 +140,7 @@ def test_too_many_lattice_images_is_a_reasoned_skip():
 
 
 def test_k_is_bounded_and_an_integer():
-    s = structures.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0]], [6])
+    s = cif.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0]], [6])
     with pytest.raises(errors.FeaturizeError, match="k must be"):
         neighbours.featurize([s], 2.5)
     with pytest.raises(errors.FeaturizeError, match="at most"):
@@ -159,7 +159,7 @@ def test_k_is_bounded_and_an_integer():
 def test_placeholder_element_names_are_not_read_as_uranium(symbol):
     with pytest.raises(errors.UnknownElementError):
         elements.element_from_type_symbol(symbol)
-    found, skips = structures.read_cif_text(make_cif([("X1", symbol, 0, 0, 0)]), "uuo")
+    found, skips = cif.read_cif_text(make_cif([("X1", symbol, 0, 0, 0)]), "uuo")
     assert not found and symbol in skips[0].reason
 
 
@@ -171,11 +171,11 @@ def test_real_symbols_and_isotopes_still_read():
 
 @pytest.mark.parametrize("x", ["1e300", "-1e12", "1e7"])
 def test_absurd_fractional_coordinates_are_skipped(x):
-    found, skips = structures.read_cif_text(
+    found, skips = cif.read_cif_text(
         make_cif([("C1", "C", x, 0, 0), ("O1", "O", 0.5, 0.5, 0.5)]), "far")
     assert not found and "fractional coordinate" in skips[0].reason
     with pytest.raises(errors.DataFormatError, match="fractional"):
-        structures.Structure.from_arrays(np.eye(3) * 5, [[float(x), 0, 0]], [6])
+        cif.Structure.from_arrays(np.eye(3) * 5, [[float(x), 0, 0]], [6])
 
 
 # ----------------------------------------------------------------------------
@@ -183,16 +183,16 @@ def test_absurd_fractional_coordinates_are_skipped(x):
 
 
 def test_a_utf8_bom_is_read():
-    found, skips = structures.read_cif_text(b"\xef\xbb\xbf" + NACL_CIF.encode(), "bom")
+    found, skips = cif.read_cif_text(b"\xef\xbb\xbf" + NACL_CIF.encode(), "bom")
     assert found and not skips
 
 
 def test_a_non_ascii_unquoted_value_is_read_or_named():
-    cif = make_cif([("C\u00e91", "C", 0, 0, 0), ("\u00e9", "O", 0.5, 0.5, 0.5)])
-    found, skips = structures.read_cif_text(cif.encode("utf-8"), "accent")
+    text = make_cif([("C\u00e91", "C", 0, 0, 0), ("\u00e9", "O", 0.5, 0.5, 0.5)])
+    found, skips = cif.read_cif_text(text.encode("utf-8"), "accent")
     assert list(found[0].labels) == ["C\u00e91", "\u00e9"], skips
-    cif = make_cif([("C1", "C", 0, 0, 0)]).replace("_cell_length_a", "_cell_length_a\u00e9")
-    found, skips = structures.read_cif_text(cif.encode("utf-8"), "accent")
+    text = make_cif([("C1", "C", 0, 0, 0)]).replace("_cell_length_a", "_cell_length_a\u00e9")
+    found, skips = cif.read_cif_text(text.encode("utf-8"), "accent")
     assert not found and "U+00E9" in skips[0].reason and "line 2" in skips[0].reason
 
 
@@ -239,9 +239,9 @@ def test_one_unfeaturisable_structure_does_not_stop_predict(tmp_path):
 
 
 def test_isolated_featurisation_skips_only_the_bad_one():
-    good = structures.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0]], [6])
-    bad = structures.Structure.from_arrays(np.diag([1e-6, 1e6, 1e6]), [[0, 0, 0]], [6],
-                                           id="bad:bad")
+    good = cif.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0]], [6])
+    bad = cif.Structure.from_arrays(np.diag([1e-6, 1e6, 1e6]), [[0, 0, 0]], [6],
+                                    id="bad:bad")
     kept, found, skips = neighbours.featurize_isolated([good, bad, good], 3)
     assert kept == [good, good] and len(found) == 2
     assert len(skips) == 1 and skips[0].block == "bad"

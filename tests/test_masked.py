@@ -14,7 +14,7 @@ from cryknn import graph_batch
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import scoring
-from cryknn import structures
+from cryknn import cif
 from tests.conftest import make_cif, symmetry_ops
 
 # Three sites in P-1 (each atom has an inversion copy), two of them carbon.
@@ -29,7 +29,7 @@ def _examples(structs):
 
 
 def _read(text, name="x"):
-    found, skips = structures.read_cif_text(text, name)
+    found, skips = cif.read_cif_text(text, name)
     assert found and not skips
     return found
 
@@ -56,10 +56,10 @@ def test_coincident_same_element_atoms_are_one_site():
     """Two listed positions of one disordered C 0.55 A apart (other CIF rows, beyond the
     reader's 0.4 A duplicate merge) are one site;
     an O as close stays its own."""
-    cif = make_cif([("C1", "C", 0.10, 0.10, 0.10), ("C1B", "C", 0.21, 0.10, 0.10),
-                    ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
+    text = make_cif([("C1", "C", 0.10, 0.10, 0.10), ("C1B", "C", 0.21, 0.10, 0.10),
+                     ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
                    cell="5 6 7 90 90 90", block="dis")
-    found, _ = structures.read_cif_text(cif, "dis", structures.ReadOptions(disorder="all"))
+    found, _ = cif.read_cif_text(text, "dis", cif.ReadOptions(disorder="all"))
     table = input_pipeline.featurize_examples(_examples(found), 3)
     site = table.site
     assert site[0] == site[1] and len({site[0], site[2], site[3]}) == 3

@@ -11,7 +11,7 @@ import pytest
 from cryknn import datasets
 from cryknn import families
 from cryknn import nearcopies as nc
-from cryknn import structures
+from cryknn import cif
 from cryknn.datasets import crystal_structures as names
 from tests.conftest import make_cif
 
@@ -32,7 +32,7 @@ def _rocksalt(a=5.64):
 
 
 def _structure(sid, lattice, frac, numbers):
-    return structures.Structure.from_arrays(lattice, frac, numbers, id=sid)
+    return cif.Structure.from_arrays(lattice, frac, numbers, id=sid)
 
 
 def _pairs(*structs):

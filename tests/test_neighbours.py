@@ -11,7 +11,7 @@ import pytest
 from cryknn import errors
 from cryknn import geometry
 from cryknn import neighbours
-from cryknn import structures
+from cryknn import cif
 from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, run_module,
                             run_python, subprocess_env)
 from tests.oracle import brute_force_knn, cell_from_parameters
@@ -256,8 +256,8 @@ def test_bad_input_raises_clear_errors():
 
 def core_mof_sample(count, max_atoms=None):
     out = []
-    for item in structures.iter_core_mof("2019-ASR"):
-        if isinstance(item, structures.Structure):
+    for item in cif.iter_core_mof("2019-ASR"):
+        if isinstance(item, cif.Structure):
             if max_atoms is None or item.num_atoms <= max_atoms:
                 out.append(item)
         if len(out) == count:
@@ -272,7 +272,7 @@ def test_real_core_mof_structures_match_oracle(k):
 
 
 def test_real_molecular_crystals_match_oracle():
-    crystals = [s for s in structures.read_pyxtal_db() if s.num_atoms <= 120][:8]
+    crystals = [s for s in cif.read_pyxtal_db() if s.num_atoms <= 120][:8]
     assert crystals
     for s in crystals:
         assert_matches_oracle(s.lattice, s.frac, 10)
@@ -281,8 +281,8 @@ def test_real_molecular_crystals_match_oracle():
 @pytest.mark.skipif(not SHARED_COD.is_dir(), reason="../shared/data/cod not present")
 def test_real_cod_structures_match_oracle():
     read = []
-    for item in structures.iter_structures([SHARED_COD]):
-        if isinstance(item, structures.Structure) and 1 < item.num_atoms <= 150:
+    for item in cif.iter_structures([SHARED_COD]):
+        if isinstance(item, cif.Structure) and 1 < item.num_atoms <= 150:
             read.append(item)
         if len(read) == 10:
             break
@@ -294,7 +294,7 @@ def test_matches_amd_on_real_structures():
     pytest.importorskip("amd")
     # The routine amd's PDD uses; amd exports no public per-point k-NN.
     from amd._nearest_neighbors import nearest_neighbors
-    sample = core_mof_sample(12) + structures.read_pyxtal_db()[:12]
+    sample = core_mof_sample(12) + cif.read_pyxtal_db()[:12]
     k = 12
     results = neighbours.featurize(sample, k)
     for s, result in zip(sample, results):

@@ -15,7 +15,7 @@ from cryknn import errors
 from cryknn import input_pipeline
 from cryknn import saved_model
 from cryknn import scoring
-from cryknn import structures
+from cryknn import cif
 from cryknn import util
 from tests.conftest import METHANE_CIF, error_lines, make_cif, run_module
 
@@ -125,7 +125,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 def test_non_ascii_site_labels_are_kept():
     """Labels are text; one outside ASCII (e.g. U+FFFD from a damaged record) is kept."""
-    s = structures.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0], [0.5, 0.5, 0.5]], [6, 8])
+    s = cif.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0], [0.5, 0.5, 0.5]], [6, 8])
     s = dataclasses.replace(s, labels=np.asarray(["C1\u00b4", "O\ufffd"]))
     table = scoring.atom_table([s], k=3)
     assert [label.decode("utf-8") for label in table.site_label] == ["C1\u00b4", "O\ufffd"]
@@ -148,19 +148,19 @@ def test_predict_flag_values_are_checked(workdir, methane, args, expect):
      "closer than"),
 ])
 def test_absurd_geometry_is_scored_with_a_warning(toy_workdir, cell, sites, warning):
-    found, skips = structures.read_cif_text(make_cif(sites, cell=cell), "absurd",
-                                            structures.ReadOptions(merge_duplicates=False))
+    found, skips = cif.read_cif_text(make_cif(sites, cell=cell), "absurd",
+                                     cif.ReadOptions(merge_duplicates=False))
     assert found, skips
     (score,) = scoring.load_model(toy_workdir).score(found)
     assert any(warning in w for w in score.warnings), score.warnings
 
 
 def test_occupancy_above_one_is_a_warning(toy_workdir):
-    cif = make_cif([("C1", "C", 0.1, 0.2, 0.3, 5), ("O1", "O", 0.5, 0.5, 0.5, 1)],
-                   cell="4 4 4 90 90 90",
-                   site_columns=["label", "type_symbol", "fract_x", "fract_y", "fract_z",
-                                 "occupancy"])
-    found, _ = structures.read_cif_text(cif, "occ", structures.ReadOptions(disorder="all"))
+    text = make_cif([("C1", "C", 0.1, 0.2, 0.3, 5), ("O1", "O", 0.5, 0.5, 0.5, 1)],
+                    cell="4 4 4 90 90 90",
+                    site_columns=["label", "type_symbol", "fract_x", "fract_y", "fract_z",
+                                  "occupancy"])
+    found, _ = cif.read_cif_text(text, "occ", cif.ReadOptions(disorder="all"))
     (score,) = scoring.load_model(toy_workdir).score(found)
     assert any("occupancy above 1" in w for w in score.warnings), score.warnings
 
@@ -222,8 +222,8 @@ def test_a_partial_build_is_announced(tmp_path):
 
 
 def test_atoms_removed_while_reading_are_noted_in_the_scores(toy_workdir):
-    cif = make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
-                    ("O1", "O", 0.5, 0.5, 0.5)], cell="10 10 10 90 90 90", block="dup")
-    found, _ = structures.read_cif_text(cif, "dup")
+    text = make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
+                     ("O1", "O", 0.5, 0.5, 0.5)], cell="10 10 10 90 90 90", block="dup")
+    found, _ = cif.read_cif_text(text, "dup")
     (score,) = scoring.load_model(toy_workdir).score(found)
     assert any("removed 1 atoms: duplicate atoms merged" in w for w in score.warnings)

@@ -10,7 +10,7 @@ from cryknn import evaluate
 from cryknn import input_pipeline
 from cryknn import saved_model
 from cryknn import scoring
-from cryknn import structures
+from cryknn import cif
 from tests.conftest import run_module
 
 SHIPPED = ("default", "masked")
@@ -19,7 +19,7 @@ SHIPPED = ("default", "masked")
 @pytest.fixture(scope="module")
 def real_cif(tmp_path_factory):
     """The first CoRE MOF 2019-ASR framework of the embedded archive, as a CIF file."""
-    name, data = next(structures.iter_tar_cifs(structures.core_mof_archive("2019-ASR"), 1))
+    name, data = next(cif.iter_tar_cifs(cif.core_mof_archive("2019-ASR"), 1))
     path = tmp_path_factory.mktemp("cif") / name.rsplit("/", 1)[-1]
     path.write_bytes(data)
     return path

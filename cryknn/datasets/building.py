@@ -174,7 +174,7 @@ def build(dataset: str = names.DEFAULT_DATASET, data_dir: str | None = None, *,
     num_workers: parsing processes (default: the CPUs this process may use).
     beam_runner / beam_options: build as an Apache Beam pipeline (e.g. 'DirectRunner', or
       PipelineOptions for Dataflow/Flink/Spark); needs `pip install apache-beam`.
-    read_options: the CIF reader's policies (structures.ReadOptions; default: its defaults).
+    read_options: the CIF reader's policies (cif.ReadOptions; default: its defaults).
     Prints the skip summary through `log`. Raises DataError for anything the user can fix.
     """
     _check_build_arguments(dataset, data_dir, manual_dir)
@@ -217,7 +217,7 @@ def _download_and_prepare(builder, dataset, manual_dir, beam_runner, beam_option
 
 def summarize_build(dataset_dir: str, top: int = 12) -> str:
     """Examples per split and skips per reason, as printed after `build`."""
-    from cryknn import structures as structures_lib
+    from cryknn import cif
 
     lines = []
     info = read_build_info(dataset_dir)
@@ -245,12 +245,12 @@ def summarize_build(dataset_dir: str, top: int = 12) -> str:
         files = len({s[0] for s in skips})
         lines.append(f"skipped: {len(skips)} blocks or files in {files} files"
                      f" (report: {os.path.join(dataset_dir, names.SKIPPED_CSV)})")
-        lines.extend(structures_lib.summarize_skips((s[2] for s in skips), top))
+        lines.extend(cif.summarize_skips((s[2] for s in skips), top))
     removed = {p: n for p, n in (info.get("removed_atoms") or {}).items() if n}
     if removed:
         lines.append(f"reading policies removed atoms (report: "
                      f"{os.path.join(dataset_dir, names.REMOVED_CSV)}):")
-        lines.extend(f"  {n:7d}  {structures_lib.POLICY_REMOVALS.get(p, p)}"
+        lines.extend(f"  {n:7d}  {cif.POLICY_REMOVALS.get(p, p)}"
                      for p, n in removed.items())
     return "\n".join(lines)
 

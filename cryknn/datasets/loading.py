@@ -9,9 +9,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from cryknn import cif
 from cryknn import errors
 from cryknn import families
-from cryknn import structures as structures_lib
 from cryknn import util
 from cryknn.datasets import building
 from cryknn.datasets import crystal_structures as names
@@ -72,10 +72,10 @@ def load_split(dataset: str = names.DEFAULT_DATASET, split: str = "train",
 
 
 def load_structures(dataset: str = names.DEFAULT_DATASET, split: str = "train",
-                    data_dir: str | None = None, **kwargs) -> Iterator[structures_lib.Structure]:
+                    data_dir: str | None = None, **kwargs) -> Iterator[cif.Structure]:
     """Like load_split, as Structure records."""
     for ex in load_split(dataset, split, data_dir, **kwargs):
-        yield structures_lib.Structure(
+        yield cif.Structure(
             id=ex["id"], source=ex["source"], lattice=ex["lattice"], frac=ex["frac"],
             numbers=ex["numbers"], labels=ex["labels"], occupancies=ex["occupancies"],
             site_index=ex["site_index"])

@@ -56,10 +56,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from cryknn import cif
 from cryknn import errors
 from cryknn import families
 from cryknn import nearcopies
-from cryknn import structures as structures_lib
 from cryknn import util
 from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
@@ -154,9 +154,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
 
     def __init__(self, *, limit: int | None = None, num_workers: int | None = None,
-                 read_options: structures_lib.ReadOptions | None = None, **kwargs):
+                 read_options: cif.ReadOptions | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._read_options = read_options or structures_lib.ReadOptions()
+        self._read_options = read_options or cif.ReadOptions()
         if limit is None and os.environ.get(names.ENV_LIMIT):
             limit = int(os.environ[names.ENV_LIMIT])
         if limit is not None and limit < 1:
@@ -269,7 +269,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     bar.update(1)
                     stems.append(parsing.stem_of_source(source))
                     pending.extend(r for r in results
-                                   if isinstance(r, structures_lib.Structure))
+                                   if isinstance(r, cif.Structure))
                     if len(pending) >= _FINGERPRINT_CHUNK:  # memory bounded by the chunk
                         parts.append(nearcopies.fingerprints(pending))
                         pending = []
@@ -322,7 +322,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for key, results in self._spilled(split):
                 bar.update(1)
                 for i, result in enumerate(results):
-                    if isinstance(result, structures_lib.Skip):
+                    if isinstance(result, cif.Skip):
                         skips.writerow(parsing.skip_row(result))
                     else:
                         removed.writerows(parsing.removal_rows(result))
@@ -350,7 +350,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                            names.SKIP_FIELDS)
         removed = _merge_csv(tmp, "removed", self._candidates, out / names.REMOVED_CSV,
                              names.REMOVED_FIELDS)
-        removed_atoms = dict.fromkeys(structures_lib.POLICY_REMOVALS, 0)
+        removed_atoms = dict.fromkeys(cif.POLICY_REMOVALS, 0)
         for row in removed:
             removed_atoms[row[2]] += int(row[3])
         splits = {split: json.loads((tmp / f"stats-{split}.json").read_text())

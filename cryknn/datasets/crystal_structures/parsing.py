@@ -20,9 +20,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from cryknn import cif
 from cryknn import elements as elements_lib
 from cryknn import families
-from cryknn import structures as structures_lib
 from cryknn.datasets.crystal_structures import ENV_WORKERS
 
 
@@ -59,8 +59,8 @@ class ArchiveShard:
 
 
 def file_tasks(root: str, limit: int | None = None) -> Iterator[ParseTask]:
-    """Tasks of the `*.cif` files under root, in `structures.iter_cif_paths` order."""
-    for count, path in enumerate(structures_lib.iter_cif_paths([root])):
+    """Tasks of the `*.cif` files under root, in `cif.iter_cif_paths` order."""
+    for count, path in enumerate(cif.iter_cif_paths([root])):
         if limit is not None and count >= limit:
             return
         yield ParseTask(families.file_stem(os.fspath(path)), os.fspath(path))
@@ -73,7 +73,7 @@ def archive_tasks(archive: str, limit: int | None = None, *, label: str | None =
     label defaults to the archive's file name; with_data=False streams names only.
     """
     label = label or os.path.basename(archive)
-    for member, data in structures_lib.iter_tar_cifs(archive, limit):
+    for member, data in cif.iter_tar_cifs(archive, limit):
         yield ParseTask(families.file_stem(member), f"{label}!{member}",
                         data if with_data else b"")
 
@@ -81,7 +81,7 @@ def archive_tasks(archive: str, limit: int | None = None, *, label: str | None =
 def core_mof_tasks(version: str, limit: int | None = None, *, with_data: bool = True
                    ) -> Iterator[ParseTask]:
     """Tasks of the installed core-mof package's `<version>.tar.xz` ('2019-ASR', '2014')."""
-    archive = os.fspath(structures_lib.core_mof_archive(version))
+    archive = os.fspath(cif.core_mof_archive(version))
     return archive_tasks(archive, limit, with_data=with_data)
 
 
@@ -96,22 +96,22 @@ def stem_of_source(source: str) -> str:
     return families.file_stem(source.rsplit("!", 1)[-1])
 
 
-def parse_task(task: ParseTask, options: structures_lib.ReadOptions | None = None
-               ) -> list[structures_lib.Structure | structures_lib.Skip]:
+def parse_task(task: ParseTask, options: cif.ReadOptions | None = None
+               ) -> list[cif.Structure | cif.Skip]:
     """Structures and Skips of one task; a reader bug becomes a Skip, never an exception."""
-    options = options or structures_lib.ReadOptions()
+    options = options or cif.ReadOptions()
     try:
         if task.data is None:
-            structures, skips = structures_lib.read_cif(task.source, options)
+            structures, skips = cif.read_cif(task.source, options)
         else:
-            structures, skips = structures_lib.read_cif_text(task.data, task.stem, options,
+            structures, skips = cif.read_cif_text(task.data, task.stem, options,
                                                              source=task.source)
     except Exception as e:  # noqa: BLE001 - a reader bug must not end a big build: record it
-        return [structures_lib.Skip(task.source, "", f"reader error: {type(e).__name__}: {e}")]
+        return [cif.Skip(task.source, "", f"reader error: {type(e).__name__}: {e}")]
     return list(structures) + list(skips)
 
 
-def parse_chunk(tasks: Sequence[ParseTask], options: structures_lib.ReadOptions | None = None
+def parse_chunk(tasks: Sequence[ParseTask], options: cif.ReadOptions | None = None
                 ) -> list[tuple[str, list]]:
     """Worker entry point: (source, results) of each task, in order."""
     return [(task.source, parse_task(task, options)) for task in tasks]
@@ -137,7 +137,7 @@ class Parser:
     """
 
     def __init__(self, num_workers: int, chunk_size: int = 8,
-                 options: structures_lib.ReadOptions | None = None):
+                 options: cif.ReadOptions | None = None):
         self.num_workers = max(0, int(num_workers))
         self.chunk_size = chunk_size
         self.options = options
@@ -177,7 +177,7 @@ class Parser:
 # Examples, skip rows and element counts.
 
 
-def structure_example(structure: structures_lib.Structure) -> dict:
+def structure_example(structure: cif.Structure) -> dict:
     """The TFDS example of a Structure (features of `crystal_structures`)."""
     n = int(structure.numbers.shape[0])
     return {
@@ -194,11 +194,11 @@ def structure_example(structure: structures_lib.Structure) -> dict:
     }
 
 
-def skip_row(skip: structures_lib.Skip) -> list[str]:
+def skip_row(skip: cif.Skip) -> list[str]:
     return [str(skip.file), str(skip.block), str(skip.reason)]
 
 
-def removal_rows(structure: structures_lib.Structure) -> list[list[str]]:
+def removal_rows(structure: cif.Structure) -> list[list[str]]:
     """Rows (structure id, source, policy, atoms) of the atoms reading policies removed."""
     return [[structure.id, structure.source, policy, str(n)]
             for policy, n in structure.removed.items() if n]
@@ -264,7 +264,7 @@ def write_stats_json(counter: ElementCounter, path: str) -> None:
 
 
 def beam_parse(chunk: Sequence[ParseTask | ArchiveShard],
-               options: structures_lib.ReadOptions | None = None) -> Iterator[Any]:
+               options: cif.ReadOptions | None = None) -> Iterator[Any]:
     """Beam FlatMap: (key, example) per structure; TaggedOutput('skips', row) per skip and
     TaggedOutput('removed', row) per policy that removed atoms of a structure.
 
@@ -283,7 +283,7 @@ def beam_parse(chunk: Sequence[ParseTask | ArchiveShard],
             tasks = [item]
         for task in tasks:
             for i, result in enumerate(parse_task(task, options)):
-                if isinstance(result, structures_lib.Skip):
+                if isinstance(result, cif.Skip):
                     yield beam.pvalue.TaggedOutput("skips", skip_row(result))
                 else:
                     for row in removal_rows(result):

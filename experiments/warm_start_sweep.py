@@ -12,7 +12,7 @@ per-element-capped monitor estimate) every --eval_every steps. Reported per (k',
 time excluded) at which each run first reaches the scratch run's final validation balanced
 accuracy, and both runs' final validation/test metrics (full splits).
 
-    python experiments/warm_start.py [--name=core_mof] [--k=5] [--k_new=6,10] [--seeds=0,1,2]
+    python experiments/warm_start_sweep.py [--name=core_mof] [--k=5] [--k_new=6,10] [--seeds=0,1,2]
         [--eval_every=25] [--warm_lr_scales=1,0.1] [--workroot=/tmp/cryknn_experiments/warm_start]
         [any flag of python -m cryknn.main: --dataset, --data_dir, --epochs, ...]
 
@@ -279,5 +279,5 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     from cryknn import command
 
-    command.run_tool(main, usage=__doc__, module="experiments/warm_start.py",
+    command.run_tool(main, usage=__doc__, module="experiments/warm_start_sweep.py",
                      define_flags=define_flags)
