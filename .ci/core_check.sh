@@ -47,6 +47,14 @@ bin="$PWD/$venv/bin"
 check 0 "" "$bin/cryknn" --version
 check 0 "" "$bin/cryknn" predict nacl.cif
 check 0 "" "$bin/cryknn" check --out=sites.csv nacl.cif
+check 0 "" "$bin/cryknn" check --html=report.html nacl.cif
+# The report's viewer (package data) came with the wheel: the page carries 3Dmol.js.
+if grep -q 'createViewer' "$work/report.html" 2>/dev/null; then
+  echo "core check ok: report.html carries its 3D viewer"
+else
+  echo "core check FAILED: report.html is missing or lacks the 3D viewer (package data?)"
+  failed=1
+fi
 check 0 "" "$bin/cryknn" featurize --k=5 --out=nacl.npz nacl.cif
 check 2 train "$bin/cryknn" train --k=5
 check 2 train "$bin/cryknn" data stats

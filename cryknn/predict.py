@@ -1,6 +1,6 @@
 """Score the element of every site of crystal structures.
 
-  python -m cryknn.predict [--workdir=W | --model_name=NAME] [--out=F.csv] PATH ...
+  python -m cryknn.predict [--workdir=W | --model_name=NAME] [--out=F.csv] [--html=F.html] PATH ...
   cryknn predict PATH ...
 
 PATHs are structure files (CIF natively; POSCAR, extxyz and the other formats of
@@ -17,9 +17,10 @@ Files that yield no structure are named on one line each with the reason; blocks
 inside otherwise readable files are noted the same way. A progress bar runs on stderr while
 files are read; a closing summary counts files, structures scored and flagged, and names
 the least plausible structures. --flagged_out writes the structures with implausible sites
-as a CIF whose atom-site loop has the flags in a column. Exit status: 0 when every file was
-read, 1 when some were not or nothing could be scored, 2 for bad flags or an unusable
-model. Never a traceback.
+as a CIF whose atom-site loop has the flags in a column; --html writes one self-contained
+page (cryknn.report) with every structure in 3D, its flagged sites marked. Exit status: 0
+when every file was read, 1 when some were not or nothing could be scored, 2 for bad flags
+or an unusable model. Never a traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cryknn.cif import reader as structures_lib
 from cryknn import util
 
 USAGE = """\
-usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] PATH [PATH ...]
+usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] [--html=F.html] PATH [PATH ...]
 
 Scores every site of the structures in files (CIF; POSCAR, extxyz, ... with the ase extra)
 or folders (CIFs, recursive): the predicted element, and p(given), the model's probability
@@ -49,6 +50,9 @@ def define_flags() -> None:
                         "--workdir): default (geometry only) or masked (also sees the "
                         "neighbours' elements).")
     flags.DEFINE_string("out", None, "Also write one CSV row per site (or atom) here.")
+    flags.DEFINE_string("html", None, "Also write a report here: one self-contained HTML "
+                        "page (no network needed) with a 3D view of every structure, its "
+                        "flagged sites marked, and its sites table sortable by p(given).")
     flags.DEFINE_float("threshold", 0.05, "Mark sites whose given element has p below this; "
                        "in (0, 1).")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
@@ -124,7 +128,7 @@ def _read(paths: Sequence[str], options, stderr):
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
                 threshold: float, *, batch_size: int = 4096, implausible_only: bool = False,
                 per_atom: bool = False, options: structures_lib.ReadOptions | None = None,
-                flagged_out: str | None = None, worst: int = 5,
+                flagged_out: str | None = None, worst: int = 5, html: str | None = None,
                 stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
     from cryknn import neighbours
@@ -134,6 +138,8 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     check_arguments(paths, threshold, out)
     if flagged_out is not None:
         _check_flagged_out(paths, threshold, flagged_out)
+    if html is not None:
+        check_arguments(paths, threshold, html, "--html")
     reading.require_readers(paths)
     model = scoring.load_model(workdir, model_name)
     neighbours.enable_compilation_cache()
@@ -160,6 +166,12 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     if flagged_out is not None:
         n = scoring.write_flagged(flagged_out, report.structures, scores, threshold)
         print(f"wrote {n} structures with implausible sites to {flagged_out}", file=stdout)
+    if html is not None:
+        from cryknn import report as report_lib
+
+        n = report_lib.write_html(html, report.structures, scores, threshold=threshold,
+                                  model=model)
+        print(f"wrote the report of {n} structures to {html}", file=stdout)
     print(scoring.format_summary(scores, threshold, report.files, report.not_read, worst),
           file=stdout)
     return 0 if report.all_read and not failed and scores else 1
@@ -174,7 +186,7 @@ def main(argv: list[str]) -> int:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
-                           flagged_out=FLAGS.flagged_out, worst=FLAGS.worst,
+                           flagged_out=FLAGS.flagged_out, worst=FLAGS.worst, html=FLAGS.html,
                            options=command.dataclass_from_flags(structures_lib.ReadOptions))
     except (errors.UserError, KeyboardInterrupt, OSError):
         raise  # one line, exit 2 (a full disk, an unwritable --out)

@@ -138,6 +138,13 @@ class Scores(list):
                              "site_row": int, "atom_index": "Int64",
                              "structure_plausibility": float})
 
+    def to_html(self, path: str, structures, threshold: float = 0.05, **kwargs) -> int:
+        """Writes the HTML report of these scores and the `structures` scored (see
+        cryknn.report.write_html); returns the structures in it."""
+        from cryknn import report
+
+        return report.write_html(path, structures, self, threshold=threshold, **kwargs)
+
 
 def _site_record(score: StructureScore, t: SiteScore) -> list:
     nan = float("nan")
