@@ -16,7 +16,7 @@ from cryknn import graph_batch
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import scoring
-from cryknn import structures
+from cryknn import cif
 from tests.conftest import NACL_CIF, make_cif
 
 K = 5
@@ -194,14 +194,14 @@ def test_directions_tell_a_square_from_a_tetrahedron():
 
 
 def test_scoring_a_cif_needs_no_padding_to_the_training_pack(tmp_path):
-    found, _ = structures.read_cif_text(NACL_CIF, "nacl")
+    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
     table = scoring.atom_table(found, K)
     packs = list(graph_batch.inference_packs(table, np.arange(len(table)), 2, 4096,
                                              with_elements=False))
     assert len(packs) == 1 and packs[0].inputs.distances.shape[0] == graph_batch.MIN_BUCKET
     big = make_cif([(f"C{i}", "C", (i * 0.137) % 1, (i * 0.291) % 1, (i * 0.413) % 1)
                     for i in range(70)], cell="12 12 12 90 90 90", block="big")
-    table = scoring.atom_table(structures.read_cif_text(big, "big")[0], K)
+    table = scoring.atom_table(cif.read_cif_text(big, "big")[0], K)
     sizes = [p.inputs.distances.shape[0] for p in graph_batch.inference_packs(
         table, np.arange(len(table)), 2, 4096, with_elements=False)]
     assert sizes == [128]
