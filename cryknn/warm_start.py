@@ -18,11 +18,12 @@ Where the inputs enter each model (cryknn.models):
 - `TwoStageModel` ('two_stage'): Dense 'stage1_dense0' reads the k raw distances (rows
   0..k-1) and Dense 'stage2_dense0' reads [distances (k) ++ stage-1 probabilities (C)]; the
   old rows are copied to rows 0..k-1 and k'..k'+C-1 respectively. No input scaling.
-- `GraphModel` ('graph'): every node's standardised k distances enter through Dense
-  'encode_in', whose rows are copied and rescaled as the mlp's 'embed'; everything else is
-  copied. This is NOT exact at step 0: the k'-model's nodes average the messages of k'
-  neighbours instead of k (and see k'-neighbourhoods hops away), so its outputs start near,
-  not at, the old model's; training continues from there.
+- `GraphModel` ('graph') and `TreeModel` ('tree'): every node's standardised k distances
+  enter through Dense 'encode_in', whose rows are copied and rescaled as the mlp's 'embed';
+  everything else is copied (no other parameter depends on k). This is NOT exact at step 0:
+  the k'-model's nodes average the messages of k' neighbours instead of k (and see
+  k'-neighbourhoods hops away), so its outputs start near, not at, the old model's;
+  training continues from there.
 
 API: `warm_start_params(old_model, old_params, new_model, new_params)` on Flax modules and
 param pytrees (new_params only gives shapes and dtypes, e.g. `models.init_params`), and
@@ -101,7 +102,7 @@ def warm_start_params(old_model: Any, old_params: Any, new_model: Any, new_param
     new_params = jax.device_get(new_params)
     if isinstance(old_model, models.MLPModel):
         return _warm_start_input_layer(old_model, old_params, new_model, new_params, "embed")
-    if isinstance(old_model, models.GraphModel):
+    if isinstance(old_model, (models.GraphModel, models.TreeModel)):
         return _warm_start_input_layer(old_model, old_params, new_model, new_params,
                                        "encode_in")
     if isinstance(old_model, models.TwoStageModel):
