@@ -519,7 +519,7 @@ def format_structure(score: StructureScore, threshold: float,
         lines.append(f"  {'site':<{width}}  given  predicted   p(given)  atoms  top 3")
     for t, label in zip(shown, labels):
         given = "     -" if t.p_given is None else f"{t.p_given:6.3f}"
-        mark = ("  outside domain: not modelled" if t.p_given is None else
+        mark = ("  not modelled" if t.p_given is None else  # outside the domain too
                 "  outside domain" if t.flag == "outside_domain" else
                 "  IMPLAUSIBLE" if t.p_given < threshold else "")
         top = " ".join(f"{e}:{p:.2f}" for e, p in t.top)
@@ -550,7 +550,7 @@ def format_summary(scores: Sequence[StructureScore], threshold: float, files: in
     lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
              f"{plural(len(scores), 'structure')} scored",
              f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:g}"
-             f" in the model's domain; {outside} mostly outside its domain"]
+             f"; {outside} mostly outside the model's domain"]
     ranked = sorted((score for score in scores if score.plausibility is not None),
                     key=lambda score: score.plausibility)[:worst]
     if ranked:
