@@ -506,8 +506,7 @@ def format_structure(score: StructureScore, threshold: float,
     lines = [_fit(score.structure_id, WIDTH - len(tail)) + tail]
     if score.mostly_outside_domain:
         lines.append(_fit(f"  OUTSIDE DOMAIN: {score.outside_atoms} of {score.num_atoms} atoms "
-                          f"are elements or environments unlike the training data; "
-                          f"its scores say little", WIDTH))
+                          f"have elements or environments unlike the training data", WIDTH))
     for w in score.warnings:
         lines += textwrap.wrap(w, WIDTH, initial_indent="  WARNING: ",
                                subsequent_indent=" " * 11)
@@ -549,7 +548,7 @@ def format_summary(scores: Sequence[StructureScore], threshold: float, files: in
     plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
              f"{plural(len(scores), 'structure')} scored",
-             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:g}"
+             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:.3g}"
              f"; {outside} mostly outside the model's domain"]
     ranked = sorted((score for score in scores if score.plausibility is not None),
                     key=lambda score: score.plausibility)[:worst]
