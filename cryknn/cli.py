@@ -17,7 +17,8 @@ SUBCOMMANDS = {
     "featurize": ("cryknn.featurize", "exact periodic k-NN distances of CIF files, as .npz"),
     "data": ("cryknn.data", "build a dataset of structures, or show its element statistics"),
     "predict": ("cryknn.predict", "score the element of every site of structure files"),
-    "check": ("cryknn.predict", "the same as predict: flag implausible sites"),
+    "check": ("cryknn.predict", "the same as predict: flag implausible sites (by default "
+                                "with the shipped model that checks best)"),
 }
 
 

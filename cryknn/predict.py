@@ -5,13 +5,19 @@
 
 PATHs are structure files (CIF natively; POSCAR, extxyz and the other formats of
 `cryknn.read` through the `ase` extra) or folders (searched recursively for CIFs). Without
---workdir the model shipped with the package scores them (`--model_name`, default
-'default'); --workdir selects a model you trained with `cryknn train`. Every site (a row of the CIF's atom-site loop, with all its
-symmetry copies; `--per_atom` for one line per unit-cell atom) gets one line: the given
-element, the element the model predicts with its probability, and p(given), the model's
-probability of the element the file states. Sites with p(given) < --threshold are marked
-IMPLAUSIBLE. Each structure gets a plausibility score (the geometric mean of p(given) over
-its atoms whose element the model knows) and warnings where its geometry is absurd.
+--workdir a model shipped with the package scores them: by default the one that checks
+best (the most single Z+-1 swaps caught on validation at its threshold,
+`scoring.checking_default`; `--model_name` picks one); --workdir selects a model you trained
+with `cryknn train`. The output names the model and threshold in use. Every site (a row of
+the CIF's atom-site loop, with all its symmetry copies; `--per_atom` for one line per
+unit-cell atom) gets one line: the given element, the element the model predicts with its
+probability, and p(given), the model's (calibrated) probability of the element the file
+states. Sites in the model's domain with p(given) < --threshold (default: the model's
+checking threshold, chosen on validation) are marked IMPLAUSIBLE; sites of elements the
+model does not model, or with environments unlike its training data, are marked outside
+domain, never implausible, and a structure mostly outside the domain says so in one line.
+Each structure gets a plausibility score (the geometric mean of p(given) over its atoms
+whose element the model knows) and warnings where its geometry is absurd.
 
 Files that yield no structure are named on one line each with the reason; blocks skipped
 inside otherwise readable files are noted the same way. A progress bar runs on stderr while
@@ -46,15 +52,17 @@ def define_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "Workdir of a model you trained (cryknn train); "
                         "default: the model shipped with cryknn.")
-    flags.DEFINE_string("model_name", "default", "Which shipped model scores (without "
+    flags.DEFINE_string("model_name", None, "Which shipped model scores (without "
                         "--workdir): default (geometry only) or masked (also sees the "
-                        "neighbours' elements).")
+                        "neighbours' elements); unset: the one that checks best on "
+                        "validation (scoring.checking_default).")
     flags.DEFINE_string("out", None, "Also write one CSV row per site (or atom) here.")
     flags.DEFINE_string("html", None, "Also write a report here: one self-contained HTML "
                         "page (no network needed) with a 3D view of every structure, its "
                         "flagged sites marked, and its sites table sortable by p(given).")
-    flags.DEFINE_float("threshold", 0.05, "Mark sites whose given element has p below this; "
-                       "in (0, 1).")
+    flags.DEFINE_float("threshold", None, "Mark sites (in the model's domain) whose given "
+                       "element has p below this; in (0, 1). Unset: the model's checking "
+                       "threshold (chosen on validation), else 0.05.")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
                       "line of every structure is still printed; --out still gets every site).")
     flags.DEFINE_string("flagged_out", None, "Also write the structures with implausible "
@@ -125,9 +133,10 @@ def _read(paths: Sequence[str], options, stderr):
     return report
 
 
-def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out: str | None,
-                threshold: float, *, batch_size: int = 4096, implausible_only: bool = False,
-                per_atom: bool = False, options: structures_lib.ReadOptions | None = None,
+def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | None,
+                out: str | None, threshold: float | None, *, batch_size: int = 4096,
+                implausible_only: bool = False, per_atom: bool = False,
+                options: structures_lib.ReadOptions | None = None,
                 flagged_out: str | None = None, worst: int = 5, html: str | None = None,
                 stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
@@ -135,13 +144,14 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     from cryknn import reading
     from cryknn import scoring
 
-    check_arguments(paths, threshold, out)
+    check_arguments(paths, 0.5 if threshold is None else threshold, out)
     if flagged_out is not None:
-        _check_flagged_out(paths, threshold, flagged_out)
+        _check_flagged_out(paths, 0.5 if threshold is None else threshold, flagged_out)
     if html is not None:
-        check_arguments(paths, threshold, html, "--html")
+        check_arguments(paths, 0.5 if threshold is None else threshold, html, "--html")
     reading.require_readers(paths)
-    model = scoring.load_model(workdir, model_name)
+    model = scoring.load_model(workdir, model_name or scoring.checking_default())
+    threshold = model.threshold if threshold is None else threshold
     neighbours.enable_compilation_cache()
     report = _read(paths, options, stderr)
     if not report.structures:
@@ -151,13 +161,15 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str, out:
     bar = util.ProgressBar("structure")
     try:
         scores, failed = scoring.score_isolated(model, report.structures, per_atom=per_atom,
-                                                batch_size=batch_size, progress=bar.update)
+                                                batch_size=batch_size, progress=bar.update,
+                                                threshold=threshold)
     finally:
         bar.close()
     for skip in failed:
         print(f"{skip.file}: block {skip.block or '?'} not scored: {util.one_line(skip.reason)}",
               file=stderr)
     print(_wrapped(model.describe()), file=stdout)
+    print(_wrapped(model.checking_note(threshold)), file=stdout)
     for score in scores:
         print(scoring.format_structure(score, threshold, implausible_only), file=stdout)
     if out is not None:

@@ -36,6 +36,7 @@ class SavedModel:
     config: config_lib.Config
     model: Any  # flax module
     params: Any  # nested dict of numpy arrays
+    folder: str | None = None  # where it was loaded from (its domain.npz is there)
 
     @property
     def run(self) -> dict:
@@ -157,7 +158,7 @@ def load(folder: str) -> SavedModel:
     if not all(np.all(np.isfinite(leaf)) for leaf in _leaves(params)):
         raise errors.ModelError(f"{path} holds non-finite parameters: not a usable model")
     check_fits(info["run"], config, model, params, os.path.join(folder, MODEL_JSON))
-    return SavedModel(info, config, model, params)
+    return SavedModel(info, config, model, params, folder)
 
 
 # Bounds on what a model.json may ask for (the research used k <= 20, hops <= 4, width

@@ -13,7 +13,12 @@ structure that did not come from a CIF has one site per atom). For every site: t
 element the model predicts, and p(given), the model's probability of the element the file
 states, both averaged over the site's atoms. Per structure, the plausibility is the
 geometric mean of p(given) over the atoms whose element the model knows (1 = the model
-agrees everywhere). Physically absurd input (atoms on top of each other, atoms with no
+agrees everywhere). Probabilities are calibrated where the model was (temperature
+scaling fitted on validation, `cryknn.calibration`). Every site gets a flag: `implausible`
+(p(given) below the threshold, the model's checking threshold by default), or
+`outside_domain` (the model does not model its element, or, for a calibrated model, its
+environment is unlike any in training: its p(given) says little, so it is never called
+implausible), or none. Physically absurd input (atoms on top of each other, atoms with no
 neighbour in reach, occupancies above 1) is scored but flagged with a warning.
 """
 
@@ -27,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cryknn import calibration
 from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
@@ -41,7 +47,12 @@ PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretraine
 DEFAULT_MODEL = "default"
 CSV_COLUMNS = ("structure_id", "site_label", "given_element", "predicted_element",
                "p_predicted", "p_given", "multiplicity", "site_row", "atom_index",
-               "structure_warnings", "structure_plausibility", "top3")
+               "structure_warnings", "structure_plausibility", "top3", "flag")
+FLAGS = ("implausible", "outside_domain", "")
+# Without a checking threshold in model.json: flag p(given) below this.
+DEFAULT_THRESHOLD = 0.05
+# A structure is mostly outside the domain when more than this share of its atoms is.
+MOSTLY_OUTSIDE = 0.5
 # First-neighbour distances outside this range (angstrom) are flagged: no bond is shorter
 # than 0.5 A (X-ray C-H is 0.93 A), and in no solid is the nearest atom 4 A away.
 SANE_FIRST_NEIGHBOUR = (0.5, 4.0)
@@ -52,6 +63,26 @@ def pretrained_names() -> list[str]:
         return []
     return sorted(n for n in os.listdir(PRETRAINED)
                   if saved_model.exists(os.path.join(PRETRAINED, n)))
+
+
+def checking_default() -> str:
+    """The shipped model that checks best: the most single Z+-1 swaps caught on validation
+    at its checking threshold (then the fewest real structures flagged); `default` when no
+    shipped model was calibrated."""
+    import json
+
+    best = (None, DEFAULT_MODEL)
+    for name in pretrained_names():
+        try:
+            with open(os.path.join(PRETRAINED, name, saved_model.MODEL_JSON)) as f:
+                found = json.load(f).get("checking") or {}
+        except (OSError, ValueError):
+            continue
+        if found.get("swap_detection") is not None:
+            key = (found["swap_detection"], -found.get("real_structures_flagged", 1.0))
+            if best[0] is None or key > best[0]:
+                best = (key, name)
+    return best[1]
 
 
 def load_model(workdir: str | None = None, name: str = DEFAULT_MODEL) -> "Model":
@@ -93,6 +124,7 @@ class SiteScore:
     site_row: int  # 1-based row of the atom-site loop
     atom_index: int | None = None  # per-atom rows: the atom's index in the unit cell
     top: list = dataclasses.field(default_factory=list)  # [(element, p)], 3 most probable
+    flag: str = ""  # 'implausible', 'outside_domain' or '' (FLAGS)
 
 
 @dataclasses.dataclass
@@ -104,8 +136,25 @@ class StructureScore:
     num_atoms: int
     warnings: list[str]
 
-    def implausible(self, threshold: float) -> list[SiteScore]:
-        return [s for s in self.sites if s.p_given is not None and s.p_given < threshold]
+    def implausible(self, threshold: float | None = None) -> list[SiteScore]:
+        """The sites flagged implausible (or, given a threshold, the sites in the domain
+        with p(given) below it)."""
+        if threshold is None:
+            return [s for s in self.sites if s.flag == "implausible"]
+        return [s for s in self.sites if s.flag != "outside_domain" and s.p_given is not None
+                and s.p_given < threshold]
+
+    def outside_domain(self) -> list[SiteScore]:
+        return [s for s in self.sites if s.flag == "outside_domain"]
+
+    @property
+    def outside_atoms(self) -> int:
+        """Unit-cell atoms of the sites outside the model's domain."""
+        return sum(s.multiplicity for s in self.outside_domain())
+
+    @property
+    def mostly_outside_domain(self) -> bool:
+        return self.outside_atoms > MOSTLY_OUTSIDE * max(self.num_atoms, 1)
 
 
 class Scores(list):
@@ -151,14 +200,17 @@ def _site_record(score: StructureScore, t: SiteScore) -> list:
     return [t.structure_id, t.site_label, t.given, t.predicted, t.p_predicted,
             nan if t.p_given is None else t.p_given, t.multiplicity, t.site_row,
             t.atom_index, "; ".join(score.warnings),
-            nan if score.plausibility is None else score.plausibility, _top3_text(t)]
+            nan if score.plausibility is None else score.plausibility, _top3_text(t), t.flag]
 
 
 def _structure_record(score: StructureScore) -> dict:
     return {"structure_id": score.structure_id,
             "plausibility": float("nan") if score.plausibility is None else score.plausibility,
             "modelled_atoms": score.modelled_atoms, "num_atoms": score.num_atoms,
-            "num_sites": len(score.sites), "warnings": "; ".join(score.warnings)}
+            "num_sites": len(score.sites), "warnings": "; ".join(score.warnings),
+            "implausible_sites": len(score.implausible()),
+            "outside_domain_sites": len(score.outside_domain()),
+            "mostly_outside_domain": score.mostly_outside_domain}
 
 
 def _top3_text(t: SiteScore) -> str:
@@ -174,9 +226,39 @@ class Model:
         self.saved = saved
         self.source = source
         self.spec = config_lib.input_spec(saved.config)
+        self.temperature = calibration.temperature_of(saved.info)  # 1: not calibrated
+        self.domain = calibration.domain_of(saved.info, saved.folder)  # None: not fitted
         apply = saved.model.apply
-        self._probs = jax.jit(lambda params, inputs: jax.nn.softmax(
-            apply({"params": params}, inputs, train=False)["logits"], -1))
+        self._probs = jax.jit(lambda params, inputs, t: jax.nn.softmax(
+            apply({"params": params}, inputs, train=False)["logits"] / t, -1))
+
+    @property
+    def threshold(self) -> float:
+        """The checking threshold on p(given) chosen on validation (`cryknn.checking`),
+        or DEFAULT_THRESHOLD for a model without one."""
+        return float((self.saved.info.get("checking") or {}).get("threshold",
+                                                                 DEFAULT_THRESHOLD))
+
+    def checking_note(self, threshold: float) -> str:
+        """One line: the threshold in use and, when it is the model's own, what it caught
+        on validation."""
+        found = self.saved.info.get("checking") or {}
+        if ("threshold" not in found or found.get("swap_detection") is None
+                or abs(found["threshold"] - threshold) > 1e-12):
+            return f"checking at p(given) < {threshold:.3g}"
+        return (f"checking at p(given) < {threshold:.3g}, chosen on validation: it catches "
+                f"{found['swap_detection']:.0%} of single Z+-1 swaps and flags "
+                f"{found['real_structures_flagged']:.1%} of real structures")
+
+    def in_domain(self, table: input_pipeline.AtomTable) -> np.ndarray:
+        """(A,) bool: the atom's element is modelled and, for a model with a fitted
+        domain, its environment scores within the domain's cutoff."""
+        known = np.isin(table.atomic_number, self.saved.atomic_numbers)
+        if self.domain is None or len(table) == 0:
+            return known
+        found = calibration.features(table.distances, table.neighbour_index,
+                                     table.atomic_number, self.k)
+        return known & (self.domain.score(found) <= self.domain.cutoff)
 
     @property
     def elements(self) -> list[str]:
@@ -201,8 +283,10 @@ class Model:
         unfinished = ("" if s.total_steps is None or s.step is None or s.step >= s.total_steps
                       else f", training unfinished: step {s.step} of {s.total_steps}")
         notes = "".join(f"\n{note}" for note in s.info.get("notes", []))
+        calibrated = (f"; calibrated on validation, T={self.temperature:.2f}"
+                      if calibration.KEY in s.info else "")
         return (f"model {s.config.model} ({self.mode}; k={self.k}; elements "
-                f"{','.join(self.elements)}) from {self.source}{unfinished}{notes}")
+                f"{','.join(self.elements)}{calibrated}) from {self.source}{unfinished}{notes}")
 
     def predict_proba(self, structures, batch_size: int = 4096):
         """(num_atoms, num_classes) probabilities per structure, atoms in structure order:
@@ -237,7 +321,8 @@ class Model:
             size = min(batch_size, 1 << max(0, int(len(chunk) - 1).bit_length()))
             padded = np.pad(chunk, (0, size - len(chunk)), mode="edge")  # few shapes to compile
             inputs = input_pipeline.gather_inputs(table, padded, self.spec)
-            out.append(np.asarray(self._probs(self.saved.params, inputs))[:len(chunk)])
+            out.append(np.asarray(self._probs(self.saved.params, inputs,
+                                              np.float32(self.temperature)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
 
     def _predict_graph(self, table: input_pipeline.AtomTable, rows: np.ndarray,
@@ -251,35 +336,53 @@ class Model:
                 table, rows, self.spec.receptive_hops, batch_size,
                 with_elements=self.spec.neighbour_elements):
             inputs = graph_batch.stack([pack])[0]
-            out = np.asarray(self._probs(self.saved.params, inputs))[0]
+            out = np.asarray(self._probs(self.saved.params, inputs, self.temperature))[0]
             keep = pack.loss_position >= 0
             probs[pack.loss_position[keep]] = out[keep]
         return probs
 
-    def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096) -> Scores:
+    def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
+              threshold: float | None = None) -> Scores:
         """Per-site (or per-atom) scores of every structure (one, or a list; cryknn
         Structures, ase.Atoms or pymatgen Structures): what `cryknn check` prints."""
-        return self.score(structures, per_atom=per_atom, batch_size=batch_size)
+        return self.score(structures, per_atom=per_atom, batch_size=batch_size,
+                          threshold=threshold)
 
     def score(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
-              progress=None, chunk: int = 64) -> Scores:
+              progress=None, chunk: int = 64, threshold: float | None = None) -> Scores:
         """Per-site (or per-atom) scores of every structure; the same as `check` (scores,
-        not a metric as in scikit-learn). progress(done, total): called after every
-        `chunk` structures, which are then scored a chunk at a time."""
+        not a metric as in scikit-learn). Sites are flagged at p(given) < threshold
+        (default: the model's checking threshold). progress(done, total): called after
+        every `chunk` structures, which are then scored a chunk at a time."""
         structures = structures_lib.as_structures(structures)
         if progress is not None:
             scores = Scores()
             for part in util.chunked(structures, chunk):
-                scores.extend(self.score(part, per_atom=per_atom, batch_size=batch_size))
+                scores.extend(self.score(part, per_atom=per_atom, batch_size=batch_size,
+                                         threshold=threshold))
                 progress(len(part), len(structures))
             return scores
         probs, table = self._predict(structures, batch_size)
+        return self._scores(structures, table, np.concatenate(probs) if probs else None,
+                            per_atom, threshold)
+
+    def _scores(self, structures: Sequence[structures_lib.Structure],
+                table: input_pipeline.AtomTable | None, probs: np.ndarray | None,
+                per_atom: bool, threshold: float | None) -> Scores:
+        """Scores of structures from their table's (A, C) probabilities."""
+        if table is None:
+            return Scores()
+        threshold = self.threshold if threshold is None else threshold
+        in_domain = self.in_domain(table)
         starts = np.cumsum([0] + [s.num_atoms for s in structures])
-        return Scores(self._score_one(s, p, table.distances[a:a + s.num_atoms, 0], per_atom)
-                      for s, p, a in zip(structures, probs, starts))
+        return Scores(self._score_one(s, probs[a:a + s.num_atoms],
+                                      table.distances[a:a + s.num_atoms, 0], per_atom,
+                                      in_domain[a:a + s.num_atoms], threshold)
+                      for s, a in zip(structures, starts))
 
     def _score_one(self, s: structures_lib.Structure, probs: np.ndarray,
-                   first_distance: np.ndarray, per_atom: bool) -> StructureScore:
+                   first_distance: np.ndarray, per_atom: bool, in_domain: np.ndarray,
+                   threshold: float) -> StructureScore:
         class_of = {z: i for i, z in enumerate(self.saved.atomic_numbers)}
         given_class = np.array([class_of.get(int(z), -1) for z in s.numbers])
         modelled = given_class >= 0
@@ -296,11 +399,14 @@ class Model:
         for atoms in groups:
             mean = probs[atoms].mean(axis=0)
             best, c = int(np.argmax(mean)), int(given_class[atoms[0]])
+            p_given = float(mean[c]) if c >= 0 else None
+            flag = ("outside_domain" if p_given is None or not in_domain[atoms].all() else
+                    "implausible" if p_given < threshold else "")
             sites.append(SiteScore(
                 s.id, labels[atoms[0]], elements_lib.symbol(int(s.numbers[atoms[0]])),
-                self.elements[best], float(mean[best]), float(mean[c]) if c >= 0 else None,
+                self.elements[best], float(mean[best]), p_given,
                 len(atoms), int(s.site_index[atoms[0]]) + 1,
-                atoms[0] if per_atom else None, top=self._top(mean)))
+                atoms[0] if per_atom else None, top=self._top(mean), flag=flag))
         return StructureScore(s.id, sites, plausibility, int(modelled.sum()), s.num_atoms,
                               structure_warnings(s, first_distance))
 
@@ -386,10 +492,12 @@ MAX_BATCH_INPUT_FLOATS = 2**26
 
 def score_isolated(model: Model, structures: Sequence[structures_lib.Structure], *,
                    per_atom: bool = False, batch_size: int = 4096, chunk: int = 256,
-                   progress=None) -> tuple[Scores, list[structures_lib.Skip]]:
+                   progress=None, threshold: float | None = None
+                   ) -> tuple[Scores, list[structures_lib.Skip]]:
     """Model.score, `chunk` structures at a time, skipping (with the reason) each one
     that cannot be featurised instead of failing them all. Returns (scores, skips).
-    progress(done, total): called after every chunk with the structures it held."""
+    progress(done, total): called after every chunk with the structures it held.
+    threshold: as in Model.score."""
     batch_size = max(1, min(batch_size, MAX_BATCH_INPUT_FLOATS
                             // saved_model.input_floats(model.saved.config)))
     scores, skips = Scores(), []
@@ -405,10 +513,7 @@ def score_isolated(model: Model, structures: Sequence[structures_lib.Structure],
         if not np.all(np.isfinite(probs)):  # the inputs are finite: the model is at fault
             raise errors.ModelError(f"the {model.source} gives non-finite outputs: it is "
                                     f"damaged or diverged in training; retrain it")
-        starts = np.cumsum([0] + [s.num_atoms for s in kept])
-        scores.extend(model._score_one(s, probs[a:a + s.num_atoms],
-                                       table.distances[a:a + s.num_atoms, 0], per_atom)
-                      for s, a in zip(kept, starts))
+        scores.extend(model._scores(kept, table, probs, per_atom, threshold))
     return scores, skips
 
 
@@ -420,9 +525,14 @@ def format_structure(score: StructureScore, threshold: float,
 
     flagged = score.implausible(threshold)
     plaus = "-" if score.plausibility is None else f"{score.plausibility:.3f}"
+    outside = len(score.outside_domain())
     tail = (f"  plausibility {plaus} ({score.modelled_atoms}/{score.num_atoms} atoms "
-            f"modelled), {len(flagged)} implausible")
+            f"modelled), {len(flagged)} implausible" + (f", {outside} outside domain"
+                                                        if outside else ""))
     lines = [_fit(score.structure_id, WIDTH - len(tail)) + tail]
+    if score.mostly_outside_domain:
+        lines.append(_fit(f"  OUTSIDE DOMAIN: {score.outside_atoms} of {score.num_atoms} atoms "
+                          f"have elements or environments unlike the training data", WIDTH))
     for w in score.warnings:
         lines += textwrap.wrap(w, WIDTH, initial_indent="  WARNING: ",
                                subsequent_indent=" " * 11)
@@ -434,7 +544,8 @@ def format_structure(score: StructureScore, threshold: float,
         lines.append(f"  {'site':<{width}}  given  predicted   p(given)  atoms  top 3")
     for t, label in zip(shown, labels):
         given = "     -" if t.p_given is None else f"{t.p_given:6.3f}"
-        mark = ("  not modelled" if t.p_given is None else
+        mark = ("  not modelled" if t.p_given is None else  # outside the domain too
+                "  outside domain" if t.flag == "outside_domain" else
                 "  IMPLAUSIBLE" if t.p_given < threshold else "")
         top = " ".join(f"{e}:{p:.2f}" for e, p in t.top)
         lines.append(f"  {label:<{width}}  {t.given:<5}  {t.predicted:<3} {t.p_predicted:5.3f}"
@@ -459,10 +570,12 @@ def format_summary(scores: Sequence[StructureScore], threshold: float, files: in
     """The closing summary of a run: files read and not, structures scored and flagged,
     the `worst` least plausible structures."""
     flagged = sum(1 for score in scores if score.implausible(threshold))
+    outside = sum(1 for score in scores if score.mostly_outside_domain)
     plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
              f"{plural(len(scores), 'structure')} scored",
-             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:g}"]
+             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:.3g}"
+             f"; {outside} mostly outside the model's domain"]
     ranked = sorted((score for score in scores if score.plausibility is not None),
                     key=lambda score: score.plausibility)[:worst]
     if ranked:
@@ -476,7 +589,8 @@ def _csv_row(score: StructureScore, t: SiteScore) -> list:
     return [t.structure_id, t.site_label, t.given, t.predicted, f"{t.p_predicted:.4f}",
             "" if t.p_given is None else f"{t.p_given:.4f}", t.multiplicity, t.site_row,
             "" if t.atom_index is None else t.atom_index, "; ".join(score.warnings),
-            "" if score.plausibility is None else f"{score.plausibility:.4f}", _top3_text(t)]
+            "" if score.plausibility is None else f"{score.plausibility:.4f}", _top3_text(t),
+            t.flag]
 
 
 def write_csv(path: str, scores: Sequence[StructureScore]) -> None:
@@ -536,11 +650,13 @@ def _paired(structures: Sequence[structures_lib.Structure],
 
 def _atom_flags(s: structures_lib.Structure, score: StructureScore, threshold: float):
     """Per unit-cell atom: p(given) (None: not modelled), predicted element, flag
-    ('implausible', 'not_modelled' or '.')."""
+    ('implausible', 'outside_domain', 'not_modelled' (outside the domain: an element the
+    model does not model) or '.')."""
     per_atom = any(t.atom_index is not None for t in score.sites)
     site_of = {(t.atom_index if per_atom else t.site_row - 1): t for t in score.sites}
     sites = [site_of[i if per_atom else int(s.site_index[i])] for i in range(s.num_atoms)]
     flags = ["not_modelled" if t.p_given is None else
+             "outside_domain" if t.flag == "outside_domain" else
              "implausible" if t.p_given < threshold else "." for t in sites]
     return [t.p_given for t in sites], [t.predicted for t in sites], flags
 
@@ -549,8 +665,9 @@ def write_flagged_cif(path: str, structures: Sequence[structures_lib.Structure],
                       scores: Sequence[StructureScore], threshold: float) -> int:
     """Writes every structure with an implausible site as a P1 CIF block of its unit-cell
     atoms, with the columns _atom_site_cryknn_p_given, _atom_site_cryknn_predicted and
-    _atom_site_cryknn_flag ('implausible', 'not_modelled' or '.'), which VESTA, Mercury,
-    ase and gemmi read (unknown tags are kept or ignored). Returns the blocks written."""
+    _atom_site_cryknn_flag ('implausible', 'outside_domain', 'not_modelled' or '.'), which
+    VESTA, Mercury, ase and gemmi read (unknown tags are kept or ignored). Returns the
+    blocks written."""
     blocks = [_flagged_block(s, score, threshold) for s, score in _paired(structures, scores)
               if score.implausible(threshold)]
     with util.atomic_open(path, "w") as f:

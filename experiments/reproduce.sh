@@ -4,7 +4,7 @@
 # and started again. On a 2-core CPU the whole of it takes many hours: run the parts you
 # need, e.g. `experiments/reproduce.sh headline`.
 #
-#   experiments/reproduce.sh [split|headline|pretrained|sweeps|cod|all]
+#   experiments/reproduce.sh [split|headline|pretrained|checker|sweeps|cod|all]
 #
 # Outputs go to $CRYKNN_EXPERIMENTS (default /tmp/cryknn_experiments); figures to
 # docs/figures/. The embedded dataset is built in the default TFDS data dir on first use.
@@ -59,6 +59,17 @@ pretrained() {
   python experiments/train_pretrained.py --name=masked --neighbour_elements
 }
 
+checker() {
+  # The checker (issue 20): calibration, domain and threshold of the shipped models from
+  # validation, then the benchmark on test and COD, then mofchecker side by side (needs a
+  # venv with mofchecker: $MOFCHECKER_PYTHON, default /work/venv_mofchecker/bin/python).
+  python experiments/calibrate.py cryknn/pretrained/default cryknn/pretrained/masked
+  python experiments/checker.py --json=docs/runs/checker.json
+  python experiments/mofchecker_compare.py --structures=50 --max_atoms=200 \
+    --mofchecker_python="${MOFCHECKER_PYTHON:-/work/venv_mofchecker/bin/python}" \
+    --json=docs/runs/mofchecker_compare.json
+}
+
 sweeps() {
   # Accuracy against k: the two-stage model at the default budget, the graph model at the
   # ablation's budget and k <= 6 (an atom's tree has 1 + k + k**2 nodes); confusions per
@@ -87,8 +98,9 @@ case "$what" in
   split) split ;;
   headline) headline ;;
   pretrained) pretrained ;;
+  checker) checker ;;
   sweeps) sweeps ;;
   cod) cod ;;
-  all) split; headline; pretrained; sweeps; cod ;;
-  *) echo "error: unknown part $what (split, headline, pretrained, sweeps, cod or all)" >&2; exit 2 ;;
+  all) split; headline; pretrained; checker; sweeps; cod ;;
+  *) echo "error: unknown part $what (split, headline, pretrained, checker, sweeps, cod or all)" >&2; exit 2 ;;
 esac

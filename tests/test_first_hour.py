@@ -247,7 +247,7 @@ def test_long_run_output(toy_workdir, tmp_path):
         rows = list(csv.DictReader(f))
     header = list(rows[0])
     assert header == list(scoring.CSV_COLUMNS)
-    assert header == ORIGINAL_COLUMNS + ["structure_plausibility", "top3"]  # appended
+    assert header == ORIGINAL_COLUMNS + ["structure_plausibility", "top3", "flag"]  # appended
     assert float(rows[0]["structure_plausibility"]) > 0
     assert len(rows[0]["top3"].split()) == 3
     back = cryknn.read(flagged)

@@ -1,0 +1,236 @@
+"""Benchmark of the structure checker: false alarms on real structures, single Z+-1 swaps
+caught, calibration, on the test split and on held-out COD.
+
+    python experiments/checker.py [--data_dir=D] [--cifs=../shared/data/cod]
+        [--json=docs/runs/checker.json] [--figures=docs/figures] [--max_structures=N]
+
+For each shipped model (`default`, `masked`; calibrated by experiments/calibrate.py, which
+also chose each one's checking threshold on validation) and each set of real structures
+(the test split of the models' dataset; the COD CIFs beside the repository without the
+near-copies of any structure of the training dataset build, `heldout.py`):
+- real sites flagged implausible, real structures with any flagged site, sites outside the
+  model's domain and structures mostly outside it;
+- one Z+-1 swap per structure (`cryknn.checking.SWAP_PAIRS`: C<->N<->O, O<->F, P<->S<->Cl,
+  Mn..Zn neighbours, Ag<->Cd<->In; the site and partner drawn with --seed): the share of
+  swapped structures with a flagged site (detection), per swap pair too;
+- ROC AUC of swapped against real sites and structures (score: p(given), a structure's
+  least p(given) over its sites in the domain);
+- each at the model's checking threshold and at the old default 0.05;
+- expected calibration error before and after temperature scaling, reliability diagrams,
+  and detection against the structure false-alarm rate over all thresholds (figures).
+--max_structures draws that many structures of each set (fixed seed) when set.
+Nothing here feeds back into any choice: thresholds and temperatures come from validation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MODELS = ("default", "masked")
+OLD_THRESHOLD = 0.05
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("data_dir", None, "Where the models' dataset is built (its test "
+                        "split's feature cache, fingerprints.npz).")
+    flags.DEFINE_string("cifs", str(common.DEFAULT_COD), "Held-out CIF folder ('' to skip).")
+    flags.DEFINE_string("json", None, "Write the results here.")
+    flags.DEFINE_string("figures", str(common.FIGURES), "Folder for the figures.")
+    flags.DEFINE_integer("max_structures", None, "Draw at most this many structures of each "
+                         "set (seeded).")
+    flags.DEFINE_integer("seed", 0, "Seed of the swaps and of the structure draw.")
+
+
+def subset(table, count: int | None, seed: int):
+    """The table restricted to `count` random structures (all when None or fewer)."""
+    import dataclasses
+
+    n = len(table.structure_id)
+    if count is None or count >= n:
+        return table
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(seed).choice(n, count, replace=False)] = True
+    rows = np.flatnonzero(keep[table.structure_index])
+    new_row = np.full(len(table), -1)
+    new_row[rows] = np.arange(len(rows))
+    new_structure = np.cumsum(keep) - 1
+    pick = lambda x: None if x is None else x[rows]  # noqa: E731
+    site = None if table.site is None else np.unique(table.site[rows], return_inverse=True)[1]
+    return dataclasses.replace(
+        table, distances=table.distances[rows],
+        neighbour_index=new_row[table.neighbour_index[rows]].astype(np.int32),
+        atomic_number=table.atomic_number[rows],
+        structure_index=new_structure[table.structure_index[rows]].astype(np.int32),
+        site_label=table.site_label[rows], structure_id=table.structure_id[keep], site=site,
+        neighbour_vector=pick(table.neighbour_vector))
+
+
+def test_table(model, data_dir):
+    from cryknn import input_pipeline
+
+    return input_pipeline.load_features(
+        model.saved.config.dataset, "test", model.k, data_dir=data_dir,
+        fingerprint=model.saved.info["dataset_fingerprint"], log=lambda m: None)
+
+
+def cod_table(model, cifs: str, data_dir):
+    """(table of the held-out COD structures, what was left out)."""
+    import heldout
+
+    from cryknn import neighbours, scoring
+
+    structures, skips = common.read_structures("cod", None, cifs)
+    structures, unusable = neighbours.split_featurizable(structures)
+    structures, copies = heldout.without_copies_of_training(model, structures, data_dir)
+    kept, found, bad = neighbours.featurize_isolated(structures, model.k)
+    left_out = {"skipped": len(skips) + len(unusable) + len(bad),
+                "near_copies_of_training": len(copies)}
+    return scoring.table_from(kept, found, model.k), left_out
+
+
+def calibration_figures(model, table, probs) -> dict:
+    """ECE before (T = 1) and after temperature scaling, with what the diagram needs."""
+    from cryknn import calibration, checking
+
+    p_given = checking.p_given_atoms(model, probs, table.atomic_number)
+    rows = np.flatnonzero(np.isfinite(p_given))
+    class_of = np.full(119, -1)
+    class_of[model.saved.atomic_numbers] = np.arange(len(model.elements))
+    labels = class_of[table.atomic_number[rows]]
+    after = probs[rows]
+    before = calibration.apply_temperature(after, 1.0 / model.temperature)
+    return {"temperature": model.temperature, "atoms": int(len(rows)),
+            "ece_before": calibration.expected_calibration_error(before, labels),
+            "ece_after": calibration.expected_calibration_error(after, labels),
+            "curves": {"before": (before, labels), "after": (after, labels)}}
+
+
+def mostly_outside(model, table) -> float:
+    """Share of the table's structures with more than half their atoms outside the domain."""
+    from cryknn import scoring
+
+    outside = ~model.in_domain(table)
+    n = len(table.structure_id)
+    share = (np.bincount(table.structure_index, outside, n)
+             / np.maximum(np.bincount(table.structure_index, minlength=n), 1))
+    return float(np.mean(share > scoring.MOSTLY_OUTSIDE))
+
+
+def evaluate(model, table, seed: int) -> tuple[dict, dict]:
+    """(results, reliability curves) of one model on one set of real structures."""
+    from cryknn import checking
+
+    start = time.time()
+    probs = model.predict_table(table)
+    run = checking.CheckRun.of(model, table, probs, seed=seed)
+    pairs, caught = run.pairs(), run.swapped_min() < model.threshold
+    calib = calibration_figures(model, table, probs)
+    result = {
+        "at_checking_threshold": run.summary(model.threshold),
+        "at_0.05": run.rates(OLD_THRESHOLD),
+        "structures_mostly_outside_domain": mostly_outside(model, table),
+        "detection_by_pair": {p: {"swaps": int((pairs == p).sum()),
+                                  "detected": float(caught[pairs == p].mean())}
+                              for p in sorted(set(pairs.tolist()))},
+        "curve": run.curve(checking.THRESHOLDS[::4]),
+        "calibration": {k: v for k, v in calib.items() if k != "curves"},
+        "seconds": round(time.time() - start, 1)}
+    return result, calib["curves"]
+
+
+def plot_detection(results: dict, path: str) -> None:
+    """Swap detection against the share of real structures flagged, every threshold; the
+    checking threshold's point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for (name, where), r in results.items():
+        curve, point = r["curve"], r["at_checking_threshold"]
+        line, = ax.plot(curve["real_structures_flagged"], curve["swap_detection"],
+                        ls="-" if where == "test" else "--", label=f"{name}, {where}")
+        ax.plot(point["real_structures_flagged"], point["swap_detection"], "o",
+                color=line.get_color())
+    ax.axvline(0.05, color="0.6", lw=0.8)
+    ax.axhline(0.9, color="0.6", lw=0.8)
+    ax.set(xscale="log", xlim=(1e-3, 1), ylim=(0, 1.01),
+           xlabel="real structures with a flagged site", ylabel="single Z±1 swaps caught",
+           title="Checker: detection vs false alarms (dots: checking threshold)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    rows = []
+    for (name, where), r in results.items():
+        a, old = r["at_checking_threshold"], r["at_0.05"]
+        rows.append({
+            "model": name, "set": where, "structures": a["structures"],
+            "threshold": f"{a['threshold']:.2g}",
+            "real sites flagged": f"{a['real_sites_flagged']:.2%}",
+            "real structures flagged": f"{a['real_structures_flagged']:.1%}",
+            "swaps caught": f"{a['swap_detection']:.1%}",
+            "at 0.05: flagged / caught": f"{old['real_structures_flagged']:.1%} / "
+                                         f"{old['swap_detection']:.1%}",
+            "AUC site / structure": f"{a['site_auc']:.3f} / {a['structure_auc']:.3f}",
+            "sites outside domain": f"{a['sites_outside_domain']:.1%}",
+            "ECE before / after": f"{r['calibration']['ece_before']:.3f} / "
+                                  f"{r['calibration']['ece_after']:.3f}"})
+    return common.markdown_table(rows, list(rows[0]))
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    from cryknn import calibration, scoring
+
+    FLAGS = flags.FLAGS
+    models = {name: scoring.load_model(name=name) for name in MODELS}
+    first = models[MODELS[0]]
+    sets = {"test": subset(test_table(first, FLAGS.data_dir), FLAGS.max_structures,
+                           FLAGS.seed)}
+    left_out = {}
+    if FLAGS.cifs:
+        table, left_out = cod_table(first, FLAGS.cifs, FLAGS.data_dir)
+        sets["cod"] = subset(table, FLAGS.max_structures, FLAGS.seed)
+    results, curves = {}, {}
+    for where, table in sets.items():
+        for name, model in models.items():
+            results[name, where], found = evaluate(model, table, FLAGS.seed)
+            curves.setdefault(where, {}).update({f"{name} {k}": v for k, v in found.items()})
+            print(f"{name} on {where}: {results[name, where]['seconds']} s", flush=True)
+    figures = Path(FLAGS.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_detection(results, str(figures / "checker_detection.png"))
+    for where, found in curves.items():
+        calibration.plot_reliability(found, str(figures / f"reliability_{where}.png"),
+                                     f"Reliability on {where} (modelled atoms)")
+    print(markdown(results))
+    if FLAGS.json:
+        common.write_json(FLAGS.json, {
+            "models": {name: m.describe() for name, m in models.items()},
+            "checking_default": scoring.checking_default(), "seed": FLAGS.seed,
+            "max_structures": FLAGS.max_structures, "cod_left_out": left_out,
+            "results": {f"{name}/{where}": r for (name, where), r in results.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    from cryknn import command
+
+    command.run_tool(main, usage=__doc__, module="experiments/checker.py",
+                     define_flags=define_flags)
