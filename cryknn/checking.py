@@ -157,8 +157,8 @@ class CheckRun:
         ok = model.in_domain(table) & np.isfinite(p_atom)
         swaps = pick_swaps(table, model.saved.atomic_numbers, seed)
         changed = swaps.table.atomic_number != table.atomic_number
-        rows = affected_rows(table, changed, model.spec.hops if model.spec.neighbour_elements
-                             else 0)
+        rows = affected_rows(table, changed, model.spec.receptive_hops
+                             if model.spec.neighbour_elements else 0)
         p_swapped = p_atom.copy()
         if len(rows):
             p_swapped[rows] = p_given_atoms(model, model.predict_table(swaps.table, rows),

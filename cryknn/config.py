@@ -19,13 +19,14 @@ CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
 MODEL_ALIASES = {"seed": "two_stage"}
 # Per-model defaults of the fields left at None (chosen on validation: docs/results.md).
 # The graph model computes every atom of a structure as context anyway, so every atom
-# carries a loss (the cap becomes a weight: `input_pipeline.class_weights`), a batch counts
-# node slots, and three passes over the ~3.1M training atoms fit the default run's budget;
-# no dropout at that data volume.
+# carries a loss (the cap becomes a weight, `input_pipeline.class_weights`, and structures
+# with rare elements come back more often, `class_repeats`: one epoch is ~11M loss atoms),
+# a batch counts node slots; no dropout at that data volume. Directions cost 2.5x per step
+# on CPU, more than the default run's budget allows (docs/results.md).
 _CAPPED = {"max_per_element": 40000, "epochs": 10, "batch_size": 512}
 MODEL_DEFAULTS = {
     "graph": {"width": 64, "dropout": 0.0, "batch_size": 4096, "max_per_element": 40000,
-              "epochs": 3},
+              "epochs": 1, "directions": False},
     "mlp": {"width": 128, "dropout": 0.1, **_CAPPED},
     "tree": {"width": 64, "dropout": 0.1, **_CAPPED},
     "two_stage": {"dropout": 0.0, **_CAPPED},
@@ -79,9 +80,10 @@ class Config:
                                       "sees the elements of each atom's neighbours, as when "
                                       "checking one site of a known structure.",
                                       defines_run=True)
-    directions: bool = _field(True, "graph: also read the directions of each atom's "
-                              "neighbours (the shape of its shell), not only their distances.",
-                              defines_run=True)
+    directions: bool | None = _field(None, "graph: also read the directions of each atom's "
+                                     "neighbours (the shape of its shell), not only their "
+                                     "distances (default: the model's, MODEL_DEFAULTS).",
+                                     defines_run=True)
     # Optimisation.
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",

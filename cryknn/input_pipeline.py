@@ -601,29 +601,59 @@ class AtomBatches:
                 "mask": np.zeros(self.batch_size, np.float32)}
 
 
+# A structure holding a rare element comes back at most this many times per epoch.
+MAX_REPEAT = 8
+
+
+def class_repeats(counts: np.ndarray, cap: int | None,
+                  max_repeat: float = MAX_REPEAT) -> np.ndarray:
+    """(C,) how often per epoch a structure holding a class-c atom is trained on:
+    cap / n_c, between 1 and max_repeat (no cap: 1). With every atom carrying a loss, this
+    shows rare elements about as often as a per-element cap of `cap` atoms over
+    max_repeat epochs would (repeat-factor sampling), without more passes over C and H."""
+    counts = np.maximum(np.asarray(counts, np.float64), 1.0)
+    if not cap:
+        return np.ones_like(counts)
+    return np.clip(cap / counts, 1.0, max_repeat)
+
+
 class GraphBatches:
     """Batches of `packs` packs of `pack_size` node slots on this process
     (`cryknn.graph_batch`): whole structures, or crops holding every loss atom's receptive
-    field. An epoch shuffles the units (structures, crops) by (seed, epoch) and packs them
-    in that order; every epoch has the same number of steps (the first epoch's: a later
-    epoch that packs tighter pads with empty packs, one that packs looser drops its last
-    packs, as a fixed-size batcher drops its remainder)."""
+    field. An epoch shuffles the units (structures, crops) by (seed, epoch), each as often
+    as the most repeated class among its loss atoms asks (`class_repeats`, stochastically
+    rounded), and packs them in that order; every epoch has the same number of steps (the
+    first epoch's: a later epoch that packs tighter pads with empty packs, one that packs
+    looser drops its last packs, as a fixed-size batcher drops its remainder)."""
 
-    def __init__(self, spec: config_lib.InputSpec, pack_size: int, packs: int):
+    def __init__(self, spec: config_lib.InputSpec, pack_size: int, packs: int,
+                 repeats: np.ndarray | None = None):
         self.spec, self.pack_size, self.packs = spec, pack_size, packs
+        self.repeats = repeats
         self._units: dict[int, tuple] = {}
 
     def units(self, atoms: LabelledAtoms) -> list:
+        return self._unit_record(atoms)[1]
+
+    def _unit_record(self, atoms: LabelledAtoms) -> tuple:
+        """(atoms, units, (U,) repeat of each unit), cached per selection."""
         key = id(atoms)
         if key not in self._units:  # the selection object stays alive with its units
-            self._units[key] = (atoms, graph_batch.make_units(
+            units = graph_batch.make_units(
                 atoms.table.neighbour_index, atoms.table.structure_index, atoms.rows,
-                self.spec.receptive_hops, self.pack_size - 1))
-        return self._units[key][1]
+                self.spec.receptive_hops, self.pack_size - 1)
+            repeat = np.ones(len(units))
+            if self.repeats is not None:
+                repeat = np.asarray([self.repeats[atoms.labels[u.loss]].max() for u in units])
+            self._units[key] = (atoms, units, repeat)
+        return self._units[key]
 
     def _epoch_packs(self, atoms: LabelledAtoms, seed: int, epoch: int) -> list:
-        units = self.units(atoms)
-        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        _, units, repeat = self._unit_record(atoms)
+        rng = np.random.default_rng([seed, epoch])
+        whole = np.floor(repeat)
+        copies = (whole + (rng.random(len(units)) < repeat - whole)).astype(np.int64)
+        order = rng.permutation(np.repeat(np.arange(len(units)), copies))
         return graph_batch.pack_units([units[i] for i in order], self.pack_size - 1)
 
     def steps_per_epoch(self, atoms: LabelledAtoms) -> int:
@@ -666,12 +696,13 @@ class GraphBatches:
 
 
 def batches_for(spec: config_lib.InputSpec, batch_size: int, devices: int,
-                local_devices: int) -> AtomBatches | GraphBatches:
+                local_devices: int, repeats: np.ndarray | None = None
+                ) -> AtomBatches | GraphBatches:
     """The batcher of a model reading `spec`, for a global batch of `batch_size` atoms
-    (graph: node slots, one pack per device) over `devices` devices, `local_devices` of
-    them on this process."""
+    (graph: node slots, one pack per device, structures repeated per `class_repeats`) over
+    `devices` devices, `local_devices` of them on this process."""
     if spec.reads == "graph":
-        return GraphBatches(spec, batch_size // devices, local_devices)
+        return GraphBatches(spec, batch_size // devices, local_devices, repeats)
     return AtomBatches(spec, batch_size * local_devices // devices)
 
 

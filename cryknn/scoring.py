@@ -336,7 +336,8 @@ class Model:
                 table, rows, self.spec.receptive_hops, batch_size,
                 with_elements=self.spec.neighbour_elements):
             inputs = graph_batch.stack([pack])[0]
-            out = np.asarray(self._probs(self.saved.params, inputs, self.temperature))[0]
+            out = np.asarray(self._probs(self.saved.params, inputs,
+                                         np.float32(self.temperature)))[0]
             keep = pack.loss_position >= 0
             probs[pack.loss_position[keep]] = out[keep]
         return probs

@@ -211,8 +211,10 @@ class Trainer:
         if config.batch_size % par.num_devices:
             raise errors.ConfigError(f"--batch_size={config.batch_size} is not a multiple of "
                                      f"the {par.num_devices} devices")
-        batches = input_pipeline.batches_for(config_lib.input_spec(config), config.batch_size,
-                                             par.num_devices, jax.local_device_count())
+        batches = input_pipeline.batches_for(
+            config_lib.input_spec(config), config.batch_size, par.num_devices,
+            jax.local_device_count(),
+            input_pipeline.class_repeats(data.train_counts, config.max_per_element))
         steps_per_epoch = parallel.global_min(batches.steps_per_epoch(data.train))
         if steps_per_epoch < 1:
             raise errors.ConfigError(f"--batch_size={config.batch_size} is larger than the "

@@ -8,7 +8,9 @@ Trains with `train.train_and_evaluate` in --workdir (default --workroot/<name>; 
 run there is only read back, so a run made before can be shipped), then copies the
 run's params-only export (<workdir>/model: model.json with the run definition, dataset
 fingerprint and test metrics, and params.msgpack) to cryknn/pretrained/<name>/, where
-`cryknn.load_model(name=...)` and `cryknn predict --model_name=...` find it.
+`cryknn.load_model(name=...)` and `cryknn predict --model_name=...` find it, and fits
+there what checking needs (`checking.calibrate_saved_model`: temperature, domain,
+threshold, on the validation split).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> int:
     from absl import flags
 
-    from cryknn import checkpoints, saved_model, train
+    from cryknn import checking, checkpoints, saved_model, train
 
     FLAGS = flags.FLAGS
     workdir = FLAGS.workdir or os.path.join(FLAGS.workroot, FLAGS.name)
@@ -50,6 +52,8 @@ def main(argv: Sequence[str]) -> int:
     target.mkdir(parents=True)
     for name in (saved_model.MODEL_JSON, saved_model.PARAMS):
         shutil.copy2(os.path.join(source, name), target / name)
+    # Temperature, domain and checking threshold, fitted on the validation split.
+    checking.calibrate_saved_model(str(target), FLAGS.data_dir, FLAGS.dataset)
     shipped = saved_model.load(str(target))
     size = sum(f.stat().st_size for f in target.iterdir())
     print(f"shipped {target}: {shipped.config.model}, k={shipped.k}, "

@@ -88,6 +88,7 @@ def test_pack_arrays_point_inside_the_pack(table):
 
 
 def _model(k=K, **overrides):
+    overrides = {"directions": True, **overrides}
     config = config_lib.Config(model="graph", k=k, width=16, **overrides)
     spec = config_lib.input_spec(config)
     model = models.create_model(config, 4)

@@ -253,7 +253,7 @@ def test_bad_flags_exit_with_one_line(data_dir, tmp_path, args, expect):
     (dict(dropout=1.5), "--dropout"),
     (dict(class_weighting="magic"), "--class_weighting must be one of"),
     (dict(batch_size=0), "--batch_size must be at least 1"),
-    (dict(batch_size=100000), "larger than"),
+    (dict(batch_size=100000, model="mlp"), "larger than"),
 ])
 def test_bad_values_raise_one_line_errors(data_dir, tmp_path, kw, expect):
     with pytest.raises(errors.UserError) as e:
@@ -338,7 +338,7 @@ def test_two_processes_each_read_their_own_part(tmp_path):
         [sys.executable, "-m", "cryknn.main", "--multihost",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
          f"--dataset={DATASET}", f"--data_dir={data_dir}", f"--workdir={workdir}",
-         "--epochs=1", "--batch_size=64", "--num_elements=3"],
+         "--epochs=1", "--batch_size=256", "--num_elements=3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -173,16 +173,18 @@ def test_warm_start_trainer_from_a_trained_workdir(tmp_path):
 
 def test_graph_warm_start_copies_everything_but_the_new_input_rows():
     """The graph model warm-starts (not exactly: a k'-node averages k' neighbours' messages)."""
-    def graph(k, seed):
-        config = config_lib.Config(model="graph", k=k, hops=2, width=8)
-        model = models.create_model(config, 3, models.input_statistics(_distances(100, k, seed)))
-        inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
-        return model, models.init_params(model, k, jax.random.key(seed), inputs)
+    for name, layer in (("graph", "layer1"), ("tree", "round1")):
+        def graph(k, seed):
+            config = config_lib.Config(model=name, k=k, hops=2, width=8, directions=True)
+            model = models.create_model(config, 3,
+                                        models.input_statistics(_distances(100, k, seed)))
+            inputs = input_pipeline.example_inputs(config_lib.input_spec(config))
+            return model, models.init_params(model, k, jax.random.key(seed), inputs)
 
-    (old_model, old_params), (new_model, template) = graph(3, 0), graph(5, 1)
-    old_params = _perturbed(old_params, 2)
-    params = warm_start.warm_start_params(old_model, old_params, new_model, template)
-    assert params["encode_in"]["kernel"].shape == (5, 8)
-    assert np.all(params["encode_in"]["kernel"][3:] == 0)
-    np.testing.assert_array_equal(params["round1"]["message"]["kernel"],
-                                  old_params["round1"]["message"]["kernel"])
+        (old_model, old_params), (new_model, template) = graph(3, 0), graph(5, 1)
+        old_params = _perturbed(old_params, 2)
+        params = warm_start.warm_start_params(old_model, old_params, new_model, template)
+        assert params["encode_in"]["kernel"].shape == (5, 8)
+        assert np.all(params["encode_in"]["kernel"][3:] == 0)
+        np.testing.assert_array_equal(params[layer]["message"]["kernel"],
+                                      old_params[layer]["message"]["kernel"])
