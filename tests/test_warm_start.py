@@ -35,6 +35,13 @@ def _apply(model, params, d):
     return model.apply({"params": params}, {"distances": jnp.asarray(d)})
 
 
+def _init(model, k, seed, inputs):
+    """models.init_params as one compiled program: the same parameters as eager init (the
+    same random keys), without compiling each of its operations one by one."""
+    return jax.jit(lambda key, x: models.init_params(model, k, key, x))(
+        jax.random.key(seed), inputs)
+
+
 def _perturbed(params, seed):
     """Random non-trivial parameters (LayerNorm scales and biases away from 1 and 0 too)."""
     rng = np.random.default_rng(seed)
@@ -177,7 +184,7 @@ def test_graph_warm_start_copies_everything_but_the_new_input_rows():
         config = config_lib.Config(model="graph", k=k, hops=2, width=8)
         model = models.create_model(config, 3, models.input_statistics(_distances(100, k, seed)))
         inputs = input_pipeline.filler_inputs(config_lib.input_spec(config), 1)
-        return model, models.init_params(model, k, jax.random.key(seed), inputs)
+        return model, _init(model, k, seed, inputs)
 
     (old_model, old_params), (new_model, template) = graph(3, 0), graph(5, 1)
     old_params = _perturbed(old_params, 2)
