@@ -195,17 +195,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
     parser.add_argument("--corpus", help=".npz of cells (see --write_corpus)")
     parser.add_argument("--source", default="core_mof", choices=["core_mof", "synthetic"])
-    parser.add_argument("--structures", type=int, default=1000)
+    parser.add_argument("--structures", type=int, default=None,
+                        help="cells to featurise (default 1000, --quick 20)")
     parser.add_argument("--k", default="5,20,100")
     parser.add_argument("--write_corpus", help="write an .npz of CoRE MOF cells and exit")
     args = parser.parse_args()
     if args.write_corpus:
-        return write_corpus(args.write_corpus, args.structures)
+        return write_corpus(args.write_corpus, args.structures or 1000)
     if not args.out:
         parser.error("--out is required")
     import jax
 
-    count = 20 if args.quick else args.structures
+    count = args.structures or (20 if args.quick else 1000)
     report = {"jax": jax.__version__, "backend": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "quick": args.quick}
     lattices, fracs, source = load_corpus(args.corpus, count, args.source)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_COD = REPO.parent / "shared" / "data" / "cod"  # absent in a user's clone: skip
+
+# One XLA compilation cache for the session, shared by this process and every child
+# (`python -m cryknn.<tool>`, sharded and multi-process runs): the same programs (a toy
+# model's steps, the k-NN kernel of a small cell) are compiled once per session, not once
+# per test and child. It starts empty, so a session never depends on an earlier one, and
+# the tools' own cache in ~/.cache is left alone.
+_XLA_CACHE = tempfile.mkdtemp(prefix="cryknn_test_xla_")
+for _name, _value in (("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE),
+                      ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                      ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1"),
+                      ("CRYKNN_XLA_CACHE", _XLA_CACHE)):
+    os.environ[_name] = _value
+if "jax" in sys.modules:  # imported before this file: its flags have already read the env
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 def subprocess_env(**extra: str) -> dict:

@@ -105,10 +105,12 @@ def test_atoms_removed_by_reading_policies_are_counted(tmp_path):
 def test_train_keeps_stderr_quiet(tmp_path):
     from cryknn import input_pipeline
 
+    # The flags of conftest's toy_workdir run: the session's compilation cache holds its programs.
     input_pipeline.write_toy_cache(str(tmp_path / "data"), "toy/quiet", 5, (1, 6, 8))
     r = run_module("cryknn.main", "--dataset=toy/quiet", f"--data_dir={tmp_path / 'data'}",
                    f"--workdir={tmp_path / 'w'}", "--model=mlp", "--epochs=1",
-                   "--batch_size=64", "--num_elements=3", "--width=16")
+                   "--batch_size=64", "--num_elements=3", "--width=16", "--depth=1",
+                   "--log_every=1000")
     assert r.returncode == 0, r.stderr
     assert not r.stderr.strip(), r.stderr
     assert "test: accuracy" in r.stdout

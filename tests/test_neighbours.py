@@ -348,12 +348,13 @@ def test_device_check_script_runs_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [str(REPO / "experiments" / "device_check.sh"), str(out), "--cpu", "--quick",
-         "--k=3", "--source=synthetic"],
+         "--k=3", "--source=synthetic", "--structures=4"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env=subprocess_env(PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["corpus"]["source"] == "synthetic"
+    assert report["corpus"]["structures"] == 4
     row = report["featurize_k3"]
     assert row["atoms_per_s"] > 0 and row["max_abs_err_vs_oracle"] < TOLERANCE
     assert "skipped" in row["vesin_cuda"] or row["vesin_cuda"]["atoms_per_s_neighbour_list_only"] > 0
