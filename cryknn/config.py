@@ -22,7 +22,7 @@ MODEL_ALIASES = {"seed": "two_stage"}
 # carries a loss (the cap becomes a weight, `input_pipeline.class_weights`, and structures
 # with rare elements come back more often, `class_repeats`: one epoch is ~11M loss atoms),
 # a batch counts node slots; no dropout at that data volume. Directions cost 2.5x per step
-# on CPU, more than the default run's budget allows (docs/results.md).
+# on CPU and gained nothing on validation after one epoch (docs/results.md, A0.6).
 _CAPPED = {"max_per_element": 40000, "epochs": 10, "batch_size": 512}
 MODEL_DEFAULTS = {
     "graph": {"width": 64, "dropout": 0.0, "batch_size": 4096, "max_per_element": 40000,
@@ -59,12 +59,13 @@ class Config:
         "default: the model's, MODEL_DEFAULTS). Graph model: every atom carries a loss and "
         "each element weighs what this many of its atoms would.", defines_run=True)
     # Model.
-    model: str = _field("graph", "graph (default: message passing over whole structures on "
-                        "the device, with the directions of each atom's neighbours), mlp (the "
-                        "atom's own distances only), two_stage (the original research's "
-                        "two-stage sigmoid model, called 'seed' there; --model=seed works too) "
-                        "or tree (the graph model before cryknn 0.3: each atom's neighbourhood "
-                        "unrolled on the host).", defines_run=True)
+    model: str = _field("tree", "tree (default: message passing over each atom's k-NN "
+                        "neighbourhood unrolled on the host; the best on validation), graph "
+                        "(message passing over whole structures on the device, optionally "
+                        "with the directions of each atom's neighbours: linear cost in k and "
+                        "hops), mlp (the atom's own distances only), or two_stage (the "
+                        "original research's two-stage sigmoid model, called 'seed' there; "
+                        "--model=seed works too).", defines_run=True)
     width: int | None = _field(None, "Hidden width of the mlp, graph and tree models (default: "
                                "the model's, MODEL_DEFAULTS)."
                                "for mlp, 64 for graph).", defines_run=True)

@@ -10,10 +10,10 @@ training logs it; context atoms that only pass messages do not count.
   python experiments/bench_model.py --json=docs/runs/bench_model.json
 
 Measured: the tree model (k = 5, 2 hops, width 64, batch 512 atoms) and the graph model at
-the same k, hops and width (every atom of the chosen elements carries a loss; also with
-the per-element cap as the tree model trains: crops of each loss atom's receptive field);
-then the graph model's cost per atom against k (5, 10, 20 at 2 hops) and hops (1..4 at
-k = 5). Configurations run in interleaved rounds; each keeps its best round (the machine
+the same k, hops and width (its default, without directions; with directions; every atom
+of the chosen elements carries a loss; also with the per-element cap as the tree model
+trains: crops of each loss atom's receptive field); then the graph model's cost per atom
+against k (5, 10, 20 at 2 hops) and hops (1..4 at k = 5). Configurations run in interleaved rounds; each keeps its best round (the machine
 is shared and noisy). Each configuration's first steps (compilation) are not timed.
 """
 
@@ -51,6 +51,7 @@ class Case:
     k: int
     hops: int
     fraction: float = 1.0
+    directions: bool = False
     best_atoms_per_s: float = 0.0
     compile_s: float = 0.0
     flops_per_atom: float = 0.0
@@ -67,7 +68,8 @@ def make_runner(table, labels_all, case: Case, num_classes: int):
 
     config = config_lib.Config(dataset="bench", k=case.k, model=case.model, hops=case.hops,
                                batch_size=FLAGS.graph_batch if case.model == "graph"
-                               else FLAGS.tree_batch, width=64)
+                               else FLAGS.tree_batch, width=64,
+                               directions=case.directions if case.model == "graph" else None)
     table = table.first_k(case.k)
     rng = np.random.default_rng(0)
     rows = np.flatnonzero(labels_all >= 0)
@@ -118,6 +120,7 @@ def load_table(num_structures: int, k: int):
 
 def cases() -> list[Case]:
     out = [Case("tree", "tree", 5, 2), Case("graph", "graph", 5, 2),
+           Case("graph_directions", "graph", 5, 2, directions=True),
            Case("graph_capped", "graph", 5, 2, FLAGS.cap_fraction)]
     out += [Case(f"graph_k{k}", "graph", k, 2) for k in (10, 20)]
     out += [Case(f"graph_h{h}", "graph", 5, h) for h in (1, 3, 4)]
@@ -169,6 +172,8 @@ def report(todo: list[Case], total_s: float, num_atoms: int) -> None:
         "tree_atoms_per_s": by["tree"].best_atoms_per_s,
         "graph_atoms_per_s": base,
         "graph_capped_atoms_per_s": by["graph_capped"].best_atoms_per_s,
+        "graph_directions_atoms_per_s": (by["graph_directions"].best_atoms_per_s
+                                         if "graph_directions" in by else None),
         "speedup": base / by["tree"].best_atoms_per_s,
         "speedup_capped": by["graph_capped"].best_atoms_per_s / by["tree"].best_atoms_per_s,
         "cost": cost,

@@ -32,7 +32,7 @@ def test_ships_small_params_only_models(name):
     info = json.load(open(f"{folder}/{saved_model.MODEL_JSON}"))
     assert info["num_params"] == sum(int(np.prod(p.shape)) for p in _leaves(model.params))
     assert info["step"] == info["total_steps"]  # a finished run
-    assert model.config.model == "graph" and model.k == 5 and len(model.symbols) == 20
+    assert model.config.model == "tree" and model.k == 5 and len(model.symbols) == 20
     assert model.config.neighbour_elements == (name == "masked")
     assert info["dataset_fingerprint"] and info["test_metrics"]["balanced_accuracy"] > 0.5
 

@@ -292,7 +292,7 @@ SHARDED = textwrap.dedent("""
                 "mask": np.r_[np.ones(60), np.zeros(4)].astype(np.float32)}
 
     for model in ("mlp", "two_stage", "graph", "tree"):
-        cfg = config.Config(k=5, model=model, width=32, depth=2, dropout=0.0, batch_size=64,
+        cfg = config.Config(k=5, model=model, width=16, depth=1, dropout=0.0, batch_size=64,
                             hops=2)
         batch = make_batch(cfg)
         for n in (8, 1):
@@ -302,7 +302,7 @@ SHARDED = textwrap.dedent("""
             gb = par.global_batch(batch)
             assert len(jax.tree.leaves(gb["inputs"])[0].sharding.device_set) == n
             losses = []
-            for _ in range(3):
+            for _ in range(2):
                 state, m = step(state, gb, par.replicate(weights), np.int32(0))
                 losses.append(float(m["loss_sum"] / m["count"]))
             results[(model, n)] = (losses, jax.tree_util.tree_leaves(state.params))
@@ -338,7 +338,8 @@ def test_two_processes_each_read_their_own_part(tmp_path):
         [sys.executable, "-m", "cryknn.main", "--multihost",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
          f"--dataset={DATASET}", f"--data_dir={data_dir}", f"--workdir={workdir}",
-         "--epochs=1", "--batch_size=256", "--num_elements=3"],
+         "--epochs=1", "--batch_size=256", "--num_elements=3", "--width=16",
+         "--log_every=1000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
