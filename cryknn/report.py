@@ -31,7 +31,7 @@ import numpy as np
 
 from cryknn import elements as elements_lib
 from cryknn import errors
-from cryknn import structures as structures_lib
+from cryknn import cif as structures_lib
 from cryknn import util
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_assets")

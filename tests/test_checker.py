@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cryknn
-from cryknn import calibration, checking, input_pipeline, saved_model, scoring, structures
+from cryknn import calibration, checking, cif, input_pipeline, saved_model, scoring
 from tests.conftest import METHANE_CIF
 
 
@@ -85,7 +85,7 @@ def test_uncalibrated_model_loads_with_temperature_one_and_flags(toy_workdir, tm
     model = cryknn.load_model(toy_workdir)
     assert model.temperature == 1.0 and model.domain is None
     assert model.threshold == scoring.DEFAULT_THRESHOLD
-    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    (s,), _ = cif.read_cif_text(METHANE_CIF, "methane")
     (score,) = model.check(s, threshold=1.01)
     flags = {t.site_label: t.flag for t in score.sites}
     assert flags.pop("Zn1") == "outside_domain"  # Zn: not a modelled element
@@ -110,7 +110,7 @@ def test_calibrate_saved_model_adds_and_reload_uses_it(toy_workdir, tmp_path):
     assert model.threshold == added["checking"]["threshold"]
     # refitting replaces, and the model still scores
     checking.calibrate_saved_model(folder, log=lambda m: None)
-    (s,), _ = structures.read_cif_text(METHANE_CIF, "methane")
+    (s,), _ = cif.read_cif_text(METHANE_CIF, "methane")
     (score,) = scoring.Model(saved_model.load(folder), "again").check(s)
     assert {t.flag for t in score.sites} <= set(scoring.FLAGS)
 

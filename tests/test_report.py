@@ -15,10 +15,11 @@ import types
 import numpy as np
 import pytest
 
+from cryknn import elements as elements_lib
 from cryknn import errors
 from cryknn import report
 from cryknn import scoring
-from cryknn import structures as structures_lib
+from cryknn import cif as structures_lib
 from tests.conftest import METHANE_CIF, NACL_CIF, error_lines, run_module
 
 TOP = [("C", 0.9), ("N", 0.06), ("O", 0.04)]
@@ -41,7 +42,7 @@ def _random(n: int, id: str = "random:big", seed: int = 0):
     numbers = rng.choice([1, 6, 7, 8], n)
     s = structures_lib.Structure.from_arrays(lattice, rng.random((n, 3)), numbers, id=id)
     p = np.where(rng.random(n) < 0.1, 0.01, 0.5 + 0.5 * rng.random(n))
-    sites = [scoring.SiteScore(id, str(s.labels[i]), structures_lib.elements.symbol(int(z)),
+    sites = [scoring.SiteScore(id, str(s.labels[i]), elements_lib.symbol(int(z)),
                                "C", 0.9, float(p[i]), 1, i + 1, top=TOP)
              for i, z in enumerate(numbers)]
     return s, scoring.StructureScore(id, sites, 0.5, n, n, ["a warning"])
