@@ -166,7 +166,7 @@ def report(todo: list[Case], total_s: float, num_atoms: int) -> None:
     cost = [{"k": c.k, "hops": c.hops, "atoms_per_s": c.best_atoms_per_s,
              "us_per_atom": 1e6 / c.best_atoms_per_s, "relative_cost": base / c.best_atoms_per_s,
              "mflop_per_atom": c.flops_per_atom / 1e6}
-            for c in todo if c.model == "graph" and c.fraction == 1]
+            for c in todo if c.model == "graph" and c.fraction == 1 and not c.directions]
     cost.sort(key=lambda c: (c["k"], c["hops"]))
     result = {
         "tree_atoms_per_s": by["tree"].best_atoms_per_s,

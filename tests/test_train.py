@@ -280,7 +280,7 @@ SHARDED = textwrap.dedent("""
     def make_batch(cfg):
         spec = config.input_spec(cfg)
         if spec.reads == "graph":  # 8 packs of 32 slots: one per device, or all on one
-            table = input_pipeline.toy_features((1, 6, 8, 29), 30, 5, atoms_per_structure=12,
+            table = input_pipeline.toy_features((1, 6, 8, 29), 100, 5, atoms_per_structure=12,
                                                 seed=1)
             atoms = input_pipeline.LabelledAtoms(
                 table, np.arange(len(table)), rng.integers(0, 4, len(table)).astype(np.int32))
