@@ -21,12 +21,12 @@ MODEL_ALIASES = {"seed": "two_stage"}
 # The graph model computes every atom of a structure as context anyway, so every atom
 # carries a loss (the cap becomes a weight, `input_pipeline.class_weights`, and structures
 # with rare elements come back more often, `class_repeats`: one epoch is ~11M loss atoms),
-# a batch counts node slots; no dropout at that data volume. Directions cost 2.5x per step
-# on CPU and gained nothing on validation after one epoch (docs/results.md, A0.6).
+# a batch counts node slots; no dropout at that data volume. Directions cost 2.6x per step
+# on CPU and gain 0.04 validation balanced accuracy (docs/results.md, A0.6).
 _CAPPED = {"max_per_element": 40000, "epochs": 10, "batch_size": 512}
 MODEL_DEFAULTS = {
     "graph": {"width": 64, "dropout": 0.0, "batch_size": 4096, "max_per_element": 40000,
-              "epochs": 1, "directions": False},
+              "epochs": 1, "directions": True},
     "mlp": {"width": 128, "dropout": 0.1, **_CAPPED},
     "tree": {"width": 64, "dropout": 0.1, **_CAPPED},
     "two_stage": {"dropout": 0.0, **_CAPPED},
