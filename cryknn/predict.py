@@ -40,8 +40,7 @@ from cryknn.cif import reader as structures_lib
 from cryknn import util
 
 USAGE = """\
-usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] [--html=F.html]
-           PATH [PATH ...]
+usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] [--html=F] PATH...
 
 Scores every site of the structures in files (CIF; POSCAR, extxyz, ... with the ase extra)
 or folders (CIFs, recursive): the predicted element, and p(given), the model's probability

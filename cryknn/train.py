@@ -79,7 +79,8 @@ def loss_fn(outputs: dict, labels: jnp.ndarray, mask: jnp.ndarray,
             class_weights: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     """Class-weighted cross-entropy, averaged over the real (mask 1) atoms of the batch.
 
-    outputs['logits'] (B, C), or (G, N, C) with labels and mask (G, N): softmax cross-entropy (optax) times class_weights[label].
+    outputs['logits'] (B, C), or (G, N, C) with labels and mask (G, N) for graph batches:
+    softmax cross-entropy (optax) times class_weights[label].
     outputs['stage1_logits'] (B, C), two-stage model only: one-vs-rest sigmoid binary
     cross-entropy (mean over classes) with the same per-atom class weight, added to the loss
     (the stop-gradient inside the model keeps the two stages' losses apart).

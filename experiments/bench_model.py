@@ -13,8 +13,10 @@ Measured: the tree model (k = 5, 2 hops, width 64, batch 512 atoms) and the grap
 the same k, hops and width (its default, without directions; with directions; every atom
 of the chosen elements carries a loss; also with the per-element cap as the tree model
 trains: crops of each loss atom's receptive field); then the graph model's cost per atom
-against k (5, 10, 20 at 2 hops) and hops (1..4 at k = 5). Configurations run in interleaved rounds; each keeps its best round (the machine
-is shared and noisy). Each configuration's first steps (compilation) are not timed.
+against k (5, 10, 20 at 2 hops) and hops (1..4 at k = 5), without directions.
+Configurations run in interleaved rounds; each keeps its best round (the machine is shared
+and noisy). Each configuration's first steps (compilation) are not timed; XLA's count of
+floating-point operations per loss atom is printed beside (machine independent).
 """
 
 from __future__ import annotations
