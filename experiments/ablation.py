@@ -32,7 +32,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-GRAPH = dict(model="graph", k=5, hops=2, width=64)
+GRAPH = dict(model="tree", k=5, hops=2, width=64)  # the graph model of 0.2 (A1)
 VARIANTS: dict[str, dict] = {
     "mlp_k5": dict(model="mlp", k=5),
     "mlp_k10": dict(model="mlp", k=10),

@@ -4,7 +4,7 @@
 # and started again. On a 2-core CPU the whole of it takes many hours: run the parts you
 # need, e.g. `experiments/reproduce.sh headline`.
 #
-#   experiments/reproduce.sh [split|headline|pretrained|checker|sweeps|cod|all]
+#   experiments/reproduce.sh [split|headline|pretrained|checker|graph|sweeps|cod|all]
 #
 # Outputs go to $CRYKNN_EXPERIMENTS (default /tmp/cryknn_experiments); figures to
 # docs/figures/. The embedded dataset is built in the default TFDS data dir on first use.
@@ -94,13 +94,30 @@ cod() {
   python experiments/confusions.py --name=cod_graph --max_k=5
 }
 
+graph() {
+  # The on-device graph model against the tree model (docs/results.md A0.6): throughput,
+  # then the graph model with and without directions at its default budget, compared with
+  # the tree runs of headline() (the default model, in default/graph_s*: their old name).
+  python experiments/bench_model.py --num_structures=300 --steps=10 --rounds=2 \
+    --json=docs/runs/bench_model.json
+  python -m cryknn.main --model=graph --workdir="$ROOT/graph_device/graphdir_s0"
+  for s in 0 1; do
+    python -m cryknn.main --model=graph --nodirections --seed="$s" \
+      --workdir="$ROOT/graph_device/graph_s$s"
+  done
+  for s in $SEEDS; do ln -sfn "$ROOT/default/graph_s$s" "$ROOT/graph_device/tree_s$s"; done
+  python experiments/headline.py --workroot="$ROOT/graph_device" --models=tree,graphdir,graph \
+    --json=docs/runs/graph_device_headline.json
+}
+
 case "$what" in
   split) split ;;
   headline) headline ;;
   pretrained) pretrained ;;
   checker) checker ;;
+  graph) graph ;;
   sweeps) sweeps ;;
   cod) cod ;;
-  all) split; headline; pretrained; checker; sweeps; cod ;;
-  *) echo "error: unknown part $what (split, headline, pretrained, checker, sweeps, cod or all)" >&2; exit 2 ;;
+  all) split; headline; pretrained; checker; graph; sweeps; cod ;;
+  *) echo "error: unknown part $what (split, headline, pretrained, checker, graph, sweeps, cod or all)" >&2; exit 2 ;;
 esac
