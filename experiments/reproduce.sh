@@ -100,7 +100,9 @@ graph() {
   # the tree runs of headline() (the default model, in default/graph_s*: their old name).
   python experiments/bench_model.py --num_structures=300 --steps=10 --rounds=2 \
     --json=docs/runs/bench_model.json
-  python -m cryknn.main --model=graph --workdir="$ROOT/graph_device/graphdir_s0"
+  for s in $SEEDS; do
+    python -m cryknn.main --model=graph --seed="$s" --workdir="$ROOT/graph_device/graphdir_s$s"
+  done
   for s in 0 1; do
     python -m cryknn.main --model=graph --nodirections --seed="$s" \
       --workdir="$ROOT/graph_device/graph_s$s"
