@@ -189,9 +189,8 @@ class Interaction(nn.Module):
         return parent + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-class TreeModel(nn.Module):
-    """Message passing over each atom's k-NN tree, unrolled to depth `hops` on the host
-    (the graph model before cryknn 0.3; the baseline of experiments/bench_model.py).
+class NeighbourhoodModel(nn.Module):
+    """The fields both message-passing models share.
 
     input_mean / input_std: (k,) statistics of the training atoms' own distances; every
     node's k distances are standardised with them.
@@ -204,6 +203,11 @@ class TreeModel(nn.Module):
     width: int = 64
     dropout: float = 0.1
     neighbour_elements: bool = False
+
+
+class TreeModel(NeighbourhoodModel):
+    """Message passing over each atom's k-NN tree, unrolled to depth `hops` on the host
+    (the graph model before cryknn 0.3; the baseline of experiments/bench_model.py)."""
 
     @nn.compact
     def __call__(self, inputs: dict, *, train: bool = False) -> dict:
@@ -358,7 +362,7 @@ class ElementContext(nn.Module):
         return (pair * edge_filter).mean(axis=-2)
 
 
-class GraphModel(nn.Module):
+class GraphModel(NeighbourhoodModel):
     """Message passing over whole structures (`graph_batch.GraphInputs`, G packs of N
     nodes), every gather on the device.
 
@@ -369,13 +373,6 @@ class GraphModel(nn.Module):
     reads the node's `ElementContext`, never its own element.
     """
 
-    num_classes: int
-    input_mean: Sequence[float]
-    input_std: Sequence[float]
-    hops: int = 2
-    width: int = 64
-    dropout: float = 0.1
-    neighbour_elements: bool = False
     directions: bool = True
     degree: int = MAX_DEGREE
     num_rbf: int = 24

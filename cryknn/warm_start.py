@@ -102,7 +102,7 @@ def warm_start_params(old_model: Any, old_params: Any, new_model: Any, new_param
     new_params = jax.device_get(new_params)
     if isinstance(old_model, models.MLPModel):
         return _warm_start_input_layer(old_model, old_params, new_model, new_params, "embed")
-    if isinstance(old_model, (models.GraphModel, models.TreeModel)):
+    if isinstance(old_model, models.NeighbourhoodModel):
         return _warm_start_input_layer(old_model, old_params, new_model, new_params,
                                        "encode_in")
     if isinstance(old_model, models.TwoStageModel):
