@@ -11,7 +11,7 @@ Z, whose electron density is alike: `SWAP_PAIRS`. A swap changes the element of 
 atom of one site; a geometry-only model's answer changes only at that site, a masked-atom
 model's also at the atoms that see it as a neighbour (up to its hops), which are
 predicted again. Everything goes through the public scoring path
-(`scoring.Model.predict_table` on an `input_pipeline.AtomTable`).
+(`scoring.Model.predict_table` on an `features.AtomTable`).
 
 A site is flagged `implausible` when it is in the model's domain (`Model.in_domain`) and
 its mean p(given) over its atoms is below the threshold; a structure is flagged when any
@@ -27,7 +27,7 @@ import numpy as np
 
 from cryknn import calibration
 from cryknn import elements as elements_lib
-from cryknn import input_pipeline
+from cryknn import features
 from cryknn import saved_model
 from cryknn import scoring
 from cryknn import util
@@ -50,7 +50,7 @@ def partners(modelled: list[int]) -> dict[int, list[int]]:
     return out
 
 
-def atom_sites(table: input_pipeline.AtomTable) -> np.ndarray:
+def atom_sites(table: features.AtomTable) -> np.ndarray:
     """(A,) site of every atom numbered across the table (every atom its own without)."""
     return np.arange(len(table)) if table.site is None else np.asarray(table.site)
 
@@ -60,10 +60,10 @@ class Swaps:
     site: np.ndarray  # (W,) swapped site (numbered as atom_sites) of each swapped structure
     structure: np.ndarray  # (W,) its structure index
     new_number: np.ndarray  # (W,) the element it is given
-    table: input_pipeline.AtomTable  # every swap applied (structures are independent)
+    table: features.AtomTable  # every swap applied (structures are independent)
 
 
-def pick_swaps(table: input_pipeline.AtomTable, modelled: list[int], seed: int = 0,
+def pick_swaps(table: features.AtomTable, modelled: list[int], seed: int = 0,
                eligible: np.ndarray | None = None) -> Swaps:
     """One swap per structure that has a site of a swappable element (among the atoms
     `eligible` (A,) bool, default all): a random such site, a random partner element."""
@@ -90,7 +90,7 @@ def pick_swaps(table: input_pipeline.AtomTable, modelled: list[int], seed: int =
                  np.asarray(new, np.int32), dataclasses.replace(table, atomic_number=numbers))
 
 
-def affected_rows(table: input_pipeline.AtomTable, changed: np.ndarray, hops: int) -> np.ndarray:
+def affected_rows(table: features.AtomTable, changed: np.ndarray, hops: int) -> np.ndarray:
     """Rows whose masked-atom inputs (neighbours up to `hops`) include a `changed` (A,) atom,
     and the changed atoms themselves."""
     hit = changed.copy()
@@ -145,7 +145,7 @@ class CheckRun:
     scale: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(119))
 
     @classmethod
-    def of(cls, model: scoring.Model, table: input_pipeline.AtomTable,
+    def of(cls, model: scoring.Model, table: features.AtomTable,
            probs: np.ndarray | None = None, seed: int = 0) -> "CheckRun":
         """probs: (A, C) the model's probabilities of the table's atoms, when known."""
         probs = model.predict_table(table) if probs is None else probs
@@ -256,8 +256,8 @@ def _sample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size, replace=False)) if n > size else np.arange(n)
 
 
-def fit_domain(model: scoring.Model, train: input_pipeline.AtomTable,
-               validation: input_pipeline.AtomTable, *, reference_atoms: int = 20_000,
+def fit_domain(model: scoring.Model, train: features.AtomTable,
+               validation: features.AtomTable, *, reference_atoms: int = 20_000,
                quantile: float = 0.99, seed: int = 0) -> calibration.DomainReference:
     """The domain reference: `reference_atoms` random training atoms (any element); the
     cutoff is the `quantile` of the domain scores of validation atoms."""
@@ -293,7 +293,7 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
     dataset = dataset or saved.config.dataset
     data_dir = data_dir or saved.config.data_dir
     fingerprint = saved.info.get("dataset_fingerprint") or saved.run.get("dataset_fingerprint")
-    load = lambda split: input_pipeline.load_features(  # noqa: E731
+    load = lambda split: features.load_features(  # noqa: E731
         dataset, split, model.k, fingerprint=fingerprint, data_dir=data_dir, log=log)
     validation = load("validation")
     probs = model.predict_table(validation)

@@ -1,7 +1,7 @@
 """The run configuration: one dataclass, the single source of truth.
 
 Every field is a command-line flag of `cryknn.main` (and of the experiments) with the same
-name, type, default and help (`cryknn.command.define_dataclass_flags`). Fields marked
+name, type, default and help (`cryknn.cli.command.define_dataclass_flags`). Fields marked
 `defines_run` decide what a workdir's checkpoints mean: resuming a workdir with any of them
 changed is refused (`cryknn.checkpoints`).
 """
@@ -16,7 +16,6 @@ from cryknn import elements as elements_lib
 from cryknn.datasets.crystal_structures import DEFAULT_DATASET
 
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
-MODEL_ALIASES = {"seed": "two_stage"}
 # Per-model defaults of the fields left at None (chosen on validation: docs/results.md).
 # The graph model computes every atom of a structure as context anyway, so every atom
 # carries a loss (the cap becomes a weight, `input_pipeline.class_weights`, and structures
@@ -64,8 +63,8 @@ class Config:
                         "(message passing over whole structures on the device, optionally "
                         "with the directions of each atom's neighbours: linear cost in k and "
                         "hops), mlp (the atom's own distances only), or two_stage (the "
-                        "original research's two-stage sigmoid model, called 'seed' there; "
-                        "--model=seed works too).", defines_run=True)
+                        "original research's two-stage sigmoid model, called 'seed' there).",
+                        defines_run=True)
     width: int | None = _field(None, "Hidden width of the mlp, graph and tree models (default: "
                                "the model's, MODEL_DEFAULTS)."
                                "for mlp, 64 for graph).", defines_run=True)
@@ -110,9 +109,6 @@ class Config:
                              "dataset first).")
 
     def __post_init__(self):
-        # The research called its two-stage model 'seed'; the name stays usable.
-        if self.model in MODEL_ALIASES:
-            object.__setattr__(self, "model", MODEL_ALIASES[self.model])
         for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -157,6 +153,8 @@ def from_dict(values: dict) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     renamed = {"features": "input_map"}  # the field's name before cryknn 0.2
     values = {renamed.get(key, key): value for key, value in values.items()}
+    if values.get("model") == "seed":
+        values["model"] = "two_stage"  # saved by cryknn 0.2, which took the research's name
     if values.get("model") == "graph" and "directions" not in values:
         values["model"] = "tree"  # before cryknn 0.3, 'graph' was the tree model
     return Config(**{key: value for key, value in values.items() if key in names})
@@ -174,9 +172,12 @@ def validate(config: Config) -> None:
                                  f"{', '.join(CLASS_WEIGHTINGS)}, got {config.class_weighting!r}")
     if config.elements:
         try:
-            elements_lib.parse_element_list(config.elements)
+            chosen = elements_lib.parse_element_list(config.elements)
         except errors.UnknownElementError as e:
             raise errors.ConfigError(f"--elements: {e}") from None
+        if len(chosen) < 2:
+            raise errors.ConfigError(f"--elements: need at least 2 elements to classify, "
+                                     f"got {config.elements!r}")
     elif config.num_elements < 2:
         raise errors.ConfigError(f"--num_elements must be at least 2, got {config.num_elements}")
     for name in ("epochs", "batch_size", "log_every"):

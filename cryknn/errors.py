@@ -2,7 +2,7 @@
 
 Every error a user can cause or fix (a bad flag, a missing dataset, a file that is not a
 model) subclasses `UserError`. Command-line tools catch `UserError`, print
-`error: <message>` as one line and exit with status 2 (`cryknn.command`). Anything else
+`error: <message>` as one line and exit with status 2 (`cryknn.cli.command`). Anything else
 that escapes is a bug and keeps its traceback.
 
 This module imports nothing from cryknn, so every other module may import it.

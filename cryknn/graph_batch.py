@@ -193,7 +193,7 @@ def pack_arrays(table, units: list[Unit], size: int, *, with_elements: bool,
                 scratch: np.ndarray) -> PackArrays:
     """The arrays of `units` in a pack of `size` slots.
 
-    table: an `input_pipeline.AtomTable` with neighbour vectors (and sites when
+    table: a `features.AtomTable` with neighbour vectors (and sites when
     with_elements). scratch: (A,) int64 all -1, the table row -> slot map (restored to -1).
     """
     nodes = np.concatenate([u.nodes for u in units])

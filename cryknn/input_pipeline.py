@@ -1,33 +1,21 @@
 """From a dataset of structures to labelled atoms and training batches: `prepare(config)`.
 
-  structures (cryknn.datasets.load_split, this process's part of a split)
-    -> k-NN distances and neighbour rows (cryknn.neighbours), cached per (dataset build, k,
-       split, process) as .npz
+  atom tables of every split (cryknn.features: featurised once, then cached)
     -> element choice (the most abundant in train, or an explicit list), labels 0..C-1;
        atoms of other elements are left out, not lumped together
-    -> a per-element cap on training atoms, class weights
-    -> fixed-size numpy batches with a 0/1 mask, so a last partial batch pads instead of
-       recompiling.
-
-Feature cache:
-`<data_dir>/cryknn_features/<dataset>/<build fingerprint>/v<CACHE_VERSION>/k<K>/<split>.npz`
-(suffix `.p<i>of<n>` per process when there are several). The fingerprint identifies the
-dataset build (`cryknn.datasets.build_fingerprint`), so a rebuilt or different dataset is
-never served features of another; the version changes with what a cache holds (2: with
-`neighbour_vector`), so older caches are recomputed, never misread. A cache built for a
-larger K serves any k <= K (the first k columns are the k-NN). Dataset names `toy/<name>`
-are synthetic feature tables written by `write_toy_cache`, for tests and benchmarks that
-must run without a real dataset.
+    -> a per-element cap on training atoms (the graph model: a soft cap, as class
+       weights), class weights
+    -> batches: fixed-size numpy batches of atoms with a 0/1 mask, so a last partial batch
+       pads instead of recompiling (`AtomBatches`); or packs of whole structures for the
+       graph model (`GraphBatches`, cryknn.graph_batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-import re
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -35,258 +23,10 @@ from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
 from cryknn import families
+from cryknn import features
 from cryknn import graph_batch
 from cryknn import nearcopies
 from cryknn import parallel
-from cryknn import util
-
-SPLITS = ("train", "validation", "test")
-TOY_PREFIX = "toy/"
-TOY_FINGERPRINT = "synthetic"
-CACHE_VERSION = 2  # 2: neighbour_vector
-_TABLE_FIELDS = ("distances", "neighbour_index", "atomic_number", "structure_index",
-                 "site_label", "structure_id")
-# Same-element atoms closer than this (angstrom) are one site: left-over disorder (two
-# positions of one atom) must not show an atom its own element in masked-atom mode.
-COINCIDENT_SITE_DISTANCE = 0.7
-_OPTIONAL_FIELDS = ("site", "neighbour_vector")
-
-
-@dataclasses.dataclass(frozen=True)
-class AtomTable:
-    """Per-atom k-NN features of one split (this process's part of it).
-
-    Attributes:
-      distances: (A, K) float32 ascending neighbour distances (angstrom).
-      neighbour_index: (A, K) int32 row of this table holding each neighbour's motif atom
-        (periodic images resolved to their motif atom).
-      atomic_number: (A,) int32 element of each atom.
-      structure_index: (A,) int32 row of `structure_id` each atom belongs to.
-      site_label: (A,) bytes CIF site label of each atom.
-      structure_id: (S,) str ids `<file stem>:<block>`.
-      site: (A,) int64 the site each atom stands for, numbered across the table: its
-        symmetry copies (one CIF atom-site row) and same-element atoms closer than
-        COINCIDENT_SITE_DISTANCE share it; or None: every atom its own site (toy data).
-        Masked-atom inputs hide the elements of every atom of the same site.
-      neighbour_vector: (A, K, 3) float32 displacement from each atom to each neighbour's
-        image (angstrom, Cartesian in its structure's lattice frame), or None (toy tables).
-    """
-
-    distances: np.ndarray
-    neighbour_index: np.ndarray
-    atomic_number: np.ndarray
-    structure_index: np.ndarray
-    site_label: np.ndarray
-    structure_id: np.ndarray
-    site: np.ndarray | None = None
-    neighbour_vector: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.atomic_number.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.distances.shape[1])
-
-    def first_k(self, k: int) -> "AtomTable":
-        """The table at k <= K: the first k neighbours of every atom."""
-        vectors = self.neighbour_vector
-        return dataclasses.replace(
-            self, distances=np.ascontiguousarray(self.distances[:, :k]),
-            neighbour_index=np.ascontiguousarray(self.neighbour_index[:, :k]),
-            neighbour_vector=None if vectors is None else np.ascontiguousarray(vectors[:, :k]))
-
-    def atom_structure_ids(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """(A,) str structure id of every atom (or of the atoms at `rows`)."""
-        index = self.structure_index if rows is None else self.structure_index[rows]
-        return self.structure_id[index]
-
-    def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with util.atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, **{name: getattr(self, name) for name in
-                             _TABLE_FIELDS + _OPTIONAL_FIELDS if getattr(self, name) is not None})
-
-    @classmethod
-    def load(cls, path: str) -> "AtomTable":
-        try:
-            with np.load(path) as f:
-                return cls(**{name: f[name] for name in _TABLE_FIELDS},
-                           **{name: f[name] for name in _OPTIONAL_FIELDS if name in f.files})
-        except (OSError, KeyError, ValueError) as e:
-            raise errors.DataFormatError(f"feature cache {path} is unreadable ({e}); delete "
-                                         f"it to recompute") from None
-
-    @classmethod
-    def from_structures(cls, ids, numbers, labels, distances, indices, k: int,
-                        site_index=None, vectors=None) -> "AtomTable":
-        """A table from per-structure lists: ids (S,); numbers, labels, site_index (N_s,)
-        and distances, indices (N_s, k) per structure, indices into the structure's own
-        atoms (site_index None: every atom its own site); optional vectors (N_s, k, 3) per
-        structure (neighbour_vector)."""
-        counts = np.asarray([len(z) for z in numbers], np.int64)
-        offsets = np.cumsum(counts) - counts
-        if not ids:
-            return cls(np.zeros((0, k), np.float32), np.zeros((0, k), np.int32),
-                       np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, "S1"),
-                       np.zeros(0, str), neighbour_vector=None if vectors is None else
-                       np.zeros((0, k, 3), np.float32))
-        table = cls(
-            distances=np.concatenate(distances).astype(np.float32),
-            neighbour_index=np.concatenate([i + o for i, o in zip(indices, offsets)]
-                                           ).astype(np.int32),
-            atomic_number=np.concatenate(numbers).astype(np.int32),
-            structure_index=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
-            site_label=np.concatenate([np.char.encode(np.asarray(x, dtype=str), "utf-8")
-                                       for x in labels]),
-            structure_id=np.asarray([str(i) for i in ids], dtype=str),
-            neighbour_vector=None if vectors is None else
-            np.concatenate(vectors).astype(np.float32),
-        )
-        if site_index is None:
-            site_index = [np.arange(n) for n in counts]
-        return dataclasses.replace(table, site=table_sites(table, site_index))
-
-
-def table_sites(table: AtomTable, site_index) -> np.ndarray:
-    """(A,) int64 site of every atom of `table`, numbered across the table.
-
-    site_index: per structure, (N_s,) CIF atom-site row of each atom (symmetry copies
-    share it). Same-element atoms closer than COINCIDENT_SITE_DISTANCE (read from the
-    table's k-NN) join one site.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    rows = [np.unique(np.asarray(s, np.int64), return_inverse=True)[1] for s in site_index]
-    sizes = np.asarray([int(r.max()) + 1 if r.size else 0 for r in rows], np.int64)
-    site = np.concatenate([r + o for r, o in zip(rows, np.cumsum(sizes) - sizes)])
-    i, j = np.nonzero(table.distances < COINCIDENT_SITE_DISTANCE)
-    other = table.neighbour_index[i, j]
-    same = table.atomic_number[i] == table.atomic_number[other]
-    if not same.any():
-        return site
-    n = int(sizes.sum())
-    a, b = site[i[same]], site[other[same]]
-    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
-    return connected_components(graph, directed=False)[1].astype(np.int64)[site]
-
-
-# ----------------------------------------------------------------------------
-# Featurisation with an on-disk cache.
-
-
-def dataset_record(dataset: str, data_dir: str | None, *, build_if_missing: bool,
-                   manual_dir: str | None = None) -> dict:
-    """{'fingerprint', 'build_info'} of the dataset build features are computed from.
-
-    Builds a missing TFDS dataset first when build_if_missing (one process only; cif_dir
-    builds from manual_dir).
-    """
-    if dataset.startswith(TOY_PREFIX):
-        return {"fingerprint": TOY_FINGERPRINT, "build_info": {"dataset": dataset}}
-    from cryknn import datasets
-
-    try:
-        return datasets.build_fingerprint(dataset, data_dir)
-    except errors.DataError:
-        if not build_if_missing:
-            raise
-    datasets.build(dataset, data_dir, manual_dir=manual_dir)
-    return datasets.build_fingerprint(dataset, data_dir)
-
-
-def cache_path(data_dir: str | None, dataset: str, fingerprint: str, k: int, split: str,
-               process_index: int = 0, process_count: int = 1) -> str:
-    from cryknn import datasets
-
-    suffix = "" if process_count == 1 else f".p{process_index}of{process_count}"
-    return os.path.join(data_dir or datasets.default_data_dir(), "cryknn_features",
-                        dataset.replace(":", "_"), fingerprint, f"v{CACHE_VERSION}", f"k{k}",
-                        f"{split}{suffix}.npz")
-
-
-def find_cache(data_dir, dataset, fingerprint, k, split, process_index=0,
-               process_count=1) -> str | None:
-    """Cache file for the smallest K >= k that exists, or None."""
-    pattern = cache_path(data_dir, dataset, fingerprint, 0, split, process_index, process_count)
-    pattern = pattern.replace(f"{os.sep}k0{os.sep}", f"{os.sep}k*{os.sep}")
-    best = None
-    for path in glob.glob(pattern):
-        m = re.search(r"k(\d+)$", os.path.dirname(path))
-        if m and int(m.group(1)) >= k and (best is None or int(m.group(1)) < best[0]):
-            best = (int(m.group(1)), path)
-    return best[1] if best else None
-
-
-def featurize_examples(examples: Iterable[dict], k: int, *,
-                       progress: Callable[[int], None] | None = None,
-                       chunk: int = 4096) -> AtomTable:
-    """k-NN features of dataset examples (dicts with id, lattice, frac, numbers, labels and,
-    when the dataset records it, site_index).
-
-    Structures go to the featuriser `chunk` at a time: large enough for full device batches
-    of each size bucket, small enough to bound memory on huge datasets.
-    """
-    from cryknn import neighbours  # JAX: only where features are computed
-
-    ids, numbers, labels, distances, indices, sites, vectors = [], [], [], [], [], [], []
-    for batch in util.chunked((ex for ex in examples if len(ex["numbers"])), chunk):
-        found = neighbours.featurize_arrays(
-            [np.asarray(ex["lattice"], np.float64) for ex in batch],
-            [np.asarray(ex["frac"], np.float64) for ex in batch], k, progress=progress)
-        for ex, nb in zip(batch, found):
-            ids.append(_text(ex["id"]))
-            numbers.append(np.asarray(ex["numbers"], np.int32))
-            labels.append(np.asarray([_text(s) for s in ex["labels"]]))
-            distances.append(nb.distances)
-            indices.append(nb.indices)
-            sites.append(ex.get("site_index", np.arange(len(ex["numbers"]))))
-            vectors.append(nb.vectors)
-    return AtomTable.from_structures(ids, numbers, labels, distances, indices, k,
-                                     site_index=sites, vectors=vectors)
-
-
-def _text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def load_features(dataset: str, split: str, k: int, *, fingerprint: str,
-                  data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-                  log: Callable[[str], None] = print) -> AtomTable:
-    """k-NN features of this process's part of a split, from the cache or computed and cached.
-
-    `fingerprint` is the dataset build's (`dataset_record`); the dataset must be built.
-    """
-    path = find_cache(data_dir, dataset, fingerprint, k, split, process_index, process_count)
-    if path is not None:
-        table = AtomTable.load(path)
-        log(f"{split}: {len(table)} atoms of {len(table.structure_id)} structures from the "
-            f"feature cache {path}")
-        return table.first_k(k)
-    if dataset.startswith(TOY_PREFIX):
-        raise errors.DataError(f"no feature cache of the toy dataset {dataset} at k >= {k} "
-                               f"(write one with input_pipeline.write_toy_cache)")
-    from cryknn import datasets
-
-    start = time.time()
-    examples = datasets.load_split(dataset, split, data_dir, build_if_missing=False,
-                                   per_process=process_count > 1)
-    done = [0, time.time()]
-
-    def progress(atoms):
-        done[0] += atoms
-        if time.time() - done[1] > 10:
-            done[1] = time.time()
-            log(f"{split}: featurised {done[0]} atoms ({time.time() - start:.0f} s)")
-
-    table = featurize_examples(examples, k, progress=progress)
-    path = cache_path(data_dir, dataset, fingerprint, k, split, process_index, process_count)
-    table.save(path)
-    log(f"{split}: featurised {len(table)} atoms of {len(table.structure_id)} structures at "
-        f"k={k} in {time.time() - start:.1f} s; cached in {path}")
-    return table
-
 
 # ----------------------------------------------------------------------------
 # Atom selection, labels and class weights.
@@ -302,28 +42,21 @@ def choose_elements(counts: np.ndarray, *, num_elements: int = 20,
     """Atomic numbers to classify: an explicit 'C,N,O' list, else the most abundant ones.
 
     counts: (119,) training atoms per atomic number. Raises SelectionError when the data
-    cannot provide what was asked (unknown symbol, element absent, too many elements).
+    cannot provide what was asked (an element absent, more elements than it has); what
+    needs no data (symbols, at least 2 elements) config.validate checks.
     """
     available = int(np.count_nonzero(counts[1:]))
-    if elements:
-        try:
-            chosen = elements_lib.parse_element_list(elements)
-        except errors.UnknownElementError as e:
-            raise errors.SelectionError(f"--elements: {e}") from None
+    if elements:  # symbols and list length were checked by config.validate
+        chosen = elements_lib.parse_element_list(elements)
         missing = [elements_lib.symbol(z) for z in chosen if counts[z] == 0]
         if missing:
             raise errors.SelectionError(f"--elements: no training atoms of {', '.join(missing)}")
-    else:
-        if num_elements < 2:
-            raise errors.SelectionError(f"--num_elements must be at least 2, got {num_elements}")
-        if num_elements > available:
-            raise errors.SelectionError(f"--num_elements={num_elements} but the training split "
-                                        f"has only {available} elements")
-        order = np.argsort(-counts[1:], kind="stable") + 1
-        chosen = [int(z) for z in order[:num_elements]]
-    if len(chosen) < 2:
-        raise errors.SelectionError("need at least 2 elements to classify")
-    return chosen
+        return chosen
+    if num_elements > available:
+        raise errors.SelectionError(f"--num_elements={num_elements} but the training split "
+                                    f"has only {available} elements")
+    order = np.argsort(-counts[1:], kind="stable") + 1
+    return [int(z) for z in order[:num_elements]]
 
 
 def label_table(element_list: list[int]) -> np.ndarray:
@@ -360,9 +93,6 @@ def class_weights(counts: np.ndarray, mode: str, cap: int | None = None) -> np.n
     which keeps the loss scale (and a good learning rate) independent of the mode.
     """
     counts = np.asarray(counts, np.float64)
-    if mode not in config_lib.CLASS_WEIGHTINGS:
-        raise errors.ConfigError(f"unknown class weighting {mode!r}; choose one of "
-                                 f"{', '.join(config_lib.CLASS_WEIGHTINGS)}")
     safe = np.maximum(counts, 1.0)
     kept = np.minimum(safe, cap) if cap else safe
     w = {"none": np.ones_like(safe), "inverse_frequency": 1.0 / kept,
@@ -385,7 +115,7 @@ class LabelledAtoms:
       labels: (A,) int32 class index of each selected atom.
     """
 
-    table: AtomTable
+    table: features.AtomTable
     rows: np.ndarray
     labels: np.ndarray
 
@@ -433,7 +163,7 @@ class PreparedData:
 def structure_groups(dataset: str, data_dir: str | None) -> dict[str, str]:
     """{structure id: near-copy group} from the build's splits.csv; {} where there is none
     (toy data, builds before 1.1.0)."""
-    if dataset.startswith(TOY_PREFIX):
+    if dataset.startswith(features.TOY_PREFIX):
         return {}
     from cryknn import datasets
 
@@ -450,17 +180,17 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
 
     start = time.time()
     process_index, process_count = jax.process_index(), jax.process_count()
-    record = dataset_record(config.dataset, config.data_dir,
+    record = features.dataset_record(config.dataset, config.data_dir,
                             build_if_missing=process_count == 1, manual_dir=config.manual_dir)
     limit = record["build_info"].get("limit")
     if limit is not None:
         log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "
             f"rebuild it without --limit for real results")
-    tables = {split: load_features(config.dataset, split, config.k,
+    tables = {split: features.load_features(config.dataset, split, config.k,
                                    fingerprint=record["fingerprint"], data_dir=config.data_dir,
                                    process_index=process_index, process_count=process_count,
                                    log=log)
-              for split in SPLITS}
+              for split in features.SPLITS}
     counts = parallel.global_sum(element_counts(tables["train"].atomic_number))
     element_list = choose_elements(counts, num_elements=config.num_elements,
                                    elements=config.elements)
@@ -495,7 +225,7 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
         groups=structure_groups(config.dataset, config.data_dir), **splits)
 
 
-def _labelled(table: AtomTable, rows: np.ndarray, labels: np.ndarray) -> LabelledAtoms:
+def _labelled(table: features.AtomTable, rows: np.ndarray, labels: np.ndarray) -> LabelledAtoms:
     return LabelledAtoms(table, rows, labels[table.atomic_number[rows]])
 
 
@@ -507,7 +237,7 @@ def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool) -> 
     return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
 
 
-def gather_inputs(table: AtomTable, rows: np.ndarray, spec: config_lib.InputSpec) -> dict:
+def gather_inputs(table: features.AtomTable, rows: np.ndarray, spec: config_lib.InputSpec) -> dict:
     """Model inputs of the atoms at `rows` (B,) of `table`:
 
       'distances': (B, k) float32, each atom's own k-NN distances;
@@ -715,49 +445,3 @@ def example_inputs(spec: config_lib.InputSpec, size: int = 1):
     return filler_inputs(spec, size)
 
 
-# ----------------------------------------------------------------------------
-# A toy data set for tests and benchmarks that must run without the real one.
-
-# Typical first-neighbour distances (angstrom) per atomic number; the rest get 2.0 + Z/100.
-_TOY_FIRST_DISTANCE = {1: 1.0, 6: 1.4, 7: 1.35, 8: 1.25, 29: 1.95, 30: 2.0}
-
-
-def toy_features(atomic_numbers, atoms_per_element, k: int, *, seed: int = 0,
-                 atoms_per_structure: int = 20, noise: float = 0.05) -> AtomTable:
-    """An AtomTable with element-dependent k-NN distances (learnable, not physical).
-
-    Atom j of element Z gets sorted distances d_i = f(Z) * (1 + 0.3 i) + noise, grouped into
-    structures `toy<n>:toy<n>` of `atoms_per_structure` atoms with site labels like 'C3';
-    neighbours are random atoms of the same structure, in random directions.
-    """
-    rng = np.random.default_rng(seed)
-    zs = np.repeat(np.asarray(atomic_numbers, np.int32), atoms_per_element)
-    rng.shuffle(zs)
-    first = np.array([_TOY_FIRST_DISTANCE.get(int(z), 2.0 + z / 100) for z in zs])
-    d = first[:, None] * (1 + 0.3 * np.arange(k))[None] + noise * rng.standard_normal((len(zs), k))
-    d = np.sort(np.abs(d), axis=1).astype(np.float32)
-    n_struct = -(-len(zs) // atoms_per_structure)
-    index = (np.arange(len(zs)) // atoms_per_structure).astype(np.int32)
-    first_row = index * atoms_per_structure
-    size = np.minimum(atoms_per_structure, len(zs) - first_row)
-    neighbours = first_row[:, None] + rng.integers(0, 1 << 30, (len(zs), k)) % size[:, None]
-    labels = np.array([f"{elements_lib.symbol(z)}{i % atoms_per_structure + 1}"
-                       for i, z in enumerate(zs)]).astype(np.bytes_)
-    ids = np.array([f"toy{seed}_{i}:toy{seed}_{i}" for i in range(n_struct)])
-    directions = rng.standard_normal((len(zs), k, 3))
-    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
-    return AtomTable(distances=d, neighbour_index=neighbours.astype(np.int32), atomic_number=zs,
-                     structure_index=index, site_label=labels, structure_id=ids,
-                     neighbour_vector=(directions * d[..., None]).astype(np.float32))
-
-
-def write_toy_cache(data_dir: str, dataset: str, k: int, atomic_numbers,
-                    atoms_per_element=(300, 60, 60), process_count: int = 1) -> None:
-    """Feature caches of train/validation/test toy splits (dataset 'toy/<name>'), one per
-    process, so a run needs no real dataset."""
-    if not dataset.startswith(TOY_PREFIX):
-        raise ValueError(f"toy dataset names start with {TOY_PREFIX!r}, got {dataset!r}")
-    for p in range(process_count):
-        for i, (split, n) in enumerate(zip(SPLITS, atoms_per_element)):
-            toy_features(atomic_numbers, n, k, seed=10 * p + i).save(
-                cache_path(data_dir, dataset, TOY_FINGERPRINT, k, split, p, process_count))

@@ -1,47 +1,59 @@
-"""Element classifiers over k-nearest-neighbour distances (Flax linen).
+"""Element classifiers over k-nearest-neighbour distances (Flax linen), and their registry.
 
-Every model maps a dict of inputs ({'distances': (B, k) float32, sorted ascending,
-angstrom}) to a dict of outputs:
+Every model maps its inputs to a dict of outputs:
   'logits': (B, C) unnormalised class scores, softmax gives p(element | inputs);
   'stage1_logits': (B, C) only for the two-stage model, one sigmoid output per class.
 
-Models (`--model`):
-- `two_stage` (`TwoStageModel`, the original research's 'seed' model, corrected). Stage 1
+Models (`--model`, `MODELS`: name -> class, the Config fields it is built from, what it reads):
+- `two_stage` (`TwoStageModel`, the original research's two-stage model, corrected). Stage 1
   is a 3 x 64 sigmoid MLP with one sigmoid output per class (one-vs-rest); stage 2 is a
   3 x 128 sigmoid MLP on [raw distances ++ stage-1 sigmoid outputs] with a softmax output.
   The original trained stage 1 first, froze it, then trained stage 2; here both stages train
   in the same steps, with a stop-gradient between them, so each stage still optimises only
   its own loss (stage 1: class-weighted binary cross-entropy; stage 2: class-weighted
-  softmax cross-entropy) — see `train.loss_fn`.
+  softmax cross-entropy) — see `train.loss_fn`. Reads {'distances': (B, k) float32}.
 - `mlp` (`MLPModel`): the distances standardised with training-set statistics
   (optionally first mapped to [1/d, log d, d[i+1] - d[i]]: `input_map='inverse_log_diff'`,
   which measured no better on validation at k = 5), then a pre-LayerNorm residual MLP with
-  GELU and dropout, trained with AdamW and a cosine schedule like the two-stage model.
-- `graph` (`GraphModel`): message passing over the periodic k-NN graph. Every atom is a
-  node whose input is its own k distances; its k nearest neighbours are its edges, with
-  their distances. `hops` rounds of distance-filtered, permutation-invariant message passing
-  refine the atom's embedding from its neighbours', neighbours' neighbours' ... geometry;
-  a head predicts its element. Geometry only, unless `neighbour_elements` (masked-atom
-  mode) also embeds the elements of the neighbours (never the atom's own).
-
-The graph model reads the inputs of `input_pipeline.gather_inputs`: besides 'distances',
-'neighbour_distances_<h>' (B, k**h, k) for h = 1..hops (and 'neighbour_elements_<h>'
-(B, k**h)), the computation tree of each atom unrolled to depth `hops`: node n at hop h
-has its k children at positions n*k .. n*k + k - 1 of hop h + 1, at the distances
-listed in node n's own row.
+  GELU and dropout. Reads {'distances': (B, k)}.
+- `tree` (`TreeModel`): message passing over each atom's k-NN neighbourhood unrolled to
+  depth `hops` on the host (`input_pipeline.gather_inputs`: 'neighbour_distances_<h>'
+  (B, k**h, k), in masked-atom mode 'neighbour_elements_<h>' (B, k**h)); cost k**hops.
+- `graph` (`GraphModel`): message passing over whole structures on the device
+  (`graph_batch.GraphInputs`: packs of nodes, (N, k) neighbour slots, displacement vectors);
+  every atom's state is computed once per hop, with optional directions (per-degree power
+  spectra of each shell's harmonic moments, `cryknn.angular`); cost linear in k and hops.
+Geometry only, unless `neighbour_elements` (masked-atom mode) also embeds the elements of
+the neighbours (never the atom's own, nor those of the atom's own site).
 """
-
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cryknn import angular
 from cryknn import errors
+
+
+class ModelSettings(Protocol):
+    """The fields of `config.Config` that choose and shape a model (a Protocol: models
+    need no import of the config module, which imports them lazily to validate)."""
+
+    model: str
+    k: int
+    width: int | None
+    depth: int
+    dropout: float
+    hops: int
+    input_map: str
+    neighbour_elements: bool
+    directions: bool
+
 
 INPUT_MAPS = ("raw", "inverse_log_diff")
 
@@ -49,7 +61,7 @@ INPUT_MAPS = ("raw", "inverse_log_diff")
 MIN_DISTANCE = 0.1
 
 
-def input_map(distances, kind: str = "raw"):
+def map_inputs(distances, kind: str = "raw"):
     """(B, k) sorted distances -> model input features.
 
     'inverse_log_diff': (B, 3k - 1) [1/d, log d, d[1:] - d[:-1]]; 'raw': the distances.
@@ -71,11 +83,11 @@ def input_map(distances, kind: str = "raw"):
 def input_statistics(distances: np.ndarray, kind: str = "raw",
                      sum_fn: Callable[[np.ndarray], np.ndarray] = np.asarray
                      ) -> tuple[list[float], list[float]]:
-    """Mean and standard deviation of `input_map` over a (A, k) training set.
+    """Mean and standard deviation of `map_inputs` over a (A, k) training set.
 
     sum_fn adds up per-process sums (multi-host: every process gets the same statistics).
     """
-    f = input_map(np.asarray(distances, np.float64), kind)
+    f = map_inputs(np.asarray(distances, np.float64), kind)
     moments = sum_fn(np.stack([np.full(f.shape[1], len(f), np.float64), f.sum(axis=0),
                                (f * f).sum(axis=0)]))
     n = np.maximum(moments[0], 1.0)
@@ -128,7 +140,7 @@ class ResidualBlock(nn.Module):
 class MLPModel(nn.Module):
     """Residual MLP on standardised `input_map` features of the atom's own distances.
 
-    input_mean / input_std: (F,) statistics of `input_map(distances, input_map)` on the
+    input_mean / input_std: (F,) statistics of `map_inputs(distances, input_map)` on the
     training set (F = k for 'raw', 3k - 1 for 'inverse_log_diff'), stored with the trained
     model so prediction applies the same scaling.
     """
@@ -143,7 +155,7 @@ class MLPModel(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: dict, *, train: bool = False) -> dict:
-        f = input_map(inputs["distances"], self.input_map)
+        f = map_inputs(inputs["distances"], self.input_map)
         f = (f - jnp.asarray(self.input_mean, f.dtype)) / jnp.asarray(self.input_std, f.dtype)
         x = nn.Dense(self.width, name="embed")(f)
         for i in range(self.depth):
@@ -242,61 +254,6 @@ def gather_nodes(values: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
     return jax.vmap(lambda v, i: v[i])(values, index)
 
 
-# Real spherical harmonics up to degree 4 as polynomials of a unit vector (x, y, z); each
-# degree's block is orthonormal on the sphere, so its squared norm is rotation invariant.
-_SQ = np.sqrt
-_HARMONICS = (
-    (lambda x, y, z: 0.5 * _SQ(1 / np.pi) + 0 * x,),
-    (lambda x, y, z: _SQ(3 / (4 * np.pi)) * y, lambda x, y, z: _SQ(3 / (4 * np.pi)) * z,
-     lambda x, y, z: _SQ(3 / (4 * np.pi)) * x),
-    (lambda x, y, z: 0.5 * _SQ(15 / np.pi) * x * y,
-     lambda x, y, z: 0.5 * _SQ(15 / np.pi) * y * z,
-     lambda x, y, z: 0.25 * _SQ(5 / np.pi) * (3 * z * z - 1),
-     lambda x, y, z: 0.5 * _SQ(15 / np.pi) * x * z,
-     lambda x, y, z: 0.25 * _SQ(15 / np.pi) * (x * x - y * y)),
-    (lambda x, y, z: 0.25 * _SQ(35 / (2 * np.pi)) * y * (3 * x * x - y * y),
-     lambda x, y, z: 0.5 * _SQ(105 / np.pi) * x * y * z,
-     lambda x, y, z: 0.25 * _SQ(21 / (2 * np.pi)) * y * (5 * z * z - 1),
-     lambda x, y, z: 0.25 * _SQ(7 / np.pi) * z * (5 * z * z - 3),
-     lambda x, y, z: 0.25 * _SQ(21 / (2 * np.pi)) * x * (5 * z * z - 1),
-     lambda x, y, z: 0.25 * _SQ(105 / np.pi) * z * (x * x - y * y),
-     lambda x, y, z: 0.25 * _SQ(35 / (2 * np.pi)) * x * (x * x - 3 * y * y)),
-    (lambda x, y, z: 0.75 * _SQ(35 / np.pi) * x * y * (x * x - y * y),
-     lambda x, y, z: 0.75 * _SQ(35 / (2 * np.pi)) * y * z * (3 * x * x - y * y),
-     lambda x, y, z: 0.75 * _SQ(5 / np.pi) * x * y * (7 * z * z - 1),
-     lambda x, y, z: 0.75 * _SQ(5 / (2 * np.pi)) * y * z * (7 * z * z - 3),
-     lambda x, y, z: 3 / 16 * _SQ(1 / np.pi) * (35 * z ** 4 - 30 * z * z + 3),
-     lambda x, y, z: 0.75 * _SQ(5 / (2 * np.pi)) * x * z * (7 * z * z - 3),
-     lambda x, y, z: 3 / 8 * _SQ(5 / np.pi) * (x * x - y * y) * (7 * z * z - 1),
-     lambda x, y, z: 0.75 * _SQ(35 / (2 * np.pi)) * x * z * (x * x - 3 * y * y),
-     lambda x, y, z: 3 / 16 * _SQ(35 / np.pi) * (x * x * (x * x - 3 * y * y)
-                                                 - y * y * (3 * x * x - y * y))),
-)
-MAX_DEGREE = len(_HARMONICS) - 1
-
-
-def spherical_harmonics(vectors: jnp.ndarray, degree: int) -> jnp.ndarray:
-    """(..., 3) vectors -> (..., (degree + 1)**2) real spherical harmonics of their
-    directions, degrees 0..degree in order (zero vectors give the direction +x)."""
-    norm = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
-    unit = jnp.where(norm > 1e-6, vectors / jnp.maximum(norm, 1e-6),
-                     jnp.asarray([1.0, 0.0, 0.0], vectors.dtype))
-    x, y, z = unit[..., 0], unit[..., 1], unit[..., 2]
-    return jnp.stack([f(x, y, z) for block in _HARMONICS[:degree + 1] for f in block],
-                     axis=-1).astype(vectors.dtype)
-
-
-def angular_invariants(moments: jnp.ndarray, degree: int, first: int = 0) -> jnp.ndarray:
-    """(..., (degree + 1)**2 - first**2, W) per-channel harmonic moments of degrees
-    first..degree -> (..., (degree + 1 - first) * W): the squared norm of each degree's
-    block per channel (its power spectrum), invariant under rotations of the
-    neighbourhood."""
-    offset = first * first
-    blocks = [jnp.sum(moments[..., l * l - offset:(l + 1) ** 2 - offset, :] ** 2, axis=-2)
-              for l in range(first, degree + 1)]
-    return jnp.concatenate(blocks, axis=-1)
-
-
 class GraphLayer(nn.Module):
     """One round of message passing over the pack, each node's state computed once.
 
@@ -325,7 +282,7 @@ class GraphLayer(nn.Module):
             a = messages[..., self.width:]  # (G, N, k, A)
             # A broadcast product runs faster than a batched tiny matmul on CPU.
             moments = jnp.mean(harmonics[..., 1:, None] * a[..., None, :], axis=-3)
-            parts.append(angular_invariants(moments, self.degree, first=1))
+            parts.append(angular.angular_invariants(moments, self.degree, first=1))
         y = nn.LayerNorm(name="norm")(jnp.concatenate(parts, axis=-1))
         y = nn.Dense(self.width, name="update_out")(
             nn.gelu(nn.Dense(self.width, name="update_in")(y)))
@@ -374,7 +331,7 @@ class GraphModel(NeighbourhoodModel):
     """
 
     directions: bool = True
-    degree: int = MAX_DEGREE
+    degree: int = angular.MAX_DEGREE
     num_rbf: int = 24
     edge_width: int = 16
     d_max: float = 6.0
@@ -388,7 +345,7 @@ class GraphModel(NeighbourhoodModel):
             nn.gelu(nn.Dense(self.width, name="encode_in")((d - mean) / std)))
         edges = nn.gelu(nn.Dense(self.edge_width, name="edge_embed")(
             radial_basis(d, self.num_rbf, self.d_max)))  # (G, N, k, E)
-        harmonics = (spherical_harmonics(inputs.vectors, self.degree)
+        harmonics = (angular.spherical_harmonics(inputs.vectors, self.degree)
                      if self.directions else None)
         for r in range(self.hops):
             h = GraphLayer(self.width, self.degree, dropout=self.dropout, name=f"layer{r}")(
@@ -436,21 +393,24 @@ MODELS = {
 MODEL_NAMES = tuple(MODELS)
 
 
-def kind_of(config: Any) -> ModelKind:
+def kind_of(config: ModelSettings) -> ModelKind:
     check_model_config(config)
     return MODELS[config.model]
 
 
-def hyperparameters(config: Any) -> dict:
+def hyperparameters(config: ModelSettings) -> dict:
     """The configuration fields the chosen model is built from (its architecture)."""
     kind = kind_of(config)
     return {name: getattr(config, name) for name in kind.fields}
 
 
-def check_model_config(config: Any) -> None:
+def check_model_config(config: ModelSettings) -> None:
     """Raise ConfigError for a model name or model hyperparameter that cannot work."""
+    if config.model == "seed":  # the research's name for it; `seed` is the random seed here
+        raise errors.ConfigError("--model=seed is called --model=two_stage (--seed is the "
+                                 "random seed)")
     if config.model not in MODELS:
-        raise errors.ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)} (or seed), "
+        raise errors.ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, "
                                  f"got {config.model!r}")
     fields = MODELS[config.model].fields
     if "input_map" in fields and config.input_map not in INPUT_MAPS:
@@ -467,11 +427,11 @@ def check_model_config(config: Any) -> None:
         raise errors.ConfigError("--neighbour_elements needs --model=graph (or tree)")
 
 
-def needs_input_statistics(config: Any) -> bool:
+def needs_input_statistics(config: ModelSettings) -> bool:
     return kind_of(config).standardises_inputs
 
 
-def create_model(config: Any, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
+def create_model(config: ModelSettings, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
     """The model `config.model` for num_classes classes.
 
     input_stats: (mean, std) of the model's input features (the mlp's, or every graph
@@ -483,18 +443,18 @@ def create_model(config: Any, num_classes: int, input_stats: tuple | None = None
     if not kind.standardises_inputs:
         return kind.cls(num_classes=num_classes, **kwargs)
     if input_stats is None:
-        num = input_map(np.ones((1, config.k), np.float32), _input_map_of(config)).shape[-1]
+        num = map_inputs(np.ones((1, config.k), np.float32), _input_map_of(config)).shape[-1]
         input_stats = ([0.0] * num, [1.0] * num)
     mean, std = input_stats
     return kind.cls(num_classes=num_classes, input_mean=tuple(mean), input_std=tuple(std),
                     **kwargs)
 
 
-def _input_map_of(config: Any) -> str:
+def _input_map_of(config: ModelSettings) -> str:
     return config.input_map if "input_map" in MODELS[config.model].fields else "raw"
 
 
-def input_statistics_of(config: Any, distances: np.ndarray,
+def input_statistics_of(config: ModelSettings, distances: np.ndarray,
                         sum_fn: Callable[[np.ndarray], np.ndarray] = np.asarray):
     """The model's input statistics from (A, k) training distances (None if it needs none)."""
     if not needs_input_statistics(config):

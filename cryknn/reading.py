@@ -4,14 +4,15 @@ CIF files (and folders of them, recursively) are read natively (`cryknn.cif`);
 other formats (POSCAR, extxyz, ...) through ase when it is installed
 (`pip install 'cryknn[ase]'`). What could not be read is kept with its reason in
 `Structures.skips`, as the command-line tools report it. A path that does not exist raises
-FileNotFoundError. `read_files` is the reader of `cryknn predict` and `cryknn featurize`:
-folders are searched for CIFs, named files are read in any format `read` takes.
+FileNotFoundError. `iter_read` is the reading loop of `cryknn predict` and `cryknn featurize`
+(`read_files` collects it): folders are searched for CIFs, named files are read in any
+format `read` takes.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from cryknn import cif
 from cryknn import errors
@@ -117,19 +118,28 @@ class ReadReport:
         return iter((self.structures, self.messages, self.all_read))
 
 
-def read_files(paths: Sequence[str], options: cif.ReadOptions | None = None,
-               progress=None) -> ReadReport:
-    """Every structure in the files and folders of `paths` (folders: CIFs, recursively;
-    files: any format `read` takes) that can be featurised, one message line per file not
-    read or block skipped. progress(done, total) is called after each file."""
+def iter_read(paths: Sequence[str], options: cif.ReadOptions | None = None,
+              progress=None) -> Iterator[tuple[str, list[cif.Structure], list[cif.Skip]]]:
+    """The one reading loop of the tools: per file of `paths` (folders: CIFs, recursively;
+    files: any format `read` takes), (path, the structures that can be featurised, a Skip
+    per block not read). progress(done, total) is called as each file is read."""
     from cryknn import neighbours
 
     files = list(cif.iter_cif_paths(paths))
-    report = ReadReport()
     for path in files:
         found, skips = read_file(path, options)
         good, unusable = neighbours.split_featurizable(found)
-        skips.extend(unusable)
+        if progress is not None:
+            progress(1, len(files))
+        yield path, good, skips + unusable
+
+
+def read_files(paths: Sequence[str], options: cif.ReadOptions | None = None,
+               progress=None) -> ReadReport:
+    """Every structure in the files and folders of `paths` that can be featurised
+    (`iter_read`), one message line per file not read or block skipped."""
+    report = ReadReport()
+    for path, good, skips in iter_read(paths, options, progress):
         report.files += 1
         if not good:
             report.not_read += 1
@@ -139,8 +149,6 @@ def read_files(paths: Sequence[str], options: cif.ReadOptions | None = None,
             report.messages.extend(f"{path}: block {sk.block or '?'} skipped: "
                                    f"{util.one_line(sk.reason)}" for sk in skips)
         report.structures.extend(good)
-        if progress is not None:
-            progress(1, len(files))
     return report
 
 

@@ -227,7 +227,7 @@ def _check_bounds(run: dict, config: config_lib.Config) -> None:
 
 def _input_width(config: config_lib.Config) -> int:
     kind = config.input_map if config.model == "mlp" else "raw"
-    return int(models.input_map(np.ones((1, config.k)), kind).shape[1])
+    return int(models.map_inputs(np.ones((1, config.k)), kind).shape[1])
 
 
 def _param_shapes(model: Any, config: config_lib.Config) -> dict:

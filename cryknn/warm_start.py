@@ -6,7 +6,7 @@ outputs equal the old model's outputs on the first k distances (up to float roun
 Training then continues from there and the new rows learn what the extra neighbours add.
 
 Where the inputs enter each model (cryknn.models):
-- `MLPModel` ('mlp'): f = input_map(d) is the k distances ('raw'), or [1/d_1..1/d_k,
+- `MLPModel` ('mlp'): f = map_inputs(d) is the k distances ('raw'), or [1/d_1..1/d_k,
   log d_1..log d_k, d_2-d_1..d_k-d_{k-1}] (3k - 1 features, 'inverse_log_diff'), standardised as
   (f - mean) / std, then Dense 'embed' (3k - 1, width). The old feature j sits at a new
   position p(j) in the (3k' - 1) layout (`feature_positions`). Because the k'-model has its

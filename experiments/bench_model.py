@@ -114,10 +114,10 @@ def make_runner(table, labels_all, case: Case, num_classes: int):
 
 
 def load_table(num_structures: int, k: int):
-    from cryknn import scoring
+    from cryknn import features
 
     structures, _ = common.read_structures("core_mof", num_structures)
-    return scoring.atom_table(structures, k)
+    return features.atom_table(structures, k)
 
 
 def cases() -> list[Case]:

@@ -36,6 +36,7 @@ import common  # noqa: E402
 def prepare(toy: bool):
     """(config, prepared data) of the two-stage model on the run flags' dataset (or a toy)."""
     from cryknn import input_pipeline
+    from tests import toy_data
 
     overrides = {"model": "two_stage", "log_every": 10**9}
     if toy:
@@ -43,8 +44,8 @@ def prepare(toy: bool):
         config = common.run_config(**overrides)
         zs = list(range(1, config.num_elements + 1))
         per_element = config.max_per_element or 5000
-        input_pipeline.write_toy_cache(config.data_dir, config.dataset, config.k, zs,
-                                       (per_element, 100, 100))
+        toy_data.write_toy_cache(config.data_dir, config.dataset, config.k, zs,
+                                 (per_element, 100, 100))
     config = common.run_config(**overrides)
     return config, input_pipeline.prepare(config, log=lambda message: None)
 
@@ -162,7 +163,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from cryknn import command
+    from cryknn.cli import command
 
     command.run_tool(main, usage=__doc__, module="experiments/bench_train_keras.py",
                      define_flags=define_flags)

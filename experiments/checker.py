@@ -76,9 +76,9 @@ def subset(table, count: int | None, seed: int):
 
 
 def test_table(model, data_dir):
-    from cryknn import input_pipeline
+    from cryknn import features
 
-    return input_pipeline.load_features(
+    return features.load_features(
         model.saved.config.dataset, "test", model.k, data_dir=data_dir,
         fingerprint=model.saved.info["dataset_fingerprint"], log=lambda m: None)
 
@@ -87,7 +87,7 @@ def cod_table(model, cifs: str, data_dir):
     """(table of the held-out COD structures, what was left out)."""
     import heldout
 
-    from cryknn import neighbours, scoring
+    from cryknn import features, neighbours
 
     structures, skips = common.read_structures("cod", None, cifs)
     structures, unusable = neighbours.split_featurizable(structures)
@@ -95,7 +95,7 @@ def cod_table(model, cifs: str, data_dir):
     kept, found, bad = neighbours.featurize_isolated(structures, model.k)
     left_out = {"skipped": len(skips) + len(unusable) + len(bad),
                 "near_copies_of_training": len(copies)}
-    return scoring.table_from(kept, found, model.k), left_out
+    return features.table_from(kept, found, model.k), left_out
 
 
 def calibration_figures(model, table, probs) -> dict:
@@ -117,13 +117,13 @@ def calibration_figures(model, table, probs) -> dict:
 
 def mostly_outside(model, table) -> float:
     """Share of the table's structures with more than half their atoms outside the domain."""
-    from cryknn import scoring
+    from cryknn import site_scores
 
     outside = ~model.in_domain(table)
     n = len(table.structure_id)
     share = (np.bincount(table.structure_index, outside, n)
              / np.maximum(np.bincount(table.structure_index, minlength=n), 1))
-    return float(np.mean(share > scoring.MOSTLY_OUTSIDE))
+    return float(np.mean(share > site_scores.MOSTLY_OUTSIDE))
 
 
 def evaluate(model, table, seed: int) -> tuple[dict, dict]:
@@ -230,7 +230,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    from cryknn import command
+    from cryknn.cli import command
 
     command.run_tool(main, usage=__doc__, module="experiments/checker.py",
                      define_flags=define_flags)

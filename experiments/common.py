@@ -211,7 +211,8 @@ def define_run_flags() -> None:
     --name (the output folder and figure) and --seeds (comma-separated)."""
     from absl import flags
 
-    from cryknn import command, config
+    from cryknn import config
+    from cryknn.cli import command
 
     command.define_dataclass_flags(config.Config)
     flags.DEFINE_string("name", "core_mof", "Names the output folder and figures.")
@@ -220,7 +221,8 @@ def define_run_flags() -> None:
 
 def run_config(**overrides):
     """The Config of the run flags, with fields replaced by overrides."""
-    from cryknn import command, config
+    from cryknn import config
+    from cryknn.cli import command
 
     return dataclasses.replace(command.dataclass_from_flags(config.Config), **overrides)
 

@@ -8,7 +8,7 @@ Runs on whatever JAX backend is present and writes one JSON: the devices; per k 
 featuriser's atoms/s (best warm run), compile seconds and max |error| against the
 float64 oracle on a sample; vesin's CUDA path when vesin-torch and a CUDA torch are
 installed (else the reason it was skipped); and the training throughput of cryknn's
-own trainer on a toy feature cache (`input_pipeline.write_toy_cache`), steps and loss
+own trainer on a toy feature cache (`tests/toy_data.py`), steps and loss
 atoms per second after the first (compiling) epoch, for the graph model ('train') and
 the tree model ('train_tree'), with their ratio ('train_speedup').
 
@@ -160,12 +160,13 @@ def bench_training(model: str, epochs: int, atoms_per_element: int, batch_size: 
     from cryknn import config as config_lib
     from cryknn import input_pipeline
     from cryknn import train
+    from tests import toy_data
 
     quiet = lambda message: None  # noqa: E731
     with tempfile.TemporaryDirectory() as data_dir:
         dataset, elements, k = "toy/device_check", (1, 6, 7, 8, 30), 5
-        input_pipeline.write_toy_cache(data_dir, dataset, k, elements,
-                                       (atoms_per_element, 200, 200))
+        toy_data.write_toy_cache(data_dir, dataset, k, elements,
+                                 (atoms_per_element, 200, 200))
         config = config_lib.Config(dataset=dataset, data_dir=data_dir, k=k, num_elements=5,
                                    model=model, epochs=epochs, batch_size=batch_size,
                                    log_every=10**6)

@@ -120,7 +120,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    from cryknn import command
+    from cryknn.cli import command
 
     command.run_tool(main, usage=__doc__, module="experiments/headline.py",
                      define_flags=define_flags)

@@ -105,7 +105,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    from cryknn import command
+    from cryknn.cli import command
 
     command.run_tool(main, usage=__doc__, module="experiments/heldout.py",
                      define_flags=define_flags)

@@ -190,13 +190,13 @@ def main(argv: Sequence[str]) -> int:
     from absl import flags
 
     import common
-    from cryknn import checking, scoring
+    from cryknn import checking, features, scoring
 
     FLAGS = flags.FLAGS
     models = {name: scoring.load_model(name=name) for name in ("default", "masked")}
     first = models["default"]
     structures = draw(FLAGS.data_dir, FLAGS.structures, FLAGS.max_atoms, FLAGS.seed, first)
-    table = scoring.atom_table(structures, first.k)
+    table = features.atom_table(structures, first.k)
     swaps = checking.pick_swaps(table, first.saved.atomic_numbers, FLAGS.seed)
     starts = [0]
     for s in structures:
@@ -234,7 +234,7 @@ if __name__ == "__main__":
     if "--worker" in sys.argv:
         worker(*sys.argv[sys.argv.index("--worker") + 1:][:2])
     else:
-        from cryknn import command
+        from cryknn.cli import command
 
         command.run_tool(main, usage=__doc__, module="experiments/mofchecker_compare.py",
                          define_flags=define_flags)

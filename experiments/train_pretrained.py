@@ -30,7 +30,8 @@ PRETRAINED = common.REPO / "cryknn" / "pretrained"
 def define_flags() -> None:
     from absl import flags
 
-    from cryknn import command, config
+    from cryknn import config
+    from cryknn.cli import command
 
     command.define_dataclass_flags(config.Config)
     flags.DEFINE_string("name", "default", "The shipped model's name (its folder).")
@@ -64,7 +65,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    from cryknn import command
+    from cryknn.cli import command
 
     command.run_tool(main, usage=__doc__, module="experiments/train_pretrained.py",
                      define_flags=define_flags)

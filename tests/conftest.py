@@ -171,13 +171,21 @@ METHANE_CIF = make_cif([
 @pytest.fixture(scope="session")
 def toy_workdir(tmp_path_factory) -> str:
     """A workdir with a small mlp trained on toy features of H, C and O (k = 5)."""
-    from cryknn import config, input_pipeline, train
+    from cryknn import config, train
+    from tests import toy_data
 
     data_dir = str(tmp_path_factory.mktemp("toy_data"))
-    input_pipeline.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
+    toy_data.write_toy_cache(data_dir, "toy/predict", 5, (1, 6, 8))
     workdir = str(tmp_path_factory.mktemp("toy_workdir"))
     train.train_and_evaluate(
         config.Config(dataset="toy/predict", data_dir=data_dir, model="mlp", k=5,
                       num_elements=3, epochs=1, batch_size=64, width=16, depth=1,
                       log_every=1000), workdir)
     return workdir
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    """(3, 3) a proper rotation matrix drawn at random (QR of a Gaussian matrix)."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q

@@ -9,15 +9,7 @@ import pytest
 import cryknn
 from cryknn import errors
 from cryknn import cif
-from tests.conftest import METHANE_CIF, NACL_CIF, make_cif, run_python
-
-# A P1 file as COF exporters write them: every carbon is labelled 'C'.
-REPEATED_LABELS_CIF = make_cif([("C", "C", 0.10, 0.10, 0.10), ("C", "C", 0.30, 0.10, 0.10),
-                                ("C", "C", 0.50, 0.10, 0.10), ("H", "H", 0.10, 0.30, 0.10),
-                                ("O", "O", 0.70, 0.60, 0.50)],
-                               cell="7 7 7 90 90 90", block="cof",
-                               symmetry="_symmetry_space_group_name_H-M 'P 1'")
-
+from tests.conftest import METHANE_CIF, NACL_CIF, run_python
 
 def test_import_is_cheap():
     r = run_python("import sys, cryknn; heavy = {'jax', 'tensorflow', 'flax', 'gemmi'} & "
@@ -75,24 +67,6 @@ def test_missing_ase_is_one_readable_line(tmp_path, monkeypatch):
     with pytest.raises(errors.UserError, match="ase"):
         cif.Structure.from_arrays(
             np.eye(3), np.zeros((1, 3)), [6]).to_ase()
-
-
-def test_repeated_labels_give_one_row_per_site(toy_workdir):
-    found, _ = cif.read_cif_text(REPEATED_LABELS_CIF, "cof")
-    (score,) = cryknn.load_model(toy_workdir).score(found)
-    assert [s.site_label for s in score.sites] == ["C#1", "C#2", "C#3", "H", "O"]
-    assert [s.site_row for s in score.sites] == [1, 2, 3, 4, 5]
-    frame = cryknn.load_model(toy_workdir).score(found).to_pandas()
-    assert len(frame) == 5 and list(frame["multiplicity"]) == [1] * 5
-
-
-def test_multiplicities_add_up_to_the_unit_cell(toy_workdir):
-    found, _ = cif.read_cif_text(NACL_CIF, "nacl")
-    model = cryknn.load_model(toy_workdir)
-    (score,) = model.score(found)
-    assert [(s.site_label, s.multiplicity) for s in score.sites] == [("Na1", 4), ("Cl1", 4)]
-    (per_atom,) = model.score(found, per_atom=True)
-    assert len(per_atom.sites) == 8 and {s.atom_index for s in per_atom.sites} == set(range(8))
 
 
 def test_knn():

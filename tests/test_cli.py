@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from cryknn import command
+from cryknn.cli import command
 from cryknn import errors
 from tests.conftest import NACL_CIF, error_lines, make_cif, progress_free, run_module
+from tests import toy_data
 
 TOOLS = {"cryknn.main": "[--k=5]", "cryknn.featurize": "PATH", "cryknn.data": "build|stats",
          "cryknn.predict": "PATH"}
@@ -103,10 +104,8 @@ def test_atoms_removed_by_reading_policies_are_counted(tmp_path):
 
 
 def test_train_keeps_stderr_quiet(tmp_path):
-    from cryknn import input_pipeline
-
     # The flags of conftest's toy_workdir run: the session's compilation cache holds its programs.
-    input_pipeline.write_toy_cache(str(tmp_path / "data"), "toy/quiet", 5, (1, 6, 8))
+    toy_data.write_toy_cache(str(tmp_path / "data"), "toy/quiet", 5, (1, 6, 8))
     r = run_module("cryknn.main", "--dataset=toy/quiet", f"--data_dir={tmp_path / 'data'}",
                    f"--workdir={tmp_path / 'w'}", "--model=mlp", "--epochs=1",
                    "--batch_size=64", "--num_elements=3", "--width=16", "--depth=1",

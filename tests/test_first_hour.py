@@ -14,8 +14,8 @@ import pytest
 import cryknn
 from cryknn import errors
 from cryknn import reading
-from cryknn import scoring
-from cryknn.cif import as_structure, read_cif_text
+from cryknn import site_scores
+from cryknn.cif import read_cif_text
 from tests.conftest import (METHANE_CIF, NACL_CIF, REPO, error_lines, make_cif, progress_free,
                             run_core_only, run_module)
 
@@ -77,24 +77,6 @@ def test_readme_core_commands_in_a_core_only_install(toy_workdir, tmp_path):
 
 
 # 2. Typed tables from the numbers.
-
-def test_to_pandas_is_typed_with_nan_for_missing(toy_workdir):
-    pytest.importorskip("pandas")
-    found, _ = read_cif_text(METHANE_CIF, "methane")
-    scores = cryknn.load_model(toy_workdir).check(found)
-    sites = scores.to_pandas()
-    assert list(sites.columns)[:len(scoring.CSV_COLUMNS)] == list(scoring.CSV_COLUMNS)
-    assert sites["p_given"].dtype == np.float64 and sites["p_predicted"].dtype == np.float64
-    assert sites["multiplicity"].dtype.kind == "i"
-    zn = sites[sites.given_element == "Zn"]
-    assert len(zn) == 1 and np.isnan(zn["p_given"].iloc[0])
-    assert len(sites[sites.p_given < 2]) == 6  # a comparison, not a TypeError
-    per_structure = scores.to_pandas(per="structure")
-    assert len(per_structure) == 1 and per_structure["plausibility"].dtype == np.float64
-    assert per_structure["num_atoms"].iloc[0] == 7
-
-
-# 3. Nothing scored (or featurised) is a failure, with one line and no empty output.
 
 def test_predict_and_featurize_of_nothing_exit_1(toy_workdir, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -246,7 +228,7 @@ def test_long_run_output(toy_workdir, tmp_path):
     with open(out) as f:
         rows = list(csv.DictReader(f))
     header = list(rows[0])
-    assert header == list(scoring.CSV_COLUMNS)
+    assert header == list(site_scores.CSV_COLUMNS)
     assert header == ORIGINAL_COLUMNS + ["structure_plausibility", "top3", "flag"]  # appended
     assert float(rows[0]["structure_plausibility"]) > 0
     assert len(rows[0]["top3"].split()) == 3
@@ -255,49 +237,6 @@ def test_long_run_output(toy_workdir, tmp_path):
     text = flagged.read_text()
     assert "_atom_site_cryknn_flag" in text and "implausible" in text
 
-
-def test_flagged_sites_as_extended_xyz(toy_workdir, tmp_path):
-    ase_io = pytest.importorskip("ase.io")
-    (s,), _ = read_cif_text(METHANE_CIF, "methane")
-    scores = cryknn.load_model(toy_workdir).check([s, s.to_ase()])
-    out = str(tmp_path / "flagged.extxyz")
-    assert scoring.write_flagged(out, [s, as_structure(s.to_ase())], scores,
-                                 threshold=1.01) == 2
-    images = ase_io.read(out, index=":")
-    assert len(images) == 2 and len(images[0]) == 7
-    flags = list(images[0].arrays["cryknn_flag"])
-    assert flags.count("implausible") == 6 and flags.count("not_modelled") == 1
-    assert images[0].info["structure_id"] == "methane:methane"
-
-
-def test_site_top3_and_terminal_block(toy_workdir):
-    (s,), _ = read_cif_text(METHANE_CIF, "methane")
-    (score,) = cryknn.load_model(toy_workdir).check(s)
-    site = score.sites[0]
-    probs = [p for _, p in site.top]
-    assert probs == sorted(probs, reverse=True)
-    assert len(site.top) == 3 and site.top[0][0] == site.predicted
-    text = scoring.format_structure(score, threshold=1.01)
-    assert text.count("methane:methane") == 1
-    assert all(len(line) <= 100 for line in text.splitlines())
-
-
-def test_per_atom_lines_and_flags_name_each_atom(toy_workdir, tmp_path):
-    rock_salt = make_cif([("C1", "C", 0, 0, 0), ("O1", "O", 0.5, 0.5, 0.5)],
-                         cell="5.64 5.64 5.64 90 90 90", block="co",
-                         symmetry="_space_group_name_H-M_alt 'F m -3 m'")
-    (s,), _ = read_cif_text(rock_salt, "co")
-    (score,) = cryknn.load_model(toy_workdir).check(s, per_atom=True)
-    text = scoring.format_structure(score, threshold=0.5)
-    assert "C1[0]" in text and "C1[3]" in text and "O1[7]" in text
-    out = str(tmp_path / "flagged.cif")
-    assert scoring.write_flagged(out, [s], [score], threshold=1.01) == 1
-    (back,) = cryknn.read(out)
-    assert back.num_atoms == 8 and sorted(back.numbers.tolist()) == [6] * 4 + [8] * 4
-    assert open(out).read().count(" implausible\n") == 8
-
-
-# 8. The suite: speed-free checks, an sdist with the test helpers, a licence.
 
 def test_progress_bars_at_any_speed_are_not_noise():
     slow = "100%|##########| 1/1 [00:01<00:00,  1.66s/file]\n"

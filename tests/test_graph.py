@@ -8,20 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cryknn import cif
 from cryknn import config as config_lib
 from cryknn import errors
+from cryknn import features
 from cryknn import input_pipeline
 from cryknn import models
 from cryknn import scoring
-from cryknn import cif
 from cryknn import train
 from tests.conftest import NACL_CIF
+from tests import toy_data
 
 QUIET = lambda message: None  # noqa: E731
 
 
 def test_gather_inputs_follows_the_knn_graph():
-    table = input_pipeline.toy_features((1, 6, 8, 30), 25, 4, seed=3)
+    table = toy_data.toy_features((1, 6, 8, 30), 25, 4, seed=3)
     rows = np.array([0, 7, 42, 99])
     spec = config_lib.InputSpec(k=3, hops=2, neighbour_elements=True)
     inputs = input_pipeline.gather_inputs(table, rows, spec)
@@ -46,7 +48,7 @@ def test_gather_inputs_follows_the_knn_graph():
 def test_masked_mode_never_shows_an_atom_its_own_element():
     """A neighbour's neighbour is often the atom itself (and in small cells a neighbour is
     its own periodic image): those nodes get element 0, unknown."""
-    table = input_pipeline.toy_features((1, 6, 8, 30), 4, 3, atoms_per_structure=4, seed=1)
+    table = toy_data.toy_features((1, 6, 8, 30), 4, 3, atoms_per_structure=4, seed=1)
     rows = np.arange(len(table))
     spec = config_lib.InputSpec(k=3, hops=2, neighbour_elements=True)
     inputs = input_pipeline.gather_inputs(table, rows, spec)
@@ -95,16 +97,16 @@ def test_neighbour_elements_needs_the_graph_model():
 
 
 @pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
+def toy_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("data"))
-    input_pipeline.write_toy_cache(data_dir, "toy/graph", 5, (11, 17, 8))
+    toy_data.write_toy_cache(data_dir, "toy/graph", 5, (11, 17, 8))
     return data_dir
 
 
 @pytest.mark.parametrize("model_name,masked", [("graph", False), ("graph", True),
                                               ("tree", False)])
-def test_graph_models_train_and_score_a_structure(toy_data, tmp_path, model_name, masked):
-    config = config_lib.Config(dataset="toy/graph", data_dir=toy_data, k=5, model=model_name,
+def test_graph_models_train_and_score_a_structure(toy_dir, tmp_path, model_name, masked):
+    config = config_lib.Config(dataset="toy/graph", data_dir=toy_dir, k=5, model=model_name,
                                hops=2, width=16, num_elements=3, epochs=2, batch_size=64,
                                log_every=1000, monitor_per_element=40, neighbour_elements=masked)
     metrics = train.train_and_evaluate(config, str(tmp_path))
@@ -137,7 +139,7 @@ def test_a_graph_run_from_before_directions_is_the_tree_model():
 def test_masked_mode_hides_the_symmetry_copies_of_a_site():
     """From a CIF, the symmetry copies of a site are that site: none shows its element."""
     found, _ = cif.read_cif_text(NACL_CIF, "nacl")
-    table = scoring.atom_table(found, 6)
+    table = features.atom_table(found, 6)
     assert len(np.unique(table.site)) == 2  # Na1 and Cl1, four atoms each
     spec = config_lib.InputSpec(k=6, hops=2, neighbour_elements=True)
     inputs = input_pipeline.gather_inputs(table, np.arange(8), spec)  # the tree model's

@@ -10,14 +10,15 @@ import jax
 import numpy as np
 import pytest
 
+from cryknn import cif
 from cryknn import config as config_lib
 from cryknn import errors
+from cryknn import features
 from cryknn import graph_batch
 from cryknn import input_pipeline
 from cryknn import models
-from cryknn import scoring
-from cryknn import cif
-from tests.conftest import NACL_CIF, make_cif
+from tests.conftest import NACL_CIF, make_cif, random_rotation
+from tests import toy_data
 
 K = 5
 
@@ -33,7 +34,7 @@ def _walk(neighbour_index, start, depth):
 
 @pytest.fixture(scope="module")
 def table():
-    return input_pipeline.toy_features((1, 6, 8, 29), 40, K, seed=2, atoms_per_structure=37)
+    return toy_data.toy_features((1, 6, 8, 29), 40, K, seed=2, atoms_per_structure=37)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -118,18 +119,12 @@ def test_crops_give_every_atom_its_whole_crystal_prediction(table, masked):
     np.testing.assert_allclose(cropped, whole, rtol=2e-5, atol=2e-5)
 
 
-def _rotation(seed):
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
 def test_logits_are_invariant_to_rotations_and_atom_order(table):
     model, params, spec = _model(hops=2)
     rows = np.arange(len(table))
     base = _logits(model, params, spec, table, rows, 1 << 12)
     rotated = dataclasses.replace(table, neighbour_vector=(
-        table.neighbour_vector @ _rotation(3).T).astype(np.float32))
+        table.neighbour_vector @ random_rotation(3).T).astype(np.float32))
     np.testing.assert_allclose(_logits(model, params, spec, rotated, rows, 1 << 12), base,
                                rtol=1e-4, atol=1e-4)
     reordered = rows[::-1].copy()  # another order of loss atoms, so other slots
@@ -148,25 +143,6 @@ def test_logits_are_invariant_to_the_order_of_tied_neighbours():
     np.testing.assert_allclose(again, base, rtol=1e-5, atol=1e-6)
 
 
-def test_spherical_harmonics_are_orthonormal_and_rotate_within_degrees():
-    rng = np.random.default_rng(0)
-    # Lebedev-free check: a dense Fibonacci sphere integrates degree <= 8 products closely.
-    n = 20000
-    i = np.arange(n) + 0.5
-    z = 1 - 2 * i / n
-    phi = np.pi * (1 + 5 ** 0.5) * i
-    points = np.stack([np.sqrt(1 - z * z) * np.cos(phi), np.sqrt(1 - z * z) * np.sin(phi), z], 1)
-    y = np.asarray(models.spherical_harmonics(points.astype(np.float32), 4), np.float64)
-    gram = y.T @ y * (4 * np.pi / n)
-    np.testing.assert_allclose(gram, np.eye(25), atol=2e-3)
-    vectors = rng.normal(size=(7, 3)).astype(np.float32)
-    moments = np.asarray(models.spherical_harmonics(vectors, 4)).sum(0)[:, None]
-    turned = np.asarray(models.spherical_harmonics(
-        (vectors @ _rotation(5).T).astype(np.float32), 4)).sum(0)[:, None]
-    np.testing.assert_allclose(models.angular_invariants(turned, 4),
-                               models.angular_invariants(moments, 4), rtol=1e-4, atol=1e-5)
-
-
 def _shell(directions):
     """A table of one central atom (row 0) whose neighbours sit at `directions` (unit
     vectors, all at 2 A) and whose neighbours see only the centre."""
@@ -177,7 +153,7 @@ def _shell(directions):
     vectors = np.zeros((k + 1, k, 3), np.float32)
     vectors[0] = 2.0 * np.asarray(directions, np.float32)
     vectors[1:, :, :] = -vectors[0][:, None, :]
-    return input_pipeline.AtomTable(d, index, np.full(k + 1, 6, np.int32),
+    return features.AtomTable(d, index, np.full(k + 1, 6, np.int32),
                                     np.zeros(k + 1, np.int32), np.array([b"C"] * (k + 1)),
                                     np.array(["shell:shell"]), neighbour_vector=vectors)
 
@@ -196,13 +172,13 @@ def test_directions_tell_a_square_from_a_tetrahedron():
 
 def test_scoring_a_cif_needs_no_padding_to_the_training_pack(tmp_path):
     found, _ = cif.read_cif_text(NACL_CIF, "nacl")
-    table = scoring.atom_table(found, K)
+    table = features.atom_table(found, K)
     packs = list(graph_batch.inference_packs(table, np.arange(len(table)), 2, 4096,
                                              with_elements=False))
     assert len(packs) == 1 and packs[0].inputs.distances.shape[0] == graph_batch.MIN_BUCKET
     big = make_cif([(f"C{i}", "C", (i * 0.137) % 1, (i * 0.291) % 1, (i * 0.413) % 1)
                     for i in range(70)], cell="12 12 12 90 90 90", block="big")
-    table = scoring.atom_table(cif.read_cif_text(big, "big")[0], K)
+    table = features.atom_table(cif.read_cif_text(big, "big")[0], K)
     sizes = [p.inputs.distances.shape[0] for p in graph_batch.inference_packs(
         table, np.arange(len(table)), 2, 4096, with_elements=False)]
     assert sizes == [128]

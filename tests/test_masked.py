@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from cryknn import cif
 from cryknn import config as config_lib
+from cryknn import features
 from cryknn import graph_batch
 from cryknn import input_pipeline
 from cryknn import models
-from cryknn import scoring
-from cryknn import cif
 from tests.conftest import make_cif, symmetry_ops
 
 # Three sites in P-1 (each atom has an inversion copy), two of them carbon.
@@ -36,19 +36,19 @@ def _read(text, name="x"):
 
 def test_dataset_table_has_the_sites_scoring_uses():
     found = _read(P1BAR_CIF)
-    table = input_pipeline.featurize_examples(_examples(found), 6)
+    table = features.featurize_examples(_examples(found), 6)
     assert table.site is not None and len(np.unique(table.site)) == 3
     same_site = table.site[:, None] == table.site[None, :]
     np.testing.assert_array_equal(same_site, (found[0].site_index[:, None]
                                               == found[0].site_index[None, :]))
-    scored = scoring.atom_table(found, 6)
+    scored = features.atom_table(found, 6)
     np.testing.assert_array_equal(same_site, scored.site[:, None] == scored.site[None, :])
 
 
 def test_feature_cache_keeps_the_sites(tmp_path):
-    table = input_pipeline.featurize_examples(_examples(_read(P1BAR_CIF)), 4)
+    table = features.featurize_examples(_examples(_read(P1BAR_CIF)), 4)
     table.save(str(tmp_path / "t.npz"))
-    np.testing.assert_array_equal(input_pipeline.AtomTable.load(str(tmp_path / "t.npz")).site,
+    np.testing.assert_array_equal(features.AtomTable.load(str(tmp_path / "t.npz")).site,
                                   table.site)
 
 
@@ -60,7 +60,7 @@ def test_coincident_same_element_atoms_are_one_site():
                      ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
                    cell="5 6 7 90 90 90", block="dis")
     found, _ = cif.read_cif_text(text, "dis", cif.ReadOptions(disorder="all"))
-    table = input_pipeline.featurize_examples(_examples(found), 3)
+    table = features.featurize_examples(_examples(found), 3)
     site = table.site
     assert site[0] == site[1] and len({site[0], site[2], site[3]}) == 3
 
@@ -85,7 +85,7 @@ def test_an_atoms_own_element_and_its_copies_never_reach_its_logits(model_name, 
     """Changing only atom 0's element and its site copies' leaves its logits bit-identical;
     changing another site's element changes them."""
     found = _read(P1BAR_CIF)
-    table = input_pipeline.featurize_examples(_examples(found), 5)
+    table = features.featurize_examples(_examples(found), 5)
     config = config_lib.Config(model=model_name, k=5, hops=hops, width=16,
                                neighbour_elements=True)
     spec = config_lib.input_spec(config)

@@ -8,7 +8,6 @@ import pytest
 
 from cryknn import config as config_lib
 from cryknn import errors
-from cryknn import input_pipeline
 from cryknn import models
 from cryknn import train
 
@@ -32,7 +31,7 @@ def _two_stage_param_count(k, c):
 
 @pytest.mark.parametrize("k,c", [(1, 2), (5, 20)])
 def test_two_stage_model_shapes_and_param_count(k, c):
-    model = _model("seed", c, k)  # the research's name for it still works
+    model = _model("two_stage", c, k)
     assert isinstance(model, models.TwoStageModel)
     params = models.init_params(model, k, jax.random.key(0))
     assert models.param_count(params) == _two_stage_param_count(k, c)
@@ -47,7 +46,7 @@ def test_mlp_shapes_and_param_count(k, input_map):
     c, width, depth = 6, 32, 2
     num_features = k if input_map == "raw" else (3 * k - 1 if k > 1 else 2)
     x = np.ones((4, k), np.float32)
-    assert models.input_map(x, input_map).shape == (4, num_features)
+    assert models.map_inputs(x, input_map).shape == (4, num_features)
     model = _model("mlp", c, k, width=width, depth=depth, input_map=input_map)
     params = models.init_params(model, k, jax.random.key(0))
     block = 2 * width + (width * 2 * width + 2 * width) + (2 * width * width + width)
@@ -60,11 +59,11 @@ def test_mlp_shapes_and_param_count(k, input_map):
 
 def test_input_map_values_and_overlapping_sites():
     d = np.array([[0.0, 1.0, 2.0]], np.float32)
-    f = models.input_map(d, "inverse_log_diff")
+    f = models.map_inputs(d, "inverse_log_diff")
     np.testing.assert_allclose(f[0, :3], [1 / models.MIN_DISTANCE, 1.0, 0.5])
     np.testing.assert_allclose(f[0, 3:6], np.log([models.MIN_DISTANCE, 1.0, 2.0]), rtol=1e-6)
     np.testing.assert_allclose(f[0, 6:], [0.9, 1.0], rtol=1e-6)  # of clipped distances
-    assert np.all(np.isfinite(models.input_map(jnp.asarray(d), "inverse_log_diff")))
+    assert np.all(np.isfinite(models.map_inputs(jnp.asarray(d), "inverse_log_diff")))
     x = np.random.default_rng(0).uniform(1, 3, (50, 3))
     mean, std = models.input_statistics(x, "inverse_log_diff")
     assert len(mean) == len(std) == 8 and min(std) > 0
@@ -93,18 +92,6 @@ def test_two_stage_stages_are_trained_by_their_own_losses():
     for name, g in grads.items():
         norm = sum(float(jnp.abs(v).sum()) for v in jax.tree_util.tree_leaves(g))
         assert (norm == 0) == name.startswith("stage1"), name
-
-
-def test_class_weights_modes_and_normalisation():
-    counts = np.array([900, 90, 10])
-    for mode in config_lib.CLASS_WEIGHTINGS:
-        w = input_pipeline.class_weights(counts, mode)
-        assert np.isclose((w * counts).sum(), counts.sum()), mode
-    w = input_pipeline.class_weights(counts, "inverse_frequency")
-    np.testing.assert_allclose(w * counts, (w * counts)[0])  # each class the same total
-    np.testing.assert_allclose(input_pipeline.class_weights(counts, "none"), 1.0)
-    with pytest.raises(errors.ConfigError):
-        input_pipeline.class_weights(counts, "bogus")
 
 
 def test_weighted_loss_really_weights():

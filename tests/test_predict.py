@@ -4,7 +4,9 @@ import csv
 
 import pytest
 
+from cryknn import reading
 from cryknn import scoring
+from cryknn import site_scores
 from tests.conftest import METHANE_CIF, error_lines, progress_free, run_module
 
 
@@ -29,7 +31,7 @@ def _predict(*args):
 def test_scores_every_site_in_process(workdir, cifs, tmp_path):
     model = scoring.load_model(workdir)
     assert model.elements == ["H", "C", "O"] and model.k == 5
-    structures, messages, all_read = scoring.read_files([cifs[0]])
+    structures, messages, all_read = reading.read_files([cifs[0]])
     assert all_read and not messages
     (score,) = model.score(structures)
     assert score.structure_id == "methane:methane"
@@ -39,7 +41,7 @@ def test_scores_every_site_in_process(workdir, cifs, tmp_path):
     assert 0 <= by_label["C1"].p_given <= 1
     assert score.modelled_atoms == 6 and score.num_atoms == 7
     assert 0 < score.plausibility <= 1
-    text = scoring.format_structure(score, threshold=1.01)  # everything implausible
+    text = site_scores.format_structure(score, threshold=1.01)  # everything implausible
     assert text.count("IMPLAUSIBLE") == 6 and "not modelled" in text
     assert text.count("methane:methane") == 1  # named once, in the block's header
 
@@ -51,7 +53,7 @@ def test_cli_all_read_exit_0_and_csv(workdir, cifs, tmp_path):
     assert "methane:methane" in r.stdout and "plausibility" in r.stdout
     with open(out) as f:
         rows = list(csv.reader(f))
-    assert tuple(rows[0]) == scoring.CSV_COLUMNS
+    assert tuple(rows[0]) == site_scores.CSV_COLUMNS
     assert len(rows) == 1 + 7 and all(row[0] == "methane:methane" for row in rows[1:])
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from cryknn import checkpoints
+from cryknn import cif
 from cryknn import config as config_lib
 from cryknn import errors
+from cryknn import features
 from cryknn import input_pipeline
 from cryknn import saved_model
 from cryknn import scoring
-from cryknn import cif
 from cryknn import util
 from tests.conftest import METHANE_CIF, error_lines, make_cif, run_module
 
@@ -98,15 +99,6 @@ def test_checkpoints_without_a_run_definition_are_not_resumed(workdir):
         checkpoints.check_same_run(workdir, run)
 
 
-def test_two_runs_never_share_a_workdir(tmp_path):
-    with checkpoints.WorkdirLock(str(tmp_path)):
-        with pytest.raises(errors.ConfigError, match="in use by another run"):
-            with checkpoints.WorkdirLock(str(tmp_path)):
-                pass
-    with checkpoints.WorkdirLock(str(tmp_path)):  # released: free again
-        pass
-
-
 def test_json_outputs_are_always_valid_json(tmp_path):
     path = tmp_path / "m.json"
     util.write_json(path, {"loss": float("nan"), "history": [{"x": float("inf")}, 1.5]})
@@ -127,7 +119,7 @@ def test_non_ascii_site_labels_are_kept():
     """Labels are text; one outside ASCII (e.g. U+FFFD from a damaged record) is kept."""
     s = cif.Structure.from_arrays(np.eye(3) * 5, [[0, 0, 0], [0.5, 0.5, 0.5]], [6, 8])
     s = dataclasses.replace(s, labels=np.asarray(["C1\u00b4", "O\ufffd"]))
-    table = scoring.atom_table([s], k=3)
+    table = features.atom_table([s], k=3)
     assert [label.decode("utf-8") for label in table.site_label] == ["C1\u00b4", "O\ufffd"]
 
 
@@ -178,12 +170,12 @@ def test_a_rebuilt_dataset_is_never_served_stale_features(tmp_path):
                                num_elements=2)
     datasets.build(config.dataset, data_dir, manual_dir=str(root), num_workers=0,
                    log=lambda m: None)
-    first = input_pipeline.dataset_record(config.dataset, data_dir, build_if_missing=False)
+    first = features.dataset_record(config.dataset, data_dir, build_if_missing=False)
     before = input_pipeline.prepare(config, log=lambda m: None)
     (root / "ZZZZZZ_extra.cif").write_text(NACL_LIKE)
     datasets.build(config.dataset, data_dir, manual_dir=str(root), num_workers=0,
                    overwrite=True, log=lambda m: None)
-    second = input_pipeline.dataset_record(config.dataset, data_dir, build_if_missing=False)
+    second = features.dataset_record(config.dataset, data_dir, build_if_missing=False)
     assert second["fingerprint"] != first["fingerprint"]
     after = input_pipeline.prepare(config, log=lambda m: None)
     atoms = sum(len(getattr(after, s).table) for s in ("train", "validation", "test"))
@@ -205,7 +197,7 @@ def test_training_logs_and_records_its_dataset(toy_workdir):
     assert os.listdir(os.path.join(toy_workdir, "tensorboard"))
     for name in ("config.json", "metrics.json"):
         saved = json.load(open(os.path.join(toy_workdir, name)))
-        assert saved["dataset_fingerprint"] == input_pipeline.TOY_FINGERPRINT
+        assert saved["dataset_fingerprint"] == features.TOY_FINGERPRINT
 
 
 def test_a_partial_build_is_announced(tmp_path):

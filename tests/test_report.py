@@ -18,7 +18,7 @@ import pytest
 from cryknn import elements as elements_lib
 from cryknn import errors
 from cryknn import report
-from cryknn import scoring
+from cryknn import site_scores
 from cryknn import cif as structures_lib
 from tests.conftest import METHANE_CIF, NACL_CIF, error_lines, run_module
 
@@ -29,11 +29,11 @@ def _nacl():
     """Rock salt (2 sites, 8 atoms) scored so that Na is outside the domain (not modelled)
     and Cl implausible."""
     (s,), _ = structures_lib.read_cif_text(NACL_CIF, "nacl")
-    sites = [scoring.SiteScore(s.id, "Na1", "Na", "Cl", 0.7, None, 4, 1, top=TOP,
+    sites = [site_scores.SiteScore(s.id, "Na1", "Na", "Cl", 0.7, None, 4, 1, top=TOP,
                                flag="outside_domain"),
-             scoring.SiteScore(s.id, "Cl1", "Cl", "O", 0.8, 0.01, 4, 2, top=TOP,
+             site_scores.SiteScore(s.id, "Cl1", "Cl", "O", 0.8, 0.01, 4, 2, top=TOP,
                                flag="implausible")]
-    return s, scoring.StructureScore(s.id, sites, 0.01, 4, 8, [])
+    return s, site_scores.StructureScore(s.id, sites, 0.01, 4, 8, [])
 
 
 def _random(n: int, id: str = "random:big", seed: int = 0):
@@ -44,11 +44,11 @@ def _random(n: int, id: str = "random:big", seed: int = 0):
     numbers = rng.choice([1, 6, 7, 8], n)
     s = structures_lib.Structure.from_arrays(lattice, rng.random((n, 3)), numbers, id=id)
     p = np.where(rng.random(n) < 0.1, 0.01, 0.5 + 0.5 * rng.random(n))
-    sites = [scoring.SiteScore(id, str(s.labels[i]), elements_lib.symbol(int(z)),
+    sites = [site_scores.SiteScore(id, str(s.labels[i]), elements_lib.symbol(int(z)),
                                "C", 0.9, float(p[i]), 1, i + 1, top=TOP,
                                flag="implausible" if p[i] < 0.05 else "")
              for i, z in enumerate(numbers)]
-    return s, scoring.StructureScore(id, sites, 0.5, n, n, ["a warning"])
+    return s, site_scores.StructureScore(id, sites, 0.5, n, n, ["a warning"])
 
 
 def _page_data(text: str) -> dict:
@@ -62,7 +62,7 @@ def test_page_holds_the_structures_and_their_flags(tmp_path):
     nacl, nacl_score = _nacl()
     big, big_score = _random(50)
     path = tmp_path / "report.html"
-    n = report.write_html(path, [nacl, big], scoring.Scores([nacl_score, big_score]),
+    n = report.write_html(path, [nacl, big], site_scores.Scores([nacl_score, big_score]),
                           threshold=0.05, model="toy model")
     assert n == 2
     data = _page_data(path.read_text(encoding="utf-8"))
@@ -97,17 +97,17 @@ def test_a_sites_own_flag_wins_over_the_threshold():
 def test_per_atom_scores_and_skipped_structures(tmp_path):
     nacl, _ = _nacl()
     big, big_score = _random(5)
-    per_atom = [scoring.SiteScore(nacl.id, f"X{i}", "Na", "C", 0.5, 0.5 if i else 0.001, 1,
+    per_atom = [site_scores.SiteScore(nacl.id, f"X{i}", "Na", "C", 0.5, 0.5 if i else 0.001, 1,
                                   int(nacl.site_index[i]) + 1, atom_index=i,
                                   flag="" if i else "implausible") for i in range(8)]
-    nacl_score = scoring.StructureScore(nacl.id, per_atom, 0.5, 8, 8, [])
+    nacl_score = site_scores.StructureScore(nacl.id, per_atom, 0.5, 8, 8, [])
     # `big` was not scored (skipped): it is left out; nacl's rows are its atoms.
     data = _page_data(report.render([report.structure_record(s, score) for s, score in
                                      report.paired([big, nacl], [nacl_score])]))
     (record,) = data["structures"]
     assert record["site"] == list(range(8)) and record["counts"]["implausible"] == 1
     # Scores of another structure under its id: refused, not drawn wrong.
-    wrong = scoring.StructureScore(nacl.id, big_score.sites[:1], None, 0, 8, [])
+    wrong = site_scores.StructureScore(nacl.id, big_score.sites[:1], None, 0, 8, [])
     with pytest.raises(errors.DataError, match="do not fit"):
         report.write_html(tmp_path / "r.html", [nacl], [wrong])
 
@@ -120,7 +120,7 @@ def test_page_is_self_contained_and_safe(tmp_path):
     for site in score.sites:
         site.site_label = evil
     path = tmp_path / "report.html"
-    scoring.Scores([score]).to_html(str(path), [nacl], title="<b>x</b>")
+    site_scores.Scores([score]).to_html(str(path), [nacl], title="<b>x</b>")
     text = path.read_text(encoding="utf-8")
     # Nothing fetched: no script, style or image from elsewhere.
     assert not re.search(r"<(script|link|img|iframe)[^>]*\b(src|href)\s*=", text, re.I)

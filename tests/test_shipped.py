@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from cryknn import cif
 from cryknn import evaluate
+from cryknn import features
 from cryknn import input_pipeline
 from cryknn import saved_model
 from cryknn import scoring
-from cryknn import cif
 from tests.conftest import run_module
 
 SHIPPED = ("default", "masked")
@@ -55,7 +56,7 @@ def embedded_build(tmp_path_factory):
     """The embedded dataset, built once for both shipped models: (data_dir, record)."""
     model = scoring.load_model()
     data_dir = str(tmp_path_factory.mktemp("embedded"))
-    record = input_pipeline.dataset_record(model.saved.config.dataset, data_dir,
+    record = features.dataset_record(model.saved.config.dataset, data_dir,
                                            build_if_missing=True)
     return data_dir, record
 
@@ -70,7 +71,7 @@ def test_shipped_models_reproduce_their_stored_test_metrics(name, embedded_build
     model = scoring.load_model(name=name)
     dataset = model.saved.config.dataset
     assert record["fingerprint"] == model.saved.info["dataset_fingerprint"]
-    table = input_pipeline.load_features(dataset, "test", model.k,
+    table = features.load_features(dataset, "test", model.k,
                                          fingerprint=record["fingerprint"],
                                          data_dir=data_dir, log=lambda m: None)
     labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]

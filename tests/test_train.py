@@ -14,9 +14,11 @@ import pytest
 from cryknn import checkpoints
 from cryknn import config as config_lib
 from cryknn import errors
+from cryknn import features
 from cryknn import input_pipeline
 from cryknn import train
 from tests.conftest import REPO, error_lines, run_module, run_python, subprocess_env
+from tests import toy_data
 
 DATASET = "toy/synthetic"
 ELEMENTS = (1, 6, 8, 7, 30)  # H C O N Zn
@@ -26,7 +28,7 @@ QUIET = lambda message: None  # noqa: E731
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
-    input_pipeline.write_toy_cache(d, DATASET, 8, ELEMENTS)
+    toy_data.write_toy_cache(d, DATASET, 8, ELEMENTS)
     return d
 
 
@@ -35,68 +37,6 @@ def _config(data_dir, **kw):
                 batch_size=64, log_every=5, width=32, depth=1, monitor_per_element=40)
     base.update(kw)
     return config_lib.Config(**base)
-
-
-def test_feature_cache_serves_smaller_k(data_dir):
-    fingerprint = input_pipeline.TOY_FINGERPRINT
-    f = input_pipeline.load_features(DATASET, "train", 3, fingerprint=fingerprint,
-                                     data_dir=data_dir, log=QUIET)
-    full = input_pipeline.AtomTable.load(
-        input_pipeline.cache_path(data_dir, DATASET, fingerprint, 8, "train"))
-    assert f.k == 3
-    np.testing.assert_array_equal(f.distances, full.distances[:, :3])
-    np.testing.assert_array_equal(f.neighbour_index, full.neighbour_index[:, :3])
-    assert input_pipeline.find_cache(data_dir, DATASET, fingerprint, 9, "train") is None
-
-
-def test_feature_cache_keeps_vectors_and_ignores_older_versions(tmp_path):
-    ex = {"id": "cube:cube", "lattice": np.diag([2.0, 2.5, 3.0]), "frac": np.zeros((1, 3)),
-          "numbers": np.array([29], np.int32), "labels": np.array(["Cu1"])}
-    table = input_pipeline.featurize_examples([ex], 4)
-    path = input_pipeline.cache_path(str(tmp_path), "x", "fp", 4, "train")
-    table.save(path)
-    loaded = input_pipeline.AtomTable.load(path).first_k(3)
-    assert loaded.neighbour_vector.shape == (1, 3, 3)
-    np.testing.assert_array_equal(loaded.neighbour_vector, table.neighbour_vector[:, :3])
-    # A cache of the layout before vectors (no version folder) is never found.
-    old = os.path.join(str(tmp_path), "cryknn_features", "x", "fp", "k8", "train.npz")
-    os.makedirs(os.path.dirname(old))
-    table.save(old)
-    assert input_pipeline.find_cache(str(tmp_path), "x", "fp", 4, "train") == path
-    assert input_pipeline.find_cache(str(tmp_path), "x", "fp", 5, "train") is None
-
-
-def test_featurize_examples_matches_brute_force():
-    """Examples -> AtomTable through the featuriser (simple cubic: 6 at a, 12 at a*sqrt2)."""
-    ex = {"id": "cube:cube", "lattice": np.eye(3) * 2.0, "frac": np.zeros((1, 3)),
-          "numbers": np.array([29], np.int32), "labels": np.array(["Cu1"])}
-    fs = input_pipeline.featurize_examples([ex, dict(ex, id=b"cube2:cube2")], 7)
-    assert len(fs) == 2 and list(fs.structure_id) == ["cube:cube", "cube2:cube2"]
-    np.testing.assert_allclose(fs.distances[0], [2.0] * 6 + [2.0 * np.sqrt(2)], rtol=1e-5)
-    assert fs.site_label[0] == b"Cu1"
-    # One atom per cell: every neighbour is an image of the atom itself, in its own rows.
-    assert fs.neighbour_index.tolist() == [[0] * 7, [1] * 7]
-    # Its vectors: the six lattice vectors +-2 e_i, then one of the twelve at 2 * sqrt(2).
-    assert fs.neighbour_vector.shape == (2, 7, 3) and fs.neighbour_vector.dtype == np.float32
-    steps = np.round(fs.neighbour_vector / 2.0)
-    np.testing.assert_allclose(fs.neighbour_vector, 2.0 * steps, atol=1e-5)
-    np.testing.assert_array_equal(np.abs(steps).sum(axis=-1), [[1] * 6 + [2]] * 2)
-
-
-def test_choose_and_select_elements():
-    counts = np.zeros(119, np.int64)
-    counts[[1, 6, 8, 30]] = [500, 900, 300, 20]
-    assert input_pipeline.choose_elements(counts, num_elements=3) == [6, 1, 8]
-    assert input_pipeline.choose_elements(counts, elements="Zn,C") == [30, 6]
-    with pytest.raises(errors.SelectionError, match="only 4 elements"):
-        input_pipeline.choose_elements(counts, num_elements=5)
-    with pytest.raises(errors.SelectionError, match="no training atoms of Li"):
-        input_pipeline.choose_elements(counts, elements="C,Li")
-    with pytest.raises(errors.SelectionError, match="Qq"):
-        input_pipeline.choose_elements(counts, elements="C,Qq")
-    z = np.array([6] * 50 + [1] * 10 + [17] * 5)
-    idx = input_pipeline.select_atoms(z, [6, 1], max_per_element=20, seed=0)
-    assert np.sum(z[idx] == 6) == 20 and np.sum(z[idx] == 1) == 10 and not np.any(z[idx] == 17)
 
 
 def test_metrics_from_confusion_and_majority_baseline():
@@ -137,7 +77,7 @@ def test_train_and_evaluate_writes_reports_and_resumes(data_dir, tmp_path, capsy
     assert test["num_atoms"] == 4 * 60
     assert saved["majority_baseline"]["accuracy"] <= test["accuracy"] + 1e-9
     assert saved["flags"]["k"] == 5 and "total_s" in saved["timing"]
-    assert saved["dataset_fingerprint"] == input_pipeline.TOY_FINGERPRINT
+    assert saved["dataset_fingerprint"] == features.TOY_FINGERPRINT
     cm = np.asarray(test["confusion_matrix"]["counts"])
     assert test["confusion_matrix"]["elements"] == saved["elements"]
     assert cm.shape == (4, 4) and cm.sum() == test["num_atoms"]
@@ -280,7 +220,7 @@ SHARDED = textwrap.dedent("""
     def make_batch(cfg):
         spec = config.input_spec(cfg)
         if spec.reads == "graph":  # 8 packs of 32 slots: one per device, or all on one
-            table = input_pipeline.toy_features((1, 6, 8, 29), 100, 5, atoms_per_structure=12,
+            table = toy_data.toy_features((1, 6, 8, 29), 100, 5, atoms_per_structure=12,
                                                 seed=1)
             atoms = input_pipeline.LabelledAtoms(
                 table, np.arange(len(table)), rng.integers(0, 4, len(table)).astype(np.int32))
@@ -327,7 +267,7 @@ def test_two_processes_each_read_their_own_part(tmp_path):
     import socket
 
     data_dir = str(tmp_path / "data")
-    input_pipeline.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
+    toy_data.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
                                    process_count=2)
     with socket.socket() as s:
         s.bind(("localhost", 0))

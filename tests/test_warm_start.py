@@ -12,6 +12,7 @@ from cryknn import input_pipeline
 from cryknn import models
 from cryknn import train
 from cryknn import warm_start
+from tests import toy_data
 
 QUIET = lambda message: None  # noqa: E731
 
@@ -48,8 +49,8 @@ def test_feature_positions():
     np.testing.assert_array_equal(warm_start.feature_positions("inverse_log_diff", 1, 3), [0, 3])
     np.testing.assert_array_equal(warm_start.feature_positions("raw", 3, 5), [0, 1, 2])
     d = _distances(5, 6)
-    old = models.input_map(d[:, :4], "inverse_log_diff")
-    new = models.input_map(d, "inverse_log_diff")
+    old = models.map_inputs(d[:, :4], "inverse_log_diff")
+    new = models.map_inputs(d, "inverse_log_diff")
     np.testing.assert_array_equal(new[:, warm_start.feature_positions("inverse_log_diff", 4, 6)],
                                   old)
     with pytest.raises(errors.WarmStartError):
@@ -147,7 +148,7 @@ def test_mismatches_raise():
 def test_warm_start_trainer_from_a_trained_workdir(tmp_path):
     """Train k=2 on toy data, warm start a k=4 train.Trainer: same validation probabilities."""
     data_dir, dataset = str(tmp_path / "data"), "toy/synthetic"
-    input_pipeline.write_toy_cache(data_dir, dataset, 4, (1, 6, 8, 30))
+    toy_data.write_toy_cache(data_dir, dataset, 4, (1, 6, 8, 30))
     base = dict(dataset=dataset, data_dir=data_dir, model="mlp", num_elements=4, epochs=1,
                 batch_size=64, log_every=1000, width=16, depth=1, monitor_per_element=40)
     old_dir = str(tmp_path / "k2")

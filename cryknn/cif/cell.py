@@ -6,7 +6,7 @@ another question: the k nearest neighbours over every lattice image (exact beyon
 minimum image), jit-compiled in JAX. The reader needs every pair under a cutoff below half
 the smallest interplanar spacing (the minimum image suffices) and no bound on how many (a
 pile of coincident copies can exceed any k), on the host without importing JAX; the
-training's coincident-site grouping (`input_pipeline.table_sites`) reads the k-NN rows the
+training's coincident-site grouping (`features.table_sites`) reads the k-NN rows the
 featuriser already computed. Both share `geometry.interplanar_spacings` and `geometry.wrap`.
 """
 

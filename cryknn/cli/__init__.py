@@ -2,8 +2,9 @@
 
 `cryknn check` is another name for `cryknn predict`; `cryknn --version` prints the version.
 
-Each subcommand is the module that `python -m cryknn.<module>` runs; only the chosen one is
-imported, so `cryknn predict` never loads the training or dataset code.
+Each subcommand is a module of this package (`python -m cryknn.main`, `cryknn.featurize`,
+`cryknn.data` and `cryknn.predict` run the same tools); only the chosen one is imported, so
+`cryknn predict` never loads the training or dataset code. `command` is their flag plumbing.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import sys
 from typing import Sequence
 
 SUBCOMMANDS = {
-    "train": ("cryknn.main", "train and evaluate the element predictor"),
-    "featurize": ("cryknn.featurize", "exact periodic k-NN distances of CIF files, as .npz"),
-    "data": ("cryknn.data", "build a dataset of structures, or show its element statistics"),
-    "predict": ("cryknn.predict", "score the element of every site of structure files"),
-    "check": ("cryknn.predict", "the same as predict: flag implausible sites (by default "
+    "train": ("cryknn.cli.train", "train and evaluate the element predictor"),
+    "featurize": ("cryknn.cli.featurize", "exact periodic k-NN distances of CIF files, as .npz"),
+    "data": ("cryknn.cli.data", "build a dataset of structures, or show its element statistics"),
+    "predict": ("cryknn.cli.predict", "score the element of every site of structure files"),
+    "check": ("cryknn.cli.predict", "the same as predict: flag implausible sites (by default "
                                 "with the shipped model that checks best)"),
 }
 
@@ -48,6 +49,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     module.run([f"cryknn {name}"] + argv[2:])
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m cryknn.cli`: the `cryknn` command."""
+
+from cryknn.cli import main
+
+main()
