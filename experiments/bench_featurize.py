@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryknn import errors  # noqa: E402
+from cryknn import knn_plan  # noqa: E402
 from cryknn import neighbours  # noqa: E402
 from cryknn import cif  # noqa: E402
 
@@ -95,7 +96,7 @@ def _k_smallest_per_centre(centre, dist, n, k):
 
 
 def _grow_cutoff(neighbour_list, lattice, frac, k):
-    cutoff = neighbours.initial_radius(lattice, len(frac), k)
+    cutoff = knn_plan.initial_radius(lattice, len(frac), k)
     while True:
         centre, dist = neighbour_list(cutoff)
         result = _k_smallest_per_centre(centre, dist, len(frac), k)

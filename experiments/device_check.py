@@ -120,12 +120,12 @@ def bench_vesin_cuda(lattices, fracs, k: int) -> dict:
         return {"skipped": f"vesin-torch or torch not installed ({e})"}
     if not torch.cuda.is_available():
         return {"skipped": "torch has no CUDA device"}
-    from cryknn import neighbours
+    from cryknn import knn_plan
 
     def one(lattice, frac):
         box = torch.tensor(lattice, device="cuda")
         points = torch.tensor((frac % 1.0) @ lattice, device="cuda")
-        cutoff = float(neighbours.initial_radius(lattice, len(frac), k))
+        cutoff = float(knn_plan.initial_radius(lattice, len(frac), k))
         while True:
             nl = NeighborList(cutoff=cutoff, full_list=True)
             i, d = nl.compute(points=points, box=box, periodic=True, quantities="id")

@@ -22,6 +22,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cryknn import knn_calls  # noqa: E402
+from cryknn import knn_kernel  # noqa: E402
+from cryknn import knn_plan  # noqa: E402
 from cryknn import neighbours  # noqa: E402
 from experiments import bench_featurize  # noqa: E402,F401  (defines --cifs/--source/...)
 
@@ -38,22 +41,22 @@ def profile_once(lattices, fracs, k):
         neighbours.validate_cell(lattice, frac)
     times["validate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    p = neighbours.plan(lattices, fracs, k)
+    p = knn_plan.plan(lattices, fracs, k)
     times["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    rows = int(neighbours._next_power_of_two(len(p.order) + neighbours.QUERY_BLOCK))
-    buckets = neighbours.merge_rare_buckets(neighbours.candidate_bucket(p.block_candidates, k))
-    table = neighbours._table(p, rows, None)
+    rows = knn_calls.table_rows(len(p.order))
+    buckets = knn_plan.merge_rare_buckets(knn_plan.candidate_bucket(p.block_candidates, k))
+    table = knn_calls.device_table(p, rows, None)
     batches = []
     for window in np.unique(buckets):
         todo = np.flatnonzero(buckets == window)
-        size, group = neighbours.call_shape(int(window), k, neighbours.DEFAULT_CALL_BUDGET, 1)
+        size, group = knn_calls.call_shape(int(window), k, knn_calls.DEFAULT_CALL_BUDGET, 1)
         for begin in range(0, len(todo), size):
             blocks = todo[begin : begin + size]
-            batches.append(neighbours.pack(p, blocks, size, int(window), group, k, table))
+            batches.append(knn_calls.pack(p, blocks, size, int(window), group, k, table))
     times["pack_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    outs = [jax.block_until_ready(neighbours.knn_kernel(b)) for b in batches]
+    outs = [jax.block_until_ready(knn_kernel.knn_kernel(b)) for b in batches]
     times["kernel_s"] = time.perf_counter() - t
     t = time.perf_counter()
     jax.device_get(outs)
@@ -64,7 +67,7 @@ def profile_once(lattices, fracs, k):
         "real_triples_per_atom": float((p.block_candidates * p.block_queries).sum()
                                        / len(p.order)),
         "padded_triples_per_atom": float((buckets * p.block_queries).sum() / len(p.order)),
-        "query_padding": float(len(p.block_queries) * neighbours.QUERY_BLOCK
+        "query_padding": float(len(p.block_queries) * knn_plan.QUERY_BLOCK
                                / len(p.order)),
         "sphere_triples_per_atom": k + 1,
         "images_median": float(np.median(np.prod(p.image_counts, axis=1))),

@@ -10,6 +10,8 @@ import pytest
 
 from cryknn import errors
 from cryknn import geometry
+from cryknn import knn_kernel
+from cryknn import knn_plan
 from cryknn import neighbours
 from cryknn import cif
 from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, run_module,
@@ -138,7 +140,7 @@ def test_isolated_atom_forces_a_retry_and_stays_exact():
     frac = np.concatenate([0.1 + 0.12 * rng.random((40, 3)), [[0.6, 0.55, 0.6]]])
     k = 10
     result = assert_matches_oracle(lattice, frac, k)
-    assert result.radius > neighbours.initial_radius(lattice, len(frac), k)
+    assert result.radius > knn_plan.initial_radius(lattice, len(frac), k)
     assert result.distances[-1, -1] <= result.radius
 
 
@@ -309,9 +311,9 @@ def test_assorted_real_structures_compile_a_handful_of_times():
     sample = core_mof_sample(200)
     sizes = {s.num_atoms for s in sample}
     assert len(sizes) > 50  # assorted sizes
-    neighbours.knn_kernel.clear_cache()
+    knn_kernel.knn_kernel.clear_cache()
     neighbours.featurize(sample, 5)
-    compiles = neighbours.knn_kernel._cache_size()
+    compiles = knn_kernel.knn_kernel._cache_size()
     # One per (candidate bucket, call size) in use; candidate buckets are half-octave
     # steps, so however many distinct atom counts (more than 50 here) only a few.
     assert compiles <= 12, compiles

@@ -106,6 +106,8 @@ def close_pairs(frac: np.ndarray, lattice: np.ndarray, cutoff: float,
     Returns:
       i, j (P,) int64 with i < j, and d2 (P,) squared distances, sorted by (i, j).
     """
+    # Not shared with the featuriser's k-NN (`cryknn.neighbours`): this needs every pair under
+    # a cutoff however many (piles of copies exceed any k), before a Structure exists, no JAX.
     n = frac.shape[0]
     empty = np.zeros(0, dtype=np.int64)
     if n < 2 or cutoff <= 0:
