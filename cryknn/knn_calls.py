@@ -38,15 +38,15 @@ def lower_triangular(lattices: np.ndarray) -> np.ndarray:
     return np.swapaxes(r, 1, 2)
 
 
-def call_shape(window: int, k: int, budget: int, devices: int) -> tuple[int, int]:
-    """(blocks per call, blocks per loop step) for candidate bucket `window`.
+def call_shape(slots: int, k: int, budget: int, devices: int) -> tuple[int, int]:
+    """(blocks per call, blocks per loop step) for candidate bucket `slots`.
 
     A call holds at most `budget` triples and CALL_OUTPUTS neighbours; a loop step
     about STEP_TRIPLES triples. Both are powers of two and the call a multiple of
     devices * step. Every call of a bucket has this size (padding blocks cost only
     their share of the outputs), so a bucket compiles once.
     """
-    per_block = QUERY_BLOCK * window
+    per_block = QUERY_BLOCK * slots
     group = _power_of_two_below(min(64, STEP_TRIPLES // per_block))
     size = _power_of_two_below(min(budget // per_block, CALL_OUTPUTS // (QUERY_BLOCK * k)))
     return max(size, group * devices), group
@@ -57,7 +57,7 @@ def _power_of_two_below(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int,
+def pack(p: Plan, blocks: np.ndarray, size: int, slots: int, group: int, k: int,
          table: jax.Array, devices: int = 1) -> KnnBatch:
     """A KnnBatch of `size` block slots: the given plan blocks, then empty padding.
 
@@ -89,7 +89,7 @@ def pack(p: Plan, blocks: np.ndarray, size: int, window: int, group: int, k: int
         window_count=field(p.window_count[blocks], 0, np.int32),
         num_blocks=num_blocks,
         cell=field(p.lattice[s], eye, np.float32, (3, 3)),
-        k=k, window=window, group=group)
+        k=k, slots=slots, group=group)
 
 
 def table_rows(atoms: int) -> int:
@@ -134,12 +134,12 @@ def run_plan(p: Plan, k: int, budget: int, sharding, rows: int, compiled: set | 
     if compiled is not None:
         compiled.update(buckets.tolist())
     calls = []
-    for window in np.unique(buckets):
-        todo = np.flatnonzero(buckets == window)
-        size, group = call_shape(int(window), k, budget, devices)
+    for slots in np.unique(buckets):
+        todo = np.flatnonzero(buckets == slots)
+        size, group = call_shape(int(slots), k, budget, devices)
         for begin in range(0, len(todo), size):
             blocks = todo[begin : begin + size]
-            batch = pack(p, blocks, size, int(window), group, k, table, devices)
+            batch = pack(p, blocks, size, int(slots), group, k, table, devices)
             if sharding is not None:
                 batch = jax.device_put(batch, _batch_sharding(batch, sharding))
             calls.append((blocks, size, knn_kernel(batch)))  # dispatched, not awaited

@@ -42,7 +42,7 @@ class KnnBatch:
 
     Blocks are laid out (D, P): D devices (1 unsharded), P blocks each; the first
     num_blocks[d] blocks of row d are real. Each block is Q (`knn_plan.QUERY_BLOCK`)
-    consecutive sorted atoms of one structure; its C = `window` candidate slots are the
+    consecutive sorted atoms of one structure; its C = `slots` candidate slots are the
     pairs (window atom w, image m) at slot m * window_count + w.
 
     Attributes:
@@ -63,7 +63,7 @@ class KnnBatch:
       cell: (D, P, 3, 3) float32 the structure's lattice rows as given (not rotated):
         displacement vectors are reported in its frame.
       k: neighbours per atom (static).
-      window: C, candidate slots per block (static, >= k).
+      slots: C, candidate slots per block (static, >= k).
       group: blocks vmapped per loop step (static, divides P).
     """
 
@@ -81,7 +81,7 @@ class KnnBatch:
     num_blocks: jax.Array
     cell: jax.Array
     k: int = _static()
-    window: int = _static()
+    slots: int = _static()
     group: int = _static()
 
 
@@ -90,10 +90,10 @@ def _candidates(table, block: KnnBatch):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    counts, count, n = block.image_counts, block.window_count, block.num_atoms
-    slot = jnp.arange(block.window, dtype=jnp.int32)
+    counts, count, n = block.image_counts, block.slots_count, block.num_atoms
+    slot = jnp.arange(block.slots, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
-    atom = (block.window_start + slot - image * count) % n
+    atom = (block.slots_start + slot - image * count) % n
     step = jnp.stack([image // (counts[1] * counts[2]), (image // counts[2]) % counts[1],
                       image % counts[2]], axis=-1)
     valid = image < counts[0] * counts[1] * counts[2]
@@ -139,7 +139,7 @@ def _knn_block(table, block: KnnBatch):
     neg_d2, slot = jax.lax.top_k(-d2, k)
     vectors = _selected_vectors(near[slot], step[slot], query, frac_radius, block.cell)
     return (jnp.sqrt(-neg_d2), atom[slot],
-            jnp.sqrt(_retry_bound(raw, block.image_counts, block.window_count, k)), vectors)
+            jnp.sqrt(_retry_bound(raw, block.image_counts, block.slots_count, k)), vectors)
 
 
 def _selected_vectors(near, step, query, frac_radius, cell):

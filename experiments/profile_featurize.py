@@ -48,12 +48,12 @@ def profile_once(lattices, fracs, k):
     buckets = knn_plan.merge_rare_buckets(knn_plan.candidate_bucket(p.block_candidates, k))
     table = knn_calls.device_table(p, rows, None)
     batches = []
-    for window in np.unique(buckets):
-        todo = np.flatnonzero(buckets == window)
-        size, group = knn_calls.call_shape(int(window), k, knn_calls.DEFAULT_CALL_BUDGET, 1)
+    for slots in np.unique(buckets):
+        todo = np.flatnonzero(buckets == slots)
+        size, group = knn_calls.call_shape(int(slots), k, knn_calls.DEFAULT_CALL_BUDGET, 1)
         for begin in range(0, len(todo), size):
             blocks = todo[begin : begin + size]
-            batches.append(knn_calls.pack(p, blocks, size, int(window), group, k, table))
+            batches.append(knn_calls.pack(p, blocks, size, int(slots), group, k, table))
     times["pack_s"] = time.perf_counter() - t
     t = time.perf_counter()
     outs = [jax.block_until_ready(knn_kernel.knn_kernel(b)) for b in batches]
@@ -63,7 +63,7 @@ def profile_once(lattices, fracs, k):
     times["fetch_s"] = time.perf_counter() - t
     work = {
         "calls": len(batches),
-        "programs": len({(b.window, b.group, b.num_queries.shape) for b in batches}),
+        "programs": len({(b.slots, b.group, b.num_queries.shape) for b in batches}),
         "real_triples_per_atom": float((p.block_candidates * p.block_queries).sum()
                                        / len(p.order)),
         "padded_triples_per_atom": float((buckets * p.block_queries).sum() / len(p.order)),

@@ -10,18 +10,18 @@ from tests.oracle import cell_from_parameters
 
 
 def test_call_shapes_are_powers_of_two_within_the_budget():
-    for window in (32, 48, 64, 3 * 2**10, 2**14, 2**18):
+    for slots in (32, 48, 64, 3 * 2**10, 2**14, 2**18):
         for k in (1, 5, 100, 1024):
             for devices in (1, 8):
-                size, group = knn_calls.call_shape(window, k, knn_calls.DEFAULT_CALL_BUDGET,
+                size, group = knn_calls.call_shape(slots, k, knn_calls.DEFAULT_CALL_BUDGET,
                                                    devices)
                 assert size & (size - 1) == 0 and group & (group - 1) == 0
                 assert size % (group * devices) == 0
                 # A step holds about STEP_TRIPLES, a call the budget and CALL_OUTPUTS,
                 # unless one block (or one step per device) is already more.
-                assert group == 1 or group * QUERY_BLOCK * window <= knn_calls.STEP_TRIPLES
+                assert group == 1 or group * QUERY_BLOCK * slots <= knn_calls.STEP_TRIPLES
                 if size > group * devices:
-                    assert size * QUERY_BLOCK * window <= knn_calls.DEFAULT_CALL_BUDGET
+                    assert size * QUERY_BLOCK * slots <= knn_calls.DEFAULT_CALL_BUDGET
                     assert size * QUERY_BLOCK * k <= knn_calls.CALL_OUTPUTS
 
 
