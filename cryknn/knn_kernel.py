@@ -90,10 +90,10 @@ def _candidates(table, block: KnnBatch):
 
     Returns: position (C, 3) float32, atom (C,) int32, step (C, 3) int32, valid (C,).
     """
-    counts, count, n = block.image_counts, block.slots_count, block.num_atoms
+    counts, count, n = block.image_counts, block.window_count, block.num_atoms
     slot = jnp.arange(block.slots, dtype=jnp.int32)
     image = slot // jnp.maximum(count, 1)
-    atom = (block.slots_start + slot - image * count) % n
+    atom = (block.window_start + slot - image * count) % n
     step = jnp.stack([image // (counts[1] * counts[2]), (image // counts[2]) % counts[1],
                       image % counts[2]], axis=-1)
     valid = image < counts[0] * counts[1] * counts[2]
@@ -139,7 +139,7 @@ def _knn_block(table, block: KnnBatch):
     neg_d2, slot = jax.lax.top_k(-d2, k)
     vectors = _selected_vectors(near[slot], step[slot], query, frac_radius, block.cell)
     return (jnp.sqrt(-neg_d2), atom[slot],
-            jnp.sqrt(_retry_bound(raw, block.image_counts, block.slots_count, k)), vectors)
+            jnp.sqrt(_retry_bound(raw, block.image_counts, block.window_count, k)), vectors)
 
 
 def _selected_vectors(near, step, query, frac_radius, cell):

@@ -212,6 +212,7 @@ def test_unwritable_workdir_exits_with_one_line(data_dir, tmp_path):
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from cryknn import config, input_pipeline, models, parallel, train
+    from tests import toy_data
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
     weights = jnp.asarray([0.5, 1.0, 2.0, 1.5])
@@ -221,7 +222,7 @@ SHARDED = textwrap.dedent("""
         spec = config.input_spec(cfg)
         if spec.reads == "graph":  # 8 packs of 32 slots: one per device, or all on one
             table = toy_data.toy_features((1, 6, 8, 29), 100, 5, atoms_per_structure=12,
-                                                seed=1)
+                                          seed=1)
             atoms = input_pipeline.LabelledAtoms(
                 table, np.arange(len(table)), rng.integers(0, 4, len(table)).astype(np.int32))
             return next(input_pipeline.batches_for(spec, 8 * 32, 8, 8).epoch(
