@@ -255,6 +255,7 @@ def test_sdist_carries_test_helpers_and_licence(tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         info = tar.extractfile(next(n for n in tar.getnames() if n.endswith("/PKG-INFO")))
         metadata = info.read().decode()
-    assert {"tests/conftest.py", "tests/oracle.py", "tests/__init__.py", "LICENSE"} <= names
+    assert {"tests/conftest.py", "tests/oracle.py", "tests/__init__.py", "tests/toy_data.py",
+            "LICENSE"} <= names
     assert "MIT" in metadata and "CC-BY-4.0" in (REPO / "LICENSE").read_text()
     assert os.path.exists(REPO / "LICENSE")

@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
     cif.reader.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     neighbours.enable_compilation_cache()
     start = time.perf_counter()
-    bar = _ProgressBar()
+    bar = util.ProgressBar("file")
     try:
         done = featurize_files(paths, FLAGS.k, options, FLAGS.chunk_structures,
                                progress=bar.update)
@@ -169,24 +169,6 @@ def _nothing_featurised(skips: Sequence[cif.Skip]) -> int:
     print(f"error: nothing to write: no structure in the {files} input file(s) could be "
           f"featurised (reasons above); no file written", file=sys.stderr)
     return 1
-
-
-class _ProgressBar:
-    """A tqdm bar over files on stderr, created at the first update (total known then)."""
-
-    def __init__(self):
-        self._bar = None
-
-    def update(self, done: int, total: int) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
-        self._bar.update(done)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def run(argv: Sequence[str] | None = None) -> None:
