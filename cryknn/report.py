@@ -29,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
+from cryknn import cif
 from cryknn import elements as elements_lib
 from cryknn import errors
-from cryknn import cif as structures_lib
 from cryknn import util
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_assets")
@@ -59,7 +59,7 @@ def site_flag(site, threshold: float = DEFAULT_THRESHOLD) -> str:
     return "implausible" if site.p_given < threshold else ""
 
 
-def paired(structures: Sequence[structures_lib.Structure], scores: Sequence) -> list:
+def paired(structures: Sequence[cif.Structure], scores: Sequence) -> list:
     """(structure or None, score) for every score, in order: each score takes the first
     structure with its id not taken yet (scores may lack skipped structures; ids repeat
     when two files share a name)."""
@@ -74,7 +74,7 @@ def _p(value: float | None) -> float | None:
     return None if value is None else round(float(value), P_DECIMALS)
 
 
-def _atom_sites(s: structures_lib.Structure, score) -> list[int]:
+def _atom_sites(s: cif.Structure, score) -> list[int]:
     """Per unit-cell atom: the index of its row in score.sites (a site, or per-atom rows)."""
     per_atom = any(t.atom_index is not None for t in score.sites)
     row_of = {(t.atom_index if per_atom else t.site_row - 1): r
@@ -88,7 +88,7 @@ def _atom_sites(s: structures_lib.Structure, score) -> list[int]:
                                f"the structures that were scored") from None
 
 
-def _geometry(s: structures_lib.Structure, score) -> dict:
+def _geometry(s: cif.Structure, score) -> dict:
     symbols = [elements_lib.symbol(int(z)) for z in s.numbers]
     unique = sorted(set(symbols))
     index = {symbol: i for i, symbol in enumerate(unique)}
@@ -98,7 +98,7 @@ def _geometry(s: structures_lib.Structure, score) -> dict:
             "site": _atom_sites(s, score)}
 
 
-def structure_record(s: structures_lib.Structure | None, score,
+def structure_record(s: cif.Structure | None, score,
                      threshold: float = DEFAULT_THRESHOLD) -> dict:
     """One structure as the page's JSON: its score, its sites
     ([label, given, predicted, p_predicted, p_given, multiplicity, flag, top 3]) and, when
@@ -156,7 +156,7 @@ def write_html(path: str | os.PathLike, structures, scores: Sequence, *,
     util.check_output_path(path)
     if not 0 < threshold < 1:
         raise errors.ConfigError(f"threshold must be in (0, 1), got {threshold}")
-    found = structures_lib.as_structures(structures) if structures is not None else []
+    found = cif.as_structures(structures) if structures is not None else []
     records = [structure_record(s, score, threshold) for s, score in paired(found, scores)]
     describe = getattr(model, "describe", None)
     text = render(records, threshold=threshold, title=title,

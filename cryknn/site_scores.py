@@ -238,8 +238,10 @@ def write_flagged(path: str, structures: Sequence[cif.Structure],
     import ase.io
 
     images = []
-    for s, score in _paired(structures, scores):
-        if score.implausible(threshold):
+    from cryknn import report
+
+    for s, score in report.paired(structures, scores):
+        if s is not None and score.implausible(threshold):
             atoms = s.to_ase()
             p_given, predicted, flag = _atom_flags(s, score, threshold)
             atoms.arrays["cryknn_p_given"] = np.array([np.nan if p is None else p
@@ -252,18 +254,6 @@ def write_flagged(path: str, structures: Sequence[cif.Structure],
     with util.atomic_path(path, suffix=".xyz") as tmp:
         ase.io.write(tmp, images, format="extxyz")
     return len(images)
-
-
-def _paired(structures: Sequence[cif.Structure],
-            scores: Sequence[StructureScore]):
-    """(structure, its score) in order; structures without a score (skipped while scoring)
-    are passed over."""
-    it = iter(scores)
-    score = next(it, None)
-    for s in structures:
-        if score is not None and score.structure_id == s.id:
-            yield s, score
-            score = next(it, None)
 
 
 def _atom_flags(s: cif.Structure, score: StructureScore, threshold: float):
@@ -286,8 +276,11 @@ def write_flagged_cif(path: str, structures: Sequence[cif.Structure],
     _atom_site_cryknn_flag ('implausible', 'outside_domain', 'not_modelled' or '.'), which
     VESTA, Mercury, ase and gemmi read (unknown tags are kept or ignored). Returns the
     blocks written."""
-    blocks = [_flagged_block(s, score, threshold) for s, score in _paired(structures, scores)
-              if score.implausible(threshold)]
+    from cryknn import report
+
+    blocks = [_flagged_block(s, score, threshold)
+              for s, score in report.paired(structures, scores)
+              if s is not None and score.implausible(threshold)]
     with util.atomic_open(path, "w") as f:
         f.write("# cryknn: structures with implausible sites\n" + "".join(blocks))
     return len(blocks)

@@ -14,9 +14,9 @@ import os
 from typing import Sequence
 
 from cryknn import cif
-from cryknn.cli import command
 from cryknn import errors
 from cryknn import extras
+from cryknn.cli import command
 
 USAGE = """\
 usage: {prog} build|stats [--dataset=crystal_structures/CONFIG] [flags]

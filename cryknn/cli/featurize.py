@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 
 from cryknn import cif
-from cryknn.cli import command
 from cryknn import errors
 from cryknn import features
 from cryknn import util
+from cryknn.cli import command
 
 USAGE = """\
 usage: {prog} --k=K --out=FILE.npz PATH [PATH ...]
@@ -46,7 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("k", 5, "Neighbours per atom (>= 1).")
     flags.DEFINE_string("out", None, "Output file; must end in .npz.")
     flags.DEFINE_integer("chunk_structures", 512,
-                         "Structures read before each featurisation pass (bounds memory).")
+                         "Files read before each featurisation pass (bounds memory).")
     flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
                          "unread.", lower_bound=1)
     command.define_dataclass_flags(cif.ReadOptions)

@@ -34,10 +34,10 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from cryknn.cli import command
+from cryknn import cif
 from cryknn import errors
-from cryknn.cif import reader as structures_lib
 from cryknn import util
+from cryknn.cli import command
 
 USAGE = """\
 usage: {prog} [--workdir=W | --model_name=NAME] [--out=F.csv] [--html=F] PATH...
@@ -76,7 +76,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 4096, "Atoms per forward pass.", lower_bound=1)
     flags.DEFINE_integer("max_file_mb", 256, "Files larger than this (MB) are skipped "
                          "unread.", lower_bound=1)
-    command.define_dataclass_flags(structures_lib.ReadOptions)
+    command.define_dataclass_flags(cif.ReadOptions)
 
 
 def check_arguments(paths: Sequence[str], threshold: float, out: str | None,
@@ -136,7 +136,7 @@ def _read(paths: Sequence[str], options, stderr):
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | None,
                 out: str | None, threshold: float | None, *, batch_size: int = 4096,
                 implausible_only: bool = False, per_atom: bool = False,
-                options: structures_lib.ReadOptions | None = None,
+                options: cif.ReadOptions | None = None,
                 flagged_out: str | None = None, worst: int = 5, html: str | None = None,
                 stdout=sys.stdout, stderr=sys.stderr) -> int:
     """Scores the structures in `paths` and prints them; returns the exit status."""
@@ -194,13 +194,13 @@ def main(argv: list[str]) -> int:
     from absl import flags
 
     FLAGS = flags.FLAGS
-    structures_lib.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
+    cif.reader.MAX_FILE_BYTES = FLAGS.max_file_mb << 20
     try:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
                            flagged_out=FLAGS.flagged_out, worst=FLAGS.worst, html=FLAGS.html,
-                           options=command.dataclass_from_flags(structures_lib.ReadOptions))
+                           options=command.dataclass_from_flags(cif.ReadOptions))
     except (errors.UserError, KeyboardInterrupt, OSError):
         raise  # one line, exit 2 (a full disk, an unwritable --out)
     except Exception as e:  # noqa: BLE001 - a scoring tool never shows a traceback

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cryknn.cli import command
 from cryknn import config as config_lib
 from cryknn import errors
 from cryknn import extras
+from cryknn.cli import command
 
 USAGE = """\
 usage: {prog} [--k=5] [--workdir=W] [flags]
