@@ -178,7 +178,7 @@ class CheckRun:
     def scores(self, swapped: bool = False) -> np.ndarray:
         """(sites,) p(given) / scale of every site (inf where it cannot be flagged)."""
         p, z = (self.swapped_p, self.swapped_number) if swapped else (self.site_p,
-                                                                       self.site_number)
+                                                                      self.site_number)
         return np.where(self.checkable, p / self.scale[z], np.inf)
 
     def structure_min(self) -> np.ndarray:
@@ -318,8 +318,8 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
         "domain": {"file": calibration.DOMAIN_FILE, "feature": calibration.DOMAIN_FEATURE,
                    "reference_atoms": int(len(model.domain.sample)), "quantile": 0.99,
                    "cutoff": model.domain.cutoff}},
-        "checking": {"chosen_on": "validation", "target_structures_flagged":
-                     TARGET_STRUCTURE_FALSE_ALARMS, **run.summary(threshold)}}
+             "checking": {"chosen_on": "validation", "target_structures_flagged":
+                          TARGET_STRUCTURE_FALSE_ALARMS, **run.summary(threshold)}}
     model.domain.save(os.path.join(model_dir, calibration.DOMAIN_FILE))
     util.write_json(os.path.join(model_dir, saved_model.MODEL_JSON),
                     {**model.saved.info, **added})

@@ -1,5 +1,7 @@
-"""`python -m cryknn.data`: build a dataset of structures, or show its element statistics. The tool is `cryknn.cli.data`
-(`cryknn data` runs it too)."""
+"""`python -m cryknn.data`: build a dataset of structures, or show its element statistics.
+
+The tool is `cryknn.cli.data`; `cryknn data` runs it too.
+"""
 
 from cryknn.cli.data import run
 

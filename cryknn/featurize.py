@@ -1,5 +1,7 @@
-"""`python -m cryknn.featurize`: exact periodic k-NN distances of structure files, as .npz. The tool is `cryknn.cli.featurize`
-(`cryknn featurize` runs it too)."""
+"""`python -m cryknn.featurize`: exact periodic k-NN distances of structure files, as .npz.
+
+The tool is `cryknn.cli.featurize`; `cryknn featurize` runs it too.
+"""
 
 from cryknn.cli.featurize import run
 

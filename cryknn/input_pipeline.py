@@ -181,15 +181,16 @@ def prepare(config: config_lib.Config, log: Callable[[str], None] = parallel.log
     start = time.time()
     process_index, process_count = jax.process_index(), jax.process_count()
     record = features.dataset_record(config.dataset, config.data_dir,
-                            build_if_missing=process_count == 1, manual_dir=config.manual_dir)
+                                     build_if_missing=process_count == 1,
+                                     manual_dir=config.manual_dir)
     limit = record["build_info"].get("limit")
     if limit is not None:
         log(f"note: {config.dataset} is a partial build (only the first {limit} CIF files); "
             f"rebuild it without --limit for real results")
-    tables = {split: features.load_features(config.dataset, split, config.k,
-                                   fingerprint=record["fingerprint"], data_dir=config.data_dir,
-                                   process_index=process_index, process_count=process_count,
-                                   log=log)
+    tables = {split: features.load_features(
+                  config.dataset, split, config.k, fingerprint=record["fingerprint"],
+                  data_dir=config.data_dir, process_index=process_index,
+                  process_count=process_count, log=log)
               for split in features.SPLITS}
     counts = parallel.global_sum(element_counts(tables["train"].atomic_number))
     element_list = choose_elements(counts, num_elements=config.num_elements,

@@ -1,5 +1,7 @@
-"""`python -m cryknn.main`: train and evaluate the element predictor. The tool is `cryknn.cli.train`
-(`cryknn train` runs it too)."""
+"""`python -m cryknn.main`: train and evaluate the element predictor.
+
+The tool is `cryknn.cli.train`; `cryknn train` runs it too.
+"""
 
 from cryknn.cli.train import run
 

@@ -431,7 +431,8 @@ def needs_input_statistics(config: ModelSettings) -> bool:
     return kind_of(config).standardises_inputs
 
 
-def create_model(config: ModelSettings, num_classes: int, input_stats: tuple | None = None) -> nn.Module:
+def create_model(config: ModelSettings, num_classes: int,
+                 input_stats: tuple | None = None) -> nn.Module:
     """The model `config.model` for num_classes classes.
 
     input_stats: (mean, std) of the model's input features (the mlp's, or every graph

@@ -195,7 +195,7 @@ def featurize_isolated(structures: Sequence[cif.Structure], k: int, **kwargs
             reason = str(e) if isinstance(e, errors.FeaturizeError) else "out of memory"
             s = good[0]
             return [], [], skips + [cif.Skip(s.source, s.id.split(":", 1)[-1],
-                                                        reason)]
+                                             reason)]
     half = len(good) // 2
     first, second = (featurize_isolated(good[:half], k, **kwargs),
                      featurize_isolated(good[half:], k, **kwargs))

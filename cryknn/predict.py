@@ -1,5 +1,7 @@
-"""`python -m cryknn.predict`: score the element of every site of structure files. The tool is `cryknn.cli.predict`
-(`cryknn predict` runs it too)."""
+"""`python -m cryknn.predict`: score the element of every site of structure files.
+
+The tool is `cryknn.cli.predict`; `cryknn predict` runs it too.
+"""
 
 from cryknn.cli.predict import run
 

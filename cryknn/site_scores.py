@@ -305,7 +305,8 @@ def _flagged_block(s: cif.Structure, score: StructureScore, threshold: float) ->
     for i in range(s.num_atoms):
         p = "?" if p_given[i] is None else f"{p_given[i]:.4f}"
         x, y, z = s.frac[i]
-        lines.append(f"{gemmi.cif.quote(str(s.labels[i]))} {elements_lib.symbol(int(s.numbers[i]))} "
+        symbol = elements_lib.symbol(int(s.numbers[i]))
+        lines.append(f"{gemmi.cif.quote(str(s.labels[i]))} {symbol} "
                      f"{x:.6f} {y:.6f} {z:.6f} {float(s.occupancies[i]):.4f} {p} "
                      f"{predicted[i]} {flags[i]}")
     return "\n".join(lines) + "\n\n"

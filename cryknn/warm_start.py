@@ -62,7 +62,7 @@ def _k_of(model: Any) -> int:
 def _check_same_architecture(old: Any, new: Any) -> None:
     if type(old) is not type(new):
         raise errors.WarmStartError(f"cannot warm start a {type(new).__name__} from a "
-                             f"{type(old).__name__}")
+                                    f"{type(old).__name__}")
     ignore = {"input_mean", "input_std", "parent", "name"}
     for field in getattr(old, "__dataclass_fields__", {}):
         if field in ignore:

@@ -222,7 +222,7 @@ def main() -> None:
         print(f"k={k}: {json.dumps(row)}", flush=True)
     # Loss atoms/s of the graph model and of the tree model it replaced, same toy data.
     for model, batch in (("graph", 1024 if args.quick else 4096), ("tree", 64 if args.quick
-                                                                    else 512)):
+                                                                   else 512)):
         key = "train" if model == "graph" else "train_tree"
         report[key] = bench_training(model, epochs=2 if args.quick else 4,
                                      atoms_per_element=400 if args.quick else 10000,

@@ -34,7 +34,7 @@ def crystals():
 def test_feature_cache_serves_smaller_k(data_dir):
     fingerprint = features.TOY_FINGERPRINT
     f = features.load_features(DATASET, "train", 3, fingerprint=fingerprint,
-                                     data_dir=data_dir, log=QUIET)
+                               data_dir=data_dir, log=QUIET)
     full = features.AtomTable.load(
         features.cache_path(data_dir, DATASET, fingerprint, 8, "train"))
     assert f.k == 3

@@ -138,7 +138,7 @@ def test_labels_that_start_with_an_element_symbol_are_read_as_it(label, element)
 @pytest.mark.parametrize("label", ["Oa1", "Ow1", "Wat7"])
 def test_a_one_letter_element_then_lowercase_is_no_element(label):
     cif = make_cif([(label, 0.1, 0.1, 0.1)], site_columns=["label", "fract_x", "fract_y",
-                                                             "fract_z"], block="word")
+                                                           "fract_z"], block="word")
     found, skips = read_cif_text(cif, "word")
     assert not found and label in skips[0].reason
 

@@ -104,7 +104,7 @@ def toy_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_name,masked", [("graph", False), ("graph", True),
-                                              ("tree", False)])
+                                               ("tree", False)])
 def test_graph_models_train_and_score_a_structure(toy_dir, tmp_path, model_name, masked):
     config = config_lib.Config(dataset="toy/graph", data_dir=toy_dir, k=5, model=model_name,
                                hops=2, width=16, num_elements=3, epochs=2, batch_size=64,

@@ -180,7 +180,7 @@ def test_a_rebuilt_dataset_is_never_served_stale_features(tmp_path):
     after = input_pipeline.prepare(config, log=lambda m: None)
     atoms = sum(len(getattr(after, s).table) for s in ("train", "validation", "test"))
     assert atoms == sum(len(getattr(before, s).table) for s in ("train", "validation",
-                                                                 "test")) + 8
+                                                                "test")) + 8
 
 
 NACL_LIKE = make_cif([("Na1", "Na", 0, 0, 0), ("Cl1", "Cl", 0.5, 0.5, 0.5)],

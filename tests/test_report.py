@@ -30,9 +30,9 @@ def _nacl():
     and Cl implausible."""
     (s,), _ = structures_lib.read_cif_text(NACL_CIF, "nacl")
     sites = [site_scores.SiteScore(s.id, "Na1", "Na", "Cl", 0.7, None, 4, 1, top=TOP,
-                               flag="outside_domain"),
+                                   flag="outside_domain"),
              site_scores.SiteScore(s.id, "Cl1", "Cl", "O", 0.8, 0.01, 4, 2, top=TOP,
-                               flag="implausible")]
+                                   flag="implausible")]
     return s, site_scores.StructureScore(s.id, sites, 0.01, 4, 8, [])
 
 
@@ -45,8 +45,8 @@ def _random(n: int, id: str = "random:big", seed: int = 0):
     s = structures_lib.Structure.from_arrays(lattice, rng.random((n, 3)), numbers, id=id)
     p = np.where(rng.random(n) < 0.1, 0.01, 0.5 + 0.5 * rng.random(n))
     sites = [site_scores.SiteScore(id, str(s.labels[i]), elements_lib.symbol(int(z)),
-                               "C", 0.9, float(p[i]), 1, i + 1, top=TOP,
-                               flag="implausible" if p[i] < 0.05 else "")
+                                   "C", 0.9, float(p[i]), 1, i + 1, top=TOP,
+                                   flag="implausible" if p[i] < 0.05 else "")
              for i, z in enumerate(numbers)]
     return s, site_scores.StructureScore(id, sites, 0.5, n, n, ["a warning"])
 
@@ -98,8 +98,8 @@ def test_per_atom_scores_and_skipped_structures(tmp_path):
     nacl, _ = _nacl()
     big, big_score = _random(5)
     per_atom = [site_scores.SiteScore(nacl.id, f"X{i}", "Na", "C", 0.5, 0.5 if i else 0.001, 1,
-                                  int(nacl.site_index[i]) + 1, atom_index=i,
-                                  flag="" if i else "implausible") for i in range(8)]
+                                      int(nacl.site_index[i]) + 1, atom_index=i,
+                                      flag="" if i else "implausible") for i in range(8)]
     nacl_score = site_scores.StructureScore(nacl.id, per_atom, 0.5, 8, 8, [])
     # `big` was not scored (skipped): it is left out; nacl's rows are its atoms.
     data = _page_data(report.render([report.structure_record(s, score) for s, score in

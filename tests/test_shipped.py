@@ -57,7 +57,7 @@ def embedded_build(tmp_path_factory):
     model = scoring.load_model()
     data_dir = str(tmp_path_factory.mktemp("embedded"))
     record = features.dataset_record(model.saved.config.dataset, data_dir,
-                                           build_if_missing=True)
+                                     build_if_missing=True)
     return data_dir, record
 
 
@@ -72,8 +72,8 @@ def test_shipped_models_reproduce_their_stored_test_metrics(name, embedded_build
     dataset = model.saved.config.dataset
     assert record["fingerprint"] == model.saved.info["dataset_fingerprint"]
     table = features.load_features(dataset, "test", model.k,
-                                         fingerprint=record["fingerprint"],
-                                         data_dir=data_dir, log=lambda m: None)
+                                   fingerprint=record["fingerprint"],
+                                   data_dir=data_dir, log=lambda m: None)
     labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
     rows = np.flatnonzero(labels >= 0)
     probs = model.predict_table(table, rows)

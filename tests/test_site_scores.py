@@ -17,7 +17,7 @@ def test_flagged_sites_as_extended_xyz(toy_workdir, tmp_path):
     scores = cryknn.load_model(toy_workdir).check([s, s.to_ase()])
     out = str(tmp_path / "flagged.extxyz")
     assert site_scores.write_flagged(out, [s, as_structure(s.to_ase())], scores,
-                                 threshold=1.01) == 2
+                                     threshold=1.01) == 2
     images = ase_io.read(out, index=":")
     assert len(images) == 2 and len(images[0]) == 7
     flags = list(images[0].arrays["cryknn_flag"])

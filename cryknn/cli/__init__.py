@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "data": ("cryknn.cli.data", "build a dataset of structures, or show its element statistics"),
     "predict": ("cryknn.cli.predict", "score the element of every site of structure files"),
     "check": ("cryknn.cli.predict", "the same as predict: flag implausible sites (by default "
-                                "with the shipped model that checks best)"),
+              "with the shipped model that checks best)"),
 }
 
 
