@@ -5,6 +5,7 @@ rotations and to the order of atoms and neighbours, and directions that matter."
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -97,12 +98,19 @@ def _model(k=K, **overrides):
     return model, params, spec
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+    """model.apply compiled, once per model configuration in this module (equal modules
+    apply alike): op-by-op dispatch over many small packs is what made these tests slow."""
+    return jax.jit(model.apply)
+
+
 def _logits(model, params, spec, table, rows, largest):
     out = np.zeros((len(rows), model.num_classes), np.float32)
     for pack in graph_batch.inference_packs(table, rows, spec.receptive_hops, largest,
                                             with_elements=spec.neighbour_elements):
-        logits = np.asarray(model.apply({"params": params}, graph_batch.stack([pack])[0])[
-            "logits"])[0]
+        logits = np.asarray(_jitted_apply(model)({"params": params},
+                                                 graph_batch.stack([pack])[0])["logits"])[0]
         keep = pack.loss_position >= 0
         out[pack.loss_position[keep]] = logits[keep]
     return out

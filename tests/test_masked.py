@@ -65,18 +65,20 @@ def test_coincident_same_element_atoms_are_one_site():
     assert site[0] == site[1] and len({site[0], site[2], site[3]}) == 3
 
 
-def _masked_logits(table, rows, params, model, spec):
-    """(R, C) logits of the atoms at rows, through the model's own input path."""
+def _masked_logits(table, rows, params, model, spec, apply):
+    """(R, C) logits of the atoms at rows, through the model's own input path; apply is
+    the model's apply, jitted once per test (op-by-op dispatch of the graph models is
+    several times slower than compiling them, and each test applies its model 3 times)."""
     if spec.reads == "graph":
         out = np.zeros((len(rows), model.num_classes), np.float32)
         for pack in graph_batch.inference_packs(table, rows, spec.receptive_hops, 4096,
                                                 with_elements=True):
-            logits = model.apply({"params": params}, graph_batch.stack([pack])[0])["logits"]
+            logits = apply({"params": params}, graph_batch.stack([pack])[0])["logits"]
             keep = pack.loss_position >= 0
             out[pack.loss_position[keep]] = np.asarray(logits)[0][keep]
         return out
     inputs = input_pipeline.gather_inputs(table, rows, spec)
-    return np.asarray(model.apply({"params": params}, inputs)["logits"])
+    return np.asarray(apply({"params": params}, inputs)["logits"])
 
 
 @pytest.mark.parametrize("model_name,hops", [("graph", 1), ("graph", 2), ("graph", 3),
@@ -93,14 +95,15 @@ def test_an_atoms_own_element_and_its_copies_never_reach_its_logits(model_name, 
     params = models.init_params(model, 5, jax.random.key(0),
                                 input_pipeline.example_inputs(spec, 2))
     rows = np.arange(len(table))
-    before = _masked_logits(table, rows, params, model, spec)
+    apply = jax.jit(model.apply)
+    before = _masked_logits(table, rows, params, model, spec, apply)
     own = table.site == table.site[0]
     assert own.sum() == 2  # C1 and its inversion copy
     changed = dataclasses.replace(table, atomic_number=np.where(own, 7, table.atomic_number))
-    after = _masked_logits(changed, rows, params, model, spec)
+    after = _masked_logits(changed, rows, params, model, spec, apply)
     np.testing.assert_array_equal(after[own], before[own])
     other = table.site == table.site[np.flatnonzero(table.atomic_number == 8)[0]]
     neighbour_changed = dataclasses.replace(
         table, atomic_number=np.where(other, 16, table.atomic_number))
-    moved = _masked_logits(neighbour_changed, rows, params, model, spec)
+    moved = _masked_logits(neighbour_changed, rows, params, model, spec, apply)
     assert not np.array_equal(moved[own], before[own])

@@ -51,16 +51,6 @@ def test_a_fresh_process_scores_a_real_structure(name, real_cif):
     assert ("masked-atom" in r.stdout) == (name == "masked")
 
 
-@pytest.fixture(scope="module")
-def embedded_build(tmp_path_factory):
-    """The embedded dataset, built once for both shipped models: (data_dir, record)."""
-    model = scoring.load_model()
-    data_dir = str(tmp_path_factory.mktemp("embedded"))
-    record = features.dataset_record(model.saved.config.dataset, data_dir,
-                                     build_if_missing=True)
-    return data_dir, record
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_models_reproduce_their_stored_test_metrics(name, embedded_build):

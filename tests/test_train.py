@@ -264,7 +264,9 @@ def test_sharded_step_matches_single_device():
 
 @pytest.mark.slow
 def test_two_processes_each_read_their_own_part(tmp_path):
-    """--multihost with 2 local processes x 2 CPU devices: one run over 4 devices."""
+    """--multihost with 2 local processes x 2 CPU devices: one run over 4 devices. The
+    mlp: which part each process reads, and the run's devices, do not depend on the model
+    (the sharded step of every model: test_sharded_step_matches_single_device)."""
     import socket
 
     data_dir = str(tmp_path / "data")
@@ -279,7 +281,7 @@ def test_two_processes_each_read_their_own_part(tmp_path):
         [sys.executable, "-m", "cryknn.main", "--multihost",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
          f"--dataset={DATASET}", f"--data_dir={data_dir}", f"--workdir={workdir}",
-         "--epochs=1", "--batch_size=256", "--num_elements=3", "--width=16",
+         "--model=mlp", "--epochs=1", "--batch_size=256", "--num_elements=3", "--width=16",
          "--log_every=1000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         for i in range(2)]
