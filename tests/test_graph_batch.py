@@ -162,8 +162,8 @@ def _shell(directions):
     vectors[0] = 2.0 * np.asarray(directions, np.float32)
     vectors[1:, :, :] = -vectors[0][:, None, :]
     return features.AtomTable(d, index, np.full(k + 1, 6, np.int32),
-                                    np.zeros(k + 1, np.int32), np.array([b"C"] * (k + 1)),
-                                    np.array(["shell:shell"]), neighbour_vector=vectors)
+                              np.zeros(k + 1, np.int32), np.array([b"C"] * (k + 1)),
+                              np.array(["shell:shell"]), neighbour_vector=vectors)
 
 
 def test_directions_tell_a_square_from_a_tetrahedron():

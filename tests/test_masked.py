@@ -58,7 +58,7 @@ def test_coincident_same_element_atoms_are_one_site():
     an O as close stays its own."""
     text = make_cif([("C1", "C", 0.10, 0.10, 0.10), ("C1B", "C", 0.21, 0.10, 0.10),
                      ("O1", "O", 0.5, 0.5, 0.5), ("N1", "N", 0.61, 0.5, 0.5)],
-                   cell="5 6 7 90 90 90", block="dis")
+                    cell="5 6 7 90 90 90", block="dis")
     found, _ = cif.read_cif_text(text, "dis", cif.ReadOptions(disorder="all"))
     table = features.featurize_examples(_examples(found), 3)
     site = table.site

@@ -271,7 +271,7 @@ def test_two_processes_each_read_their_own_part(tmp_path):
 
     data_dir = str(tmp_path / "data")
     toy_data.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
-                                   process_count=2)
+                             process_count=2)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
