@@ -25,7 +25,7 @@ CLASS_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
 _CAPPED = {"max_per_element": 40000, "epochs": 10, "batch_size": 512}
 MODEL_DEFAULTS = {
     "graph": {"width": 64, "dropout": 0.0, "batch_size": 4096, "max_per_element": 40000,
-              "epochs": 1, "directions": True},
+              "epochs": 1, "directions": True, "angular_channels": 16},
     "mlp": {"width": 128, "dropout": 0.1, **_CAPPED},
     "tree": {"width": 64, "dropout": 0.1, **_CAPPED},
     "two_stage": {"dropout": 0.0, **_CAPPED},
@@ -84,6 +84,9 @@ class Config:
                                      "neighbours (the shape of its shell), not only their "
                                      "distances (default: the model's, MODEL_DEFAULTS).",
                                      defines_run=True)
+    angular_channels: int | None = _field(None, "graph with directions: message channels "
+                                          "whose shell shape each layer reads (default: the "
+                                          "model's, MODEL_DEFAULTS).", defines_run=True)
     # Optimisation.
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",
@@ -157,6 +160,8 @@ def from_dict(values: dict) -> Config:
         values["model"] = "two_stage"  # saved by cryknn 0.2, which took the research's name
     if values.get("model") == "graph" and "directions" not in values:
         values["model"] = "tree"  # before cryknn 0.3, 'graph' was the tree model
+    if values.get("model") == "graph" and "angular_channels" not in values:
+        values["angular_channels"] = 16  # graph models saved before the field existed
     return Config(**{key: value for key, value in values.items() if key in names})
 
 

@@ -53,6 +53,7 @@ class ModelSettings(Protocol):
     input_map: str
     neighbour_elements: bool
     directions: bool
+    angular_channels: int
 
 
 INPUT_MAPS = ("raw", "inverse_log_diff")
@@ -260,28 +261,29 @@ class GraphLayer(nn.Module):
     message_ij = Dense(h_j) * filter(edge_ij) (a continuous convolution); the node reads the
     mean message (order invariant) and, with directions, the power spectrum of the harmonic
     moments A_i = mean_j a_ij Y(u_ij) (degrees 1..degree) of narrower messages a_ij over
-    `angular` channels: the shape of the shell (linear, planar, tetrahedral, octahedral
+    `angular_channels` channels: the shape of the shell (linear, planar, tetrahedral, octahedral
     ...), weighted by what each neighbour is, not only its radii.
     """
 
     width: int
     degree: int
-    angular: int = 16
+    angular_channels: int = 16
     dropout: float = 0.0
 
     @nn.compact
     def __call__(self, h, index, edge_features, harmonics, *, train: bool):
         """h (G, N, W), index (G, N, k), edge_features (G, N, k, E), harmonics
         (G, N, k, S) or None -> (G, N, W)."""
-        width = self.width + (self.angular if harmonics is not None else 0)
+        width = self.width + (self.angular_channels if harmonics is not None else 0)
         # One gather and one filter serve the radial and the angular messages.
         messages = gather_nodes(nn.Dense(width, name="message")(h), index)
         messages = messages * nn.Dense(width, name="filter")(edge_features)
         parts = [h, messages[..., :self.width].mean(axis=-2)]
         if harmonics is not None:
             a = messages[..., self.width:]  # (G, N, k, A)
-            # A broadcast product runs faster than a batched tiny matmul on CPU.
-            moments = jnp.mean(harmonics[..., 1:, None] * a[..., None, :], axis=-3)
+            # One small matmul per node ((S, k) @ (k, A)): on CPU about twice as fast as
+            # the broadcast product and mean it replaced, backward pass included.
+            moments = jnp.einsum("gnks,gnka->gnsa", harmonics[..., 1:], a) / a.shape[-2]
             parts.append(angular.angular_invariants(moments, self.degree, first=1))
         y = nn.LayerNorm(name="norm")(jnp.concatenate(parts, axis=-1))
         y = nn.Dense(self.width, name="update_out")(
@@ -331,6 +333,7 @@ class GraphModel(NeighbourhoodModel):
     """
 
     directions: bool = True
+    angular_channels: int = 16
     degree: int = angular.MAX_DEGREE
     num_rbf: int = 24
     edge_width: int = 16
@@ -348,7 +351,8 @@ class GraphModel(NeighbourhoodModel):
         harmonics = (angular.spherical_harmonics(inputs.vectors, self.degree)
                      if self.directions else None)
         for r in range(self.hops):
-            h = GraphLayer(self.width, self.degree, dropout=self.dropout, name=f"layer{r}")(
+            h = GraphLayer(self.width, self.degree, self.angular_channels,
+                           dropout=self.dropout, name=f"layer{r}")(
                 h, inputs.neighbour_index, edges, harmonics, train=train)
         if self.neighbour_elements:
             context = ElementContext(self.width, name="elements")(
@@ -385,7 +389,7 @@ class ModelKind:
 
 MODELS = {
     "graph": ModelKind(GraphModel, ("width", "hops", "dropout", "neighbour_elements",
-                                    "directions"), "graph"),
+                                    "directions", "angular_channels"), "graph"),
     "mlp": ModelKind(MLPModel, ("width", "depth", "dropout", "input_map"), "atoms"),
     "two_stage": ModelKind(TwoStageModel, (), "atoms"),
     "tree": ModelKind(TreeModel, ("width", "hops", "dropout", "neighbour_elements"), "tree"),
@@ -421,6 +425,9 @@ def check_model_config(config: ModelSettings) -> None:
             raise errors.ConfigError("--width must be >= 1 and --depth >= 0")
         if not 0 <= config.dropout < 1:
             raise errors.ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if "angular_channels" in fields and config.angular_channels < 1:
+        raise errors.ConfigError(f"--angular_channels must be >= 1, got "
+                                 f"{config.angular_channels}")
     if "hops" in fields and not 1 <= config.hops <= 4:
         raise errors.ConfigError(f"--hops must be 1 to 4, got {config.hops}")
     if config.neighbour_elements and "neighbour_elements" not in fields:

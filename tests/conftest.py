@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import side_lane
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_COD = REPO.parent / "shared" / "data" / "cod"  # absent in a user's clone: skip
@@ -49,12 +50,12 @@ if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=0".strip()
 
 
-# The embedded CoRE MOF dataset the shipped models were trained on, built once per session
-# (about two minutes: reading 12,000 CIFs, near-copy fingerprints, TFRecords) in a child
-# started as soon as collection shows a test that needs it (`embedded_build`). The suite
-# mostly keeps one core busy (compiling, or waiting on one child tool), so on two cores
-# the build runs beside the tests before it instead of holding them up.
-_EMBEDDED = {}
+# Children that tests only wait for run one after another beside the in-process tests,
+# started as soon as collection shows which are needed (tests/side_lane.py). First the
+# embedded CoRE MOF dataset the shipped models were trained on, built once per session
+# (about two minutes: reading 12,000 CIFs, near-copy fingerprints, TFRecords), then the
+# children of tests marked `side_lane`, in collection order.
+LANE = side_lane.SideLane()
 _EMBEDDED_BUILD = """
 if __name__ == "__main__":
     import sys
@@ -68,22 +69,20 @@ if __name__ == "__main__":
 """
 
 
-def _start_embedded_build() -> None:
-    if _EMBEDDED:
-        return
-    _EMBEDDED["data_dir"] = tempfile.mkdtemp(prefix="cryknn_test_embedded_")
-    _EMBEDDED["log"] = open(os.path.join(_EMBEDDED["data_dir"], "build.log"), "w+")
-    _EMBEDDED["proc"] = subprocess.Popen(
-        [sys.executable, "-c", _EMBEDDED_BUILD, _EMBEDDED["data_dir"]],
-        stdout=_EMBEDDED["log"], stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
-        start_new_session=True)  # its own process group: its parsing workers end with it
+def _embedded_job(folder: Path) -> side_lane.Job:
+    return side_lane.Job([sys.executable, "-c", _EMBEDDED_BUILD, str(folder)],
+                         subprocess_env(), REPO, timeout=1200)
 
 
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     if any("embedded_build" in getattr(item, "fixturenames", ()) for item in session.items):
-        _start_embedded_build()
+        LANE.submit("embedded", _embedded_job)
+    for item in session.items:
+        marker = item.get_closest_marker("side_lane")
+        if marker is not None:
+            LANE.submit(item.nodeid, marker.kwargs["job"])
 
 
 @pytest.fixture(scope="session")
@@ -92,25 +91,24 @@ def embedded_build():
     split's k-NN features at the shipped models' k: (data_dir, record). Read-only."""
     from cryknn import features, scoring
 
-    _start_embedded_build()  # already running unless collection missed this fixture
-    proc, log = _EMBEDDED["proc"], _EMBEDDED["log"]
-    proc.wait()
-    log.seek(0)
-    assert proc.returncode == 0, log.read()[-5000:]
+    done = LANE.result("embedded", _embedded_job)
+    assert done.result.returncode == 0, (done.result.stdout + done.result.stderr)[-5000:]
     record = features.dataset_record(scoring.load_model().saved.config.dataset,
-                                     _EMBEDDED["data_dir"], build_if_missing=False)
-    return _EMBEDDED["data_dir"], record
+                                     str(done.folder), build_if_missing=False)
+    return str(done.folder), record
+
+
+@pytest.fixture
+def side_job(request) -> side_lane.Done:
+    """The finished child of a test marked `side_lane(job=...)`: its output and folder."""
+    marker = request.node.get_closest_marker("side_lane")
+    assert marker is not None, "side_job needs @pytest.mark.side_lane(job=...)"
+    return LANE.result(request.node.nodeid, marker.kwargs["job"])
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
-    if _EMBEDDED:
-        proc = _EMBEDDED["proc"]
-        if proc.poll() is None:  # the session ended before it was needed
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-        _EMBEDDED["log"].close()
-        shutil.rmtree(_EMBEDDED["data_dir"], ignore_errors=True)
+    LANE.stop()
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -129,6 +127,25 @@ def run_module(module: str, *args: str, timeout: float = 300, **env: str
     """`python -m <module> args...` in the repository, output captured as text."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
                           text=True, env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+
+
+def start_module(module: str, *args: str, **env: str) -> subprocess.Popen:
+    """`python -m <module> args...` started, not waited for (`finish` collects it): tools
+    that mostly wait on one core can run side by side on the suite's two."""
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(**env), cwd=REPO)
+
+
+def finish(child: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a started child; its output as `subprocess.run` would give it."""
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
 def run_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

@@ -2,14 +2,16 @@
 no lost files, and skipped or removed input always reported."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from cryknn.cli import command
 from cryknn import errors
-from tests.conftest import NACL_CIF, error_lines, make_cif, progress_free, run_module
-from tests import toy_data
+from tests.conftest import (NACL_CIF, REPO, error_lines, make_cif, progress_free, run_module,
+                            subprocess_env)
+from tests import side_lane, toy_data
 
 TOOLS = {"cryknn.main": "[--k=5]", "cryknn.featurize": "PATH", "cryknn.data": "build|stats",
          "cryknn.predict": "PATH"}
@@ -103,13 +105,18 @@ def test_atoms_removed_by_reading_policies_are_counted(tmp_path):
     assert "1  duplicate atoms merged (merge_duplicates) in 1 structure" in r.stdout
 
 
-def test_train_keeps_stderr_quiet(tmp_path):
-    # The flags of conftest's toy_workdir run: the session's compilation cache holds its programs.
-    toy_data.write_toy_cache(str(tmp_path / "data"), "toy/quiet", 5, (1, 6, 8))
-    r = run_module("cryknn.main", "--dataset=toy/quiet", f"--data_dir={tmp_path / 'data'}",
-                   f"--workdir={tmp_path / 'w'}", "--model=mlp", "--epochs=1",
-                   "--batch_size=64", "--num_elements=3", "--width=16", "--depth=1",
-                   "--log_every=1000")
+def _quiet_training_job(folder):
+    toy_data.write_toy_cache(str(folder / "data"), "toy/quiet", 5, (1, 6, 8))
+    return side_lane.Job(
+        [sys.executable, "-m", "cryknn.main", "--dataset=toy/quiet",
+         f"--data_dir={folder / 'data'}", f"--workdir={folder / 'w'}", "--model=mlp",
+         "--epochs=1", "--batch_size=64", "--num_elements=3", "--width=16", "--depth=1",
+         "--log_every=1000"], subprocess_env(), REPO)
+
+
+@pytest.mark.side_lane(job=_quiet_training_job)
+def test_train_keeps_stderr_quiet(side_job):
+    r = side_job.result
     assert r.returncode == 0, r.stderr
     assert not r.stderr.strip(), r.stderr
     assert "test: accuracy" in r.stdout

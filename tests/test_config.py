@@ -39,6 +39,15 @@ def test_saved_configurations_of_older_versions_load():
     assert config_lib.from_dict({"model": "seed", "k": 5}).model == "two_stage"
     assert config_lib.from_dict({"model": "graph", "k": 5}).model == "tree"  # before 0.3
     assert config_lib.from_dict({"model": "graph", "directions": False}).model == "graph"
+    # Graph runs saved before --angular_channels existed read 16 channels.
+    assert config_lib.from_dict({"model": "graph", "directions": True}).angular_channels == 16
+    assert config_lib.from_dict({"model": "graph", "directions": True, "angular_channels": 4}
+                                ).angular_channels == 4
     assert config_lib.from_dict({"features": "inverse_log_diff", "model": "mlp"}
                                 ).input_map == "inverse_log_diff"
     assert config_lib.from_dict({"k": 7, "unknown_key": 1}).k == 7
+
+
+def test_angular_channels_must_be_positive():
+    with pytest.raises(errors.ConfigError, match="--angular_channels must be >= 1, got 0"):
+        config_lib.validate(config_lib.Config(model="graph", angular_channels=0))

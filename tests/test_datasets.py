@@ -21,7 +21,7 @@ from cryknn import families
 from cryknn import cif
 from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
-from tests.conftest import error_lines, make_cif, run_module, symmetry_ops
+from tests.conftest import error_lines, finish, make_cif, run_module, start_module, symmetry_ops
 
 
 def test_element_counter():
@@ -351,18 +351,19 @@ def test_cli_stats_of_unbuilt_dataset(tmp_path):
 
 
 @pytest.mark.slow  # two subprocesses that import TensorFlow
-def test_cli_build_and_stats(tmp_path):
-    root = tmp_path / "cifs"
-    root.mkdir()
-    write_cif_folder(str(root))
-    data_dir = tmp_path / "tfds"
-    result = _cli("build", "--dataset=crystal_structures/cif_dir", f"--manual_dir={root}",
-                  f"--data_dir={data_dir}", "--num_workers=0")
+def test_cli_build_and_stats(cif_build, tmp_path):
+    # The command builds afresh while `stats` reads the module's build, side by side.
+    root, built, _ = cif_build
+    out = tmp_path / "chart.png"
+    build = start_module("cryknn.data", "build", "--dataset=crystal_structures/cif_dir",
+                         f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}",
+                         "--num_workers=0")
+    stats = start_module("cryknn.data", "stats", "--dataset=crystal_structures/cif_dir",
+                         f"--data_dir={built}", f"--out={out}")
+    result = finish(build, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "skipped: 2 blocks or files" in result.stdout
-    out = tmp_path / "chart.png"
-    result = _cli("stats", "--dataset=crystal_structures/cif_dir", f"--data_dir={data_dir}",
-                  f"--out={out}")
+    result = finish(stats, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "train atoms" in result.stdout and "\nNa " in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

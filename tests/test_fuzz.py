@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_cif, subprocess_env
+from tests.conftest import REPO, finish, make_cif, subprocess_env
 
 NUM_FILES = 300
 MEMORY_CAP_MB = 2048
@@ -101,16 +101,17 @@ def write_corpus(folder: Path, seed: int = 21, num: int = NUM_FILES) -> list[Pat
     return paths + [folder / "pipe.cif", folder / "zero.cif"]
 
 
-def _run_tool(module: str, *args: str):
-    """The tool in a child Python that reports its own peak memory on stderr."""
+def _start_tool(module: str, *args: str):
+    """The tool in a child Python that reports its own peak memory on stderr (started,
+    not waited for: both tools run side by side, each mostly on one core)."""
     import subprocess
 
     code = ("import atexit, resource, sys\n"
             "atexit.register(lambda: sys.stderr.write('PEAK_KB %d\\n' % "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
             f"from {module} import run\nrun(sys.argv)\n")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=600, cwd=REPO)
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
 
 
 def _peak_mb(stderr: str) -> float:
@@ -120,15 +121,20 @@ def _peak_mb(stderr: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The corpus, and `cryknn predict` and `cryknn featurize` run over it side by side."""
     folder = tmp_path_factory.mktemp("fuzz")
-    return folder, write_corpus(folder)
+    paths = write_corpus(folder)
+    out = tmp_path_factory.mktemp("fuzz_out")
+    scores, table = out / "scores.csv", out / "f.npz"
+    predict = _start_tool("cryknn.predict", f"--out={scores}", str(folder))
+    featurize = _start_tool("cryknn.featurize", "--k=3", f"--out={table}", str(folder))
+    return {"folder": folder, "paths": paths, "scores": scores, "table": table,
+            "predict": finish(predict), "featurize": finish(featurize)}
 
 
-def test_predict_accounts_for_every_hostile_file(corpus, tmp_path):
-    folder, paths = corpus
-    out = tmp_path / "scores.csv"
-    r = _run_tool("cryknn.predict", f"--out={out}", str(folder))
+def test_predict_accounts_for_every_hostile_file(runs):
+    folder, paths, out, r = runs["folder"], runs["paths"], runs["scores"], runs["predict"]
     assert r.returncode in (0, 1, 2), r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert _peak_mb(r.stderr) < MEMORY_CAP_MB
@@ -144,12 +150,10 @@ def test_predict_accounts_for_every_hostile_file(corpus, tmp_path):
             assert len(line.split(": ", 2)) == 3 and line.split(": ", 2)[2].strip(), line
 
 
-def test_featurize_survives_every_hostile_file(corpus, tmp_path):
+def test_featurize_survives_every_hostile_file(runs):
     import numpy as np
 
-    folder, paths = corpus
-    out = tmp_path / "f.npz"
-    r = _run_tool("cryknn.featurize", "--k=3", f"--out={out}", str(folder))
+    paths, out, r = runs["paths"], runs["table"], runs["featurize"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr + r.stdout
     assert _peak_mb(r.stderr) < MEMORY_CAP_MB

@@ -1,7 +1,6 @@
 """cryknn.neighbours against a brute-force float64 oracle, amd, and itself; the featurize CLI."""
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +14,8 @@ from cryknn import knn_plan
 from cryknn import neighbours
 from cryknn import cif
 from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, run_module,
-                            run_python, subprocess_env)
+                            subprocess_env)
+from tests import side_lane
 from tests.oracle import brute_force_knn, cell_from_parameters
 
 TOLERANCE = 1e-4  # angstrom, float32 on device vs float64 oracle
@@ -319,42 +319,53 @@ def test_assorted_real_structures_compile_a_handful_of_times():
     assert compiles <= 12, compiles
 
 
-def test_sharded_path_matches_single_device(tmp_path):
-    script = textwrap.dedent("""
-        import numpy as np
-        import jax
-        from cryknn import neighbours
-        from tests.oracle import cell_from_parameters
-        assert jax.device_count() == 8
-        rng = np.random.default_rng(0)
-        lattices = [cell_from_parameters(*rng.uniform(4, 9, 3), *rng.uniform(70, 110, 3))
-                    for _ in range(11)]
-        fracs = [rng.random((int(rng.integers(1, 40)), 3)) for _ in lattices]
-        sharded = neighbours.featurize_arrays(lattices, fracs, 7,
-                                              sharding=neighbours.data_parallel_sharding())
-        single = neighbours.featurize_arrays(lattices, fracs, 7)
-        for a, b in zip(sharded, single):
-            np.testing.assert_allclose(a.distances, b.distances, atol=1e-6)
-            np.testing.assert_array_equal(a.indices, b.indices)
-            np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
-        print("OK")
-    """)
-    proc = run_python(script, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+_SHARDED_KNN = textwrap.dedent("""
+    import numpy as np
+    import jax
+    from cryknn import neighbours
+    from tests.oracle import cell_from_parameters
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    lattices = [cell_from_parameters(*rng.uniform(4, 9, 3), *rng.uniform(70, 110, 3))
+                for _ in range(11)]
+    fracs = [rng.random((int(rng.integers(1, 40)), 3)) for _ in lattices]
+    sharded = neighbours.featurize_arrays(lattices, fracs, 7,
+                                          sharding=neighbours.data_parallel_sharding())
+    single = neighbours.featurize_arrays(lattices, fracs, 7)
+    for a, b in zip(sharded, single):
+        np.testing.assert_allclose(a.distances, b.distances, atol=1e-6)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
+    print("OK")
+""")
+
+
+def _sharded_knn_job(folder):
+    return side_lane.Job([sys.executable, "-c", _SHARDED_KNN],
+                         subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), REPO)
+
+
+@pytest.mark.side_lane(job=_sharded_knn_job)
+def test_sharded_path_matches_single_device(side_job):
+    proc = side_job.result
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
 
 
+def _device_check_job(folder):
+    return side_lane.Job([str(REPO / "experiments" / "device_check.sh"),
+                          str(folder / "check.json"), "--cpu", "--quick", "--k=3",
+                          "--source=synthetic", "--structures=4"],
+                         subprocess_env(PYTHON=sys.executable), REPO)
+
+
 @pytest.mark.slow
-def test_device_check_script_runs_on_cpu(tmp_path):
+@pytest.mark.side_lane(job=_device_check_job)
+def test_device_check_script_runs_on_cpu(side_job):
     """experiments/device_check.sh in its CPU smoke mode writes the report it promises."""
-    out = tmp_path / "check.json"
-    proc = subprocess.run(
-        [str(REPO / "experiments" / "device_check.sh"), str(out), "--cpu", "--quick",
-         "--k=3", "--source=synthetic", "--structures=4"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-        env=subprocess_env(PYTHON=sys.executable))
+    proc = side_job.result
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report = json.loads((side_job.folder / "check.json").read_text())
     assert report["backend"] == "cpu" and report["corpus"]["source"] == "synthetic"
     assert report["corpus"]["structures"] == 4
     row = report["featurize_k3"]

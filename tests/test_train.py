@@ -17,8 +17,8 @@ from cryknn import errors
 from cryknn import features
 from cryknn import input_pipeline
 from cryknn import train
-from tests.conftest import REPO, error_lines, run_module, run_python, subprocess_env
-from tests import toy_data
+from tests.conftest import REPO, error_lines, run_module, subprocess_env
+from tests import side_lane, toy_data
 
 DATASET = "toy/synthetic"
 ELEMENTS = (1, 6, 8, 7, 30)  # H C O N Zn
@@ -256,9 +256,15 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+def _sharded_step_job(folder):
+    return side_lane.Job([sys.executable, "-c", SHARDED],
+                         subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), REPO)
+
+
 @pytest.mark.slow
-def test_sharded_step_matches_single_device():
-    r = run_python(SHARDED, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+@pytest.mark.side_lane(job=_sharded_step_job)
+def test_sharded_step_matches_single_device(side_job):
+    r = side_job.result
     assert "SHARDED_OK" in r.stdout, r.stdout + r.stderr
 
 
