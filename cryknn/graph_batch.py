@@ -163,17 +163,22 @@ def _bandwidth_order(neighbour_index: np.ndarray, rows: np.ndarray) -> np.ndarra
 
 
 def pack_units(units: list[Unit], capacity: int) -> list[list[Unit]]:
-    """Units in the given order, packed greedily: a pack closes when the next unit does
-    not fit in `capacity` nodes."""
-    packs, current, used = [], [], 0
+    """Units packed first fit, in the given order: each goes into the first pack with room
+    for it (a new one when none has). Packs keep their order of opening; next fit (close a
+    pack when the next unit does not fit) left ~14 % of the slots of CoRE MOF packs empty."""
+    packs: list[list[Unit]] = []
+    room = np.zeros(0, np.int64)  # free slots of each pack
     for unit in units:
-        if current and used + len(unit.nodes) > capacity:
-            packs.append(current)
-            current, used = [], 0
-        current.append(unit)
-        used += len(unit.nodes)
-    if current:
-        packs.append(current)
+        size = len(unit.nodes)
+        fits = np.flatnonzero(room >= size)
+        if len(fits):
+            at = int(fits[0])
+        else:
+            at = len(packs)
+            packs.append([])
+            room = np.append(room, capacity)
+        packs[at].append(unit)
+        room[at] -= size
     return packs
 
 

@@ -10,8 +10,9 @@ training logs it; context atoms that only pass messages do not count.
   python experiments/bench_model.py --json=docs/runs/bench_model.json
 
 Measured: the tree model (k = 5, 2 hops, width 64, batch 512 atoms) and the graph model at
-the same k, hops and width (its default, without directions; with directions; every atom
-of the chosen elements carries a loss; also with the per-element cap as the tree model
+the same k, hops and width (without directions; with directions at the default and at
+the other angular width tried on validation; every atom of the chosen elements carries a
+loss; also with the per-element cap as the tree model
 trains: crops of each loss atom's receptive field); then the graph model's cost per atom
 against k (5, 10, 20 at 2 hops) and hops (1..4 at k = 5), without directions.
 Configurations run in interleaved rounds; each keeps its best round (the machine is shared
@@ -54,6 +55,7 @@ class Case:
     hops: int
     fraction: float = 1.0
     directions: bool = False
+    angular_channels: int | None = None  # None: the graph model's default
     best_atoms_per_s: float = 0.0
     compile_s: float = 0.0
     flops_per_atom: float = 0.0
@@ -71,7 +73,8 @@ def make_runner(table, labels_all, case: Case, num_classes: int):
     config = config_lib.Config(dataset="bench", k=case.k, model=case.model, hops=case.hops,
                                batch_size=FLAGS.graph_batch if case.model == "graph"
                                else FLAGS.tree_batch, width=64,
-                               directions=case.directions if case.model == "graph" else None)
+                               directions=case.directions if case.model == "graph" else None,
+                               angular_channels=case.angular_channels)
     table = table.first_k(case.k)
     rng = np.random.default_rng(0)
     rows = np.flatnonzero(labels_all >= 0)
@@ -121,8 +124,14 @@ def load_table(num_structures: int, k: int):
 
 
 def cases() -> list[Case]:
+    from cryknn import config as config_lib
+
+    # The graph model's default angular channels, and the other width tried on validation.
+    other = 16 if config_lib.MODEL_DEFAULTS["graph"]["angular_channels"] == 8 else 8
     out = [Case("tree", "tree", 5, 2), Case("graph", "graph", 5, 2),
            Case("graph_directions", "graph", 5, 2, directions=True),
+           Case(f"graph_directions_a{other}", "graph", 5, 2, directions=True,
+                angular_channels=other),
            Case("graph_capped", "graph", 5, 2, FLAGS.cap_fraction)]
     out += [Case(f"graph_k{k}", "graph", k, 2) for k in (10, 20)]
     out += [Case(f"graph_h{h}", "graph", 5, h) for h in (1, 3, 4)]
@@ -176,6 +185,8 @@ def report(todo: list[Case], total_s: float, num_atoms: int) -> None:
         "graph_capped_atoms_per_s": by["graph_capped"].best_atoms_per_s,
         "graph_directions_atoms_per_s": (by["graph_directions"].best_atoms_per_s
                                          if "graph_directions" in by else None),
+        "directions_speedup": {c.name: c.best_atoms_per_s / by["tree"].best_atoms_per_s
+                               for c in todo if c.directions},
         "speedup": base / by["tree"].best_atoms_per_s,
         "speedup_capped": by["graph_capped"].best_atoms_per_s / by["tree"].best_atoms_per_s,
         "cost": cost,

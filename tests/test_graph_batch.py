@@ -72,6 +72,15 @@ def test_a_field_larger_than_a_pack_is_a_clear_error(table):
                                3, 8)
 
 
+def test_packs_are_filled_first_fit():
+    """Each unit goes into the first pack with room: the 4 fills what the 6 left, the 3
+    what the 7 left (closing a pack whenever the next unit does not fit takes three)."""
+    units = [graph_batch.Unit(np.arange(n), np.arange(1)) for n in (6, 7, 4, 3)]
+    packs = graph_batch.pack_units(units, 10)
+    assert [[len(u.nodes) for u in pack] for pack in packs] == [[6, 4], [7, 3]]
+    assert [len(p) for p in graph_batch.pack_units(units, 7)] == [1, 1, 2]
+
+
 def test_pack_arrays_point_inside_the_pack(table):
     units = graph_batch.make_units(table.neighbour_index, table.structure_index,
                                    np.arange(60), 2, 120)
