@@ -260,9 +260,9 @@ class GraphLayer(nn.Module):
 
     message_ij = Dense(h_j) * filter(edge_ij) (a continuous convolution); the node reads the
     mean message (order invariant) and, with directions, the power spectrum of the harmonic
-    moments A_i = mean_j a_ij Y(u_ij) (degrees 1..degree) of narrower messages a_ij over
-    `angular_channels` channels: the shape of the shell (linear, planar, tetrahedral, octahedral
-    ...), weighted by what each neighbour is, not only its radii.
+    moments A_i = mean_j a_ij Y(u_ij) (degrees 1..degree) of `angular_channels` narrower
+    messages a_ij: the shape of the shell (linear, planar, tetrahedral, octahedral ...),
+    weighted by what each neighbour is, not only its radii.
     """
 
     width: int

@@ -51,10 +51,10 @@ if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
 
 
 # Children that tests only wait for run one after another beside the in-process tests,
-# started as soon as collection shows which are needed (tests/side_lane.py). First the
-# embedded CoRE MOF dataset the shipped models were trained on, built once per session
-# (about two minutes: reading 12,000 CIFs, near-copy fingerprints, TFRecords), then the
-# children of tests marked `side_lane`, in collection order.
+# started as soon as collection shows which are needed (tests/side_lane.py), in the order
+# their tests come: the children of tests marked `side_lane`, and the embedded CoRE MOF
+# dataset the shipped models were trained on, built once per session (about two minutes:
+# reading 12,000 CIFs, near-copy fingerprints, TFRecords).
 LANE = side_lane.SideLane()
 _EMBEDDED_BUILD = """
 if __name__ == "__main__":
@@ -75,11 +75,12 @@ def _embedded_job(folder: Path) -> side_lane.Job:
 
 
 def pytest_collection_finish(session):
+    """Queue the side lane's children in the order their tests will ask for them."""
     if session.config.option.collectonly:
         return
-    if any("embedded_build" in getattr(item, "fixturenames", ()) for item in session.items):
-        LANE.submit("embedded", _embedded_job)
     for item in session.items:
+        if "embedded_build" in getattr(item, "fixturenames", ()):
+            LANE.submit("embedded", _embedded_job)  # once, at its first test's turn
         marker = item.get_closest_marker("side_lane")
         if marker is not None:
             LANE.submit(item.nodeid, marker.kwargs["job"])
