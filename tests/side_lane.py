@@ -63,7 +63,12 @@ class SideLane:
         self._folders.append(folder)
         future: Future = Future()
         self._futures[name] = future
-        self._jobs.put((make_job(folder), folder, future))
+        try:
+            job = make_job(folder)
+        except Exception as e:  # the test that waits for it fails, not the collection
+            future.set_exception(e)
+            return
+        self._jobs.put((job, folder, future))
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="side-lane", daemon=True)
             self._thread.start()
