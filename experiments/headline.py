@@ -42,6 +42,8 @@ def model_row(model: str, runs: Sequence[dict]) -> dict:
     row["balanced_accuracy_95"] = " / ".join(
         "[{:.3f}, {:.3f}]".format(*r["test"]["intervals"]["balanced_accuracy"])
         for r in runs if r["test"].get("intervals"))
+    row["validation_balanced_accuracy_runs"] = " / ".join(  # what choices were made on
+        f"{r['validation']['balanced_accuracy']:.3f}" for r in runs if r.get("validation"))
     row["train_s"] = float(np.mean([r["timing"]["train_s"] for r in runs]))
     return row
 
