@@ -50,53 +50,20 @@ if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=0".strip()
 
 
-# Children that tests only wait for run one after another beside the in-process tests,
-# started as soon as collection shows which are needed (tests/side_lane.py), in the order
-# their tests come: the children of tests marked `side_lane`, and the embedded CoRE MOF
-# dataset the shipped models were trained on, built once per session (about two minutes:
-# reading 12,000 CIFs, near-copy fingerprints, TFRecords).
+# Children that tests only wait for run one after another beside the in-process tests
+# (tests/side_lane.py), queued as soon as collection shows which are needed, in the order
+# their tests come. Tests marked `side_lane(job=..., name=...)` with the same name share
+# one child.
 LANE = side_lane.SideLane()
-_EMBEDDED_BUILD = """
-if __name__ == "__main__":
-    import sys
-    from cryknn import features, scoring
-    model = scoring.load_model()
-    dataset, data_dir = model.saved.config.dataset, sys.argv[1]
-    record = features.dataset_record(dataset, data_dir, build_if_missing=True)
-    # The test split's k-NN features, cached in data_dir as the first test would cache them.
-    features.load_features(dataset, "test", model.k, fingerprint=record["fingerprint"],
-                           data_dir=data_dir)
-"""
-
-
-def _embedded_job(folder: Path) -> side_lane.Job:
-    return side_lane.Job([sys.executable, "-c", _EMBEDDED_BUILD, str(folder)],
-                         subprocess_env(), REPO, timeout=1200)
 
 
 def pytest_collection_finish(session):
-    """Queue the side lane's children in the order their tests will ask for them."""
     if session.config.option.collectonly:
         return
     for item in session.items:
-        if "embedded_build" in getattr(item, "fixturenames", ()):
-            LANE.submit("embedded", _embedded_job)  # once, at its first test's turn
         marker = item.get_closest_marker("side_lane")
         if marker is not None:
-            LANE.submit(item.nodeid, marker.kwargs["job"])
-
-
-@pytest.fixture(scope="session")
-def embedded_build():
-    """The embedded dataset, built once per session for both shipped models, and its test
-    split's k-NN features at the shipped models' k: (data_dir, record). Read-only."""
-    from cryknn import features, scoring
-
-    done = LANE.result("embedded", _embedded_job)
-    assert done.result.returncode == 0, (done.result.stdout + done.result.stderr)[-5000:]
-    record = features.dataset_record(scoring.load_model().saved.config.dataset,
-                                     str(done.folder), build_if_missing=False)
-    return str(done.folder), record
+            LANE.submit(marker.kwargs.get("name", item.nodeid), marker.kwargs["job"])
 
 
 @pytest.fixture
@@ -104,7 +71,7 @@ def side_job(request) -> side_lane.Done:
     """The finished child of a test marked `side_lane(job=...)`: its output and folder."""
     marker = request.node.get_closest_marker("side_lane")
     assert marker is not None, "side_job needs @pytest.mark.side_lane(job=...)"
-    return LANE.result(request.node.nodeid, marker.kwargs["job"])
+    return LANE.result(marker.kwargs.get("name", request.node.nodeid), marker.kwargs["job"])
 
 
 def pytest_unconfigure(config):
