@@ -138,6 +138,30 @@ def cases() -> list[Case]:
     return out
 
 
+def pack_fill(table, labels) -> dict:
+    """Share of the graph packs' node slots that hold atoms (k = 5, 2 hops, the bench's
+    pack size): first fit (what training does) and next fit (close a pack when the next
+    unit does not fit; the packing before first fit), units in archive order."""
+    from cryknn import config as config_lib
+    from cryknn import graph_batch, input_pipeline
+
+    config = config_lib.Config(dataset="bench", k=5, model="graph", hops=2,
+                               batch_size=FLAGS.graph_batch)
+    rows = np.flatnonzero(labels >= 0)
+    atoms = input_pipeline.LabelledAtoms(table.first_k(5), rows, labels[rows])
+    units = input_pipeline.batches_for(config_lib.input_spec(config), FLAGS.graph_batch,
+                                       1, 1).units(atoms)
+    sizes = [len(u.nodes) for u in units]
+    next_fit, used = 1, 0
+    for size in sizes:
+        if used + size > FLAGS.graph_batch - 1:
+            next_fit, used = next_fit + 1, 0
+        used += size
+    first_fit = len(graph_batch.pack_units(units, FLAGS.graph_batch - 1))
+    return {name: sum(sizes) / (packs * FLAGS.graph_batch)
+            for name, packs in (("first_fit", first_fit), ("next_fit", next_fit))}
+
+
 def main(argv):
     del argv
     from cryknn import input_pipeline
@@ -150,6 +174,9 @@ def main(argv):
     labels = input_pipeline.label_table(elements)[table.atomic_number]
     print(f"{len(table)} atoms of {len(table.structure_id)} structures, {len(elements)} "
           f"elements; featurised in {time.time() - t0:.0f} s", flush=True)
+    fill = pack_fill(table, labels)
+    print(f"graph pack slots holding atoms: first fit {fill['first_fit']:.1%}, next fit "
+          f"{fill['next_fit']:.1%}", flush=True)
     todo = [c for c in cases() if not FLAGS.cases or c.name in FLAGS.cases]
     for case in todo:
         t = time.time()
@@ -163,10 +190,10 @@ def main(argv):
             rate = atoms / (time.perf_counter() - t)
             case.best_atoms_per_s = max(case.best_atoms_per_s, rate)
             print(f"round {r + 1} {case.name}: {rate:,.0f} loss atoms/s", flush=True)
-    report(todo, time.time() - t0, len(table))
+    report(todo, time.time() - t0, len(table), fill)
 
 
-def report(todo: list[Case], total_s: float, num_atoms: int) -> None:
+def report(todo: list[Case], total_s: float, num_atoms: int, fill: dict) -> None:
     by = {c.name: c for c in todo}
     for c in todo:
         print(f"{c.name}: {c.best_atoms_per_s:,.0f} loss atoms/s, "
@@ -190,6 +217,7 @@ def report(todo: list[Case], total_s: float, num_atoms: int) -> None:
         "speedup": base / by["tree"].best_atoms_per_s,
         "speedup_capped": by["graph_capped"].best_atoms_per_s / by["tree"].best_atoms_per_s,
         "cost": cost,
+        "pack_fill": fill,
         "compile_s": {c.name: c.compile_s for c in todo},
         "mflop_per_loss_atom": {c.name: c.flops_per_atom / 1e6 for c in todo},
         "settings": {"num_structures": FLAGS.num_structures, "atoms": num_atoms,
