@@ -23,7 +23,6 @@ floating-point operations per loss atom is printed beside (machine independent).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
