@@ -4,6 +4,10 @@
                            dataset build it was trained on, its test metrics, code version
   <folder>/params.msgpack  the parameters only (flax.serialization), no optimiser state
 
+An ensemble (models trained alike with different seeds, whose probabilities are averaged)
+has no params.msgpack: its model.json names member folders beside it (`members`), each a
+saved model as above (`save_ensemble`).
+
 Every finished training run exports one to `<workdir>/model/`; the package ships its
 pretrained models the same way in `cryknn/pretrained/<name>/`. Loading one needs neither
 orbax nor optax nor TensorFlow, so scoring starts fast.
@@ -26,6 +30,7 @@ from cryknn import util
 MODEL_JSON = "model.json"
 PARAMS = "params.msgpack"
 FORMAT = 1
+MEMBERS = "members"  # model.json key of an ensemble: its member folders, relative
 
 
 @dataclasses.dataclass
@@ -37,6 +42,7 @@ class SavedModel:
     model: Any  # flax module
     params: Any  # nested dict of numpy arrays
     folder: str | None = None  # where it was loaded from (its domain.npz is there)
+    members: list["SavedModel"] = dataclasses.field(default_factory=list)  # ensemble only
 
     @property
     def run(self) -> dict:
@@ -128,18 +134,77 @@ def _leaves(tree: Any):
 
 
 def exists(folder: str) -> bool:
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (MODEL_JSON, PARAMS))
+    """Whether folder holds a saved model: model.json with params.msgpack, or an ensemble's
+    model.json with its first member's folder."""
+    if not os.path.isfile(os.path.join(folder, MODEL_JSON)):
+        return False
+    return (os.path.isfile(os.path.join(folder, PARAMS))
+            or os.path.isdir(os.path.join(folder, MEMBERS)))
+
+
+def save_ensemble(folder: str, member_folders: list[str]) -> None:
+    """Copies saved models trained alike (same elements, k and inputs; other seeds) into
+    `folder/members/<i>` and writes the ensemble's model.json: the first member's, without
+    its calibration, plus `members`."""
+    import shutil
+
+    if len(member_folders) < 2:
+        raise errors.ModelError("an ensemble needs at least 2 members")
+    loaded = [load(m) for m in member_folders]
+    _check_alike(loaded, folder)
+    names = []
+    for i, source in enumerate(member_folders):
+        name = f"{MEMBERS}/{i}"
+        target = os.path.join(folder, name)
+        os.makedirs(target, exist_ok=True)
+        for file in (MODEL_JSON, PARAMS):
+            shutil.copyfile(os.path.join(source, file), os.path.join(target, file))
+        names.append(name)
+    first = loaded[0].info
+    info = {key: value for key, value in first.items()
+            if key not in ("calibration", "checking", "test_metrics")}
+    util.write_json(os.path.join(folder, MODEL_JSON), {
+        **info, MEMBERS: names, "num_params": sum(m.info["num_params"] for m in loaded),
+        "member_seeds": [m.config.seed for m in loaded]})
+
+
+def _check_alike(members: list[SavedModel], where: str) -> None:
+    """ModelError unless the members read the same inputs and predict the same classes."""
+    first = members[0]
+    for m in members:
+        if m.members:
+            raise errors.ModelError(f"{where}: an ensemble member may not be an ensemble")
+        if (m.atomic_numbers != first.atomic_numbers
+                or config_lib.input_spec(m.config) != config_lib.input_spec(first.config)):
+            raise errors.ModelError(
+                f"{where}: ensemble members must predict the same elements from the same "
+                f"inputs; {m.folder} differs from {first.folder}")
+
+
+def _load_ensemble(folder: str, info: dict) -> SavedModel:
+    names = info[MEMBERS]
+    if not isinstance(names, list) or len(names) < 2 or not all(
+            isinstance(n, str) and not os.path.isabs(n) and ".." not in n.split("/")
+            for n in names):
+        raise errors.ModelError(f"{os.path.join(folder, MODEL_JSON)}: '{MEMBERS}' must list "
+                                f"at least 2 member folders inside {folder}")
+    members = [load(os.path.join(folder, n)) for n in names]
+    _check_alike(members, folder)
+    return dataclasses.replace(members[0], info=info, folder=folder, members=members)
 
 
 def load(folder: str) -> SavedModel:
     """The model saved in folder; ModelError (one line, naming the file) when it is missing,
-    damaged, or has non-finite parameters."""
+    damaged, or has non-finite parameters. An ensemble loads with its `members`; its own
+    config, module and params are those of its first member."""
     from flax import serialization
 
     path = os.path.join(folder, MODEL_JSON)
     try:
         with open(path) as f:
             info = json.load(f)
+        if MEMBERS in info:
+            return _load_ensemble(folder, info)
         config, model = module_of_run(info["run"])
     except FileNotFoundError:
         raise errors.ModelError(f"no saved model in {folder} ({path} not found)") from None

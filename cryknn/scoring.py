@@ -104,20 +104,27 @@ def _load_export(workdir: str) -> saved_model.SavedModel:
     return saved_model.load(export)
 
 
+def _jit_probs(module):
+    """jit of (params, inputs, temperature) -> softmax(logits / temperature) of a module."""
+    import jax
+
+    return jax.jit(lambda params, inputs, t: jax.nn.softmax(
+        module.apply({"params": params}, inputs, train=False)["logits"] / t, -1))
+
+
 class Model:
-    """A trained element predictor (geometry only, or masked-atom mode)."""
+    """A trained element predictor (geometry only, or masked-atom mode), or an ensemble of
+    such models trained alike, whose probabilities are averaged before the ensemble's own
+    temperature scaling."""
 
     def __init__(self, saved: saved_model.SavedModel, source: str):
-        import jax
-
         self.saved = saved
         self.source = source
         self.spec = config_lib.input_spec(saved.config)
         self.temperature = calibration.temperature_of(saved.info)  # 1: not calibrated
         self.domain = calibration.domain_of(saved.info, saved.folder)  # None: not fitted
-        apply = saved.model.apply
-        self._probs = jax.jit(lambda params, inputs, t: jax.nn.softmax(
-            apply({"params": params}, inputs, train=False)["logits"] / t, -1))
+        # (forward function, params) of each member; a single model is its only member.
+        self._forward = [(_jit_probs(m.model), m.params) for m in saved.members or [saved]]
 
     @property
     def threshold(self) -> float:
@@ -172,7 +179,9 @@ class Model:
         notes = "".join(f"\n{note}" for note in s.info.get("notes", []))
         calibrated = (f"; calibrated on validation, T={self.temperature:.2f}"
                       if calibration.KEY in s.info else "")
-        return (f"model {s.config.model} ({self.mode}; k={self.k}; elements "
+        kind = (f"ensemble of {self.num_members} {s.config.model} models"
+                if self.num_members > 1 else f"model {s.config.model}")
+        return (f"{kind} ({self.mode}; k={self.k}; elements "
                 f"{','.join(self.elements)}{calibrated}) from {self.source}{unfinished}{notes}")
 
     def predict_proba(self, structures, batch_size: int = 4096):
@@ -196,26 +205,42 @@ class Model:
         ends = np.cumsum([s.num_atoms for s in structures])
         return np.split(probs, ends[:-1]), table
 
+    @property
+    def num_members(self) -> int:
+        """How many models are averaged (1 unless an ensemble)."""
+        return len(self._forward)
+
     def predict_table(self, table: features.AtomTable, rows: np.ndarray | None = None,
                       batch_size: int = 4096) -> np.ndarray:
         """(R, C) probabilities of the atoms at `rows` (default: all) of a feature table."""
         rows = np.arange(len(table)) if rows is None else np.asarray(rows)
-        if self.spec.reads == "graph":
-            return self._predict_graph(table, rows, batch_size)
+        predict = self._predict_graph if self.spec.reads == "graph" else self._predict_rows
+        if self.num_members == 1:
+            return predict(*self._forward[0], table, rows, batch_size, self.temperature)
+        mean = np.mean([predict(*forward, table, rows, batch_size, 1.0)
+                        for forward in self._forward], axis=0)
+        if self.temperature == 1.0 or len(mean) == 0:
+            return mean.astype(np.float32)
+        return calibration.apply_temperature(mean, self.temperature)
+
+    def _predict_rows(self, probs_fn, params, table: features.AtomTable, rows: np.ndarray,
+                      batch_size: int, temperature: float) -> np.ndarray:
+        """One member's (R, C) probabilities, each atom's inputs gathered on the host."""
         out = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             size = min(batch_size, 1 << max(0, int(len(chunk) - 1).bit_length()))
             padded = np.pad(chunk, (0, size - len(chunk)), mode="edge")  # few shapes to compile
             inputs = input_pipeline.gather_inputs(table, padded, self.spec)
-            out.append(np.asarray(self._probs(self.saved.params, inputs,
-                                              np.float32(self.temperature)))[:len(chunk)])
+            out.append(np.asarray(probs_fn(params, inputs,
+                                           np.float32(temperature)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
 
-    def _predict_graph(self, table: features.AtomTable, rows: np.ndarray,
-                       batch_size: int) -> np.ndarray:
-        """Whole structures (crops of big ones) in packs of at most `batch_size` slots: one
-        forward pass per pack, every atom's state computed once per hop."""
+    def _predict_graph(self, probs_fn, params, table: features.AtomTable, rows: np.ndarray,
+                       batch_size: int, temperature: float) -> np.ndarray:
+        """One member's probabilities from whole structures (crops of big ones) in packs of
+        at most `batch_size` slots: one forward pass per pack, every atom's state computed
+        once per hop."""
         from cryknn import graph_batch
 
         probs = np.zeros((len(rows), len(self.elements)), np.float32)
@@ -223,8 +248,7 @@ class Model:
                 table, rows, self.spec.receptive_hops, batch_size,
                 with_elements=self.spec.neighbour_elements):
             inputs = graph_batch.stack([pack])[0]
-            out = np.asarray(self._probs(self.saved.params, inputs,
-                                         np.float32(self.temperature)))[0]
+            out = np.asarray(probs_fn(params, inputs, np.float32(temperature)))[0]
             keep = pack.loss_position >= 0
             probs[pack.loss_position[keep]] = out[keep]
         return probs

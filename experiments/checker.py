@@ -4,8 +4,9 @@ caught, calibration, on the test split and on held-out COD.
     python experiments/checker.py [--data_dir=D] [--cifs=../shared/data/cod]
         [--json=docs/runs/checker.json] [--figures=docs/figures] [--max_structures=N]
 
-For each shipped model (`default`, `masked`; calibrated by experiments/calibrate.py, which
-also chose each one's checking threshold on validation) and each set of real structures
+For each shipped model (`default`, `masked`, `masked_ensemble`; calibrated by
+experiments/calibrate.py or train_pretrained.py, which also chose each one's checking
+threshold on validation) and each set of real structures
 (the test split of the models' dataset; the COD CIFs beside the repository without the
 near-copies of any structure of the training dataset build, `heldout.py`):
 - real sites flagged implausible, real structures with any flagged site, sites outside the
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-MODELS = ("default", "masked")
+MODELS = ("default", "masked", "masked_ensemble")
 OLD_THRESHOLD = 0.05
 
 

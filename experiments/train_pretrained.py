@@ -3,6 +3,8 @@
     python experiments/train_pretrained.py --name=default [--workdir=W]
     python experiments/train_pretrained.py --name=masked --neighbour_elements [--workdir=W]
         [any flag of python -m cryknn.main; the defaults train the default model]
+    python experiments/train_pretrained.py --name=masked_ensemble \
+        --members=W0,W1,W2 [--data_dir=D]
 
 Trains with `train.train_and_evaluate` in --workdir (default --workroot/<name>; a finished
 run there is only read back, so a run made before can be shipped), then copies the
@@ -11,10 +13,16 @@ fingerprint and test metrics, and params.msgpack) to cryknn/pretrained/<name>/, 
 `cryknn.load_model(name=...)` and `cryknn predict --model_name=...` find it, and fits
 there what checking needs (`checking.calibrate_saved_model`: temperature, domain,
 threshold, on the validation split).
+
+With --members (finished workdirs of runs trained alike with other seeds), it ships their
+exports as one ensemble (`saved_model.save_ensemble`: probabilities averaged), measures its
+test metrics on the dataset's test split (with family-bootstrap intervals), and
+calibrates the ensemble as a whole.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -37,6 +45,46 @@ def define_flags() -> None:
     flags.DEFINE_string("name", "default", "The shipped model's name (its folder).")
     flags.DEFINE_string("workroot", str(common.SCRATCH / "pretrained"), "Workdirs go here.")
     flags.DEFINE_string("workdir", None, "The run's workdir (default: <workroot>/<name>).")
+    flags.DEFINE_list("members", None, "Ship an ensemble of these finished workdirs' models "
+                      "instead of training one.")
+
+
+def ensemble_test_metrics(folder: str, data_dir: str | None) -> dict:
+    """Test metrics of the saved model in folder on its dataset's test split, as a
+    training run stores them (num_atoms, accuracies, per element, intervals)."""
+    import numpy as np
+
+    from cryknn import evaluate, families, features, input_pipeline, saved_model, scoring
+
+    model = scoring.Model(saved_model.load(folder), folder)
+    dataset = model.saved.config.dataset
+    table = features.load_features(dataset, "test", model.k, data_dir=data_dir,
+                                   fingerprint=model.saved.info["dataset_fingerprint"])
+    labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
+    rows = np.flatnonzero(labels >= 0)
+    probs = model.predict_table(table, rows)
+    metrics, _ = evaluate.split_metrics(probs, labels[rows], model.elements)
+    groups = input_pipeline.structure_groups(dataset, data_dir)
+    per_structure = np.asarray([groups.get(sid) or families.family_of(sid)
+                                for sid in table.structure_id.tolist()], dtype=str)
+    metrics["intervals"] = evaluate.bootstrap_intervals(
+        labels[rows], probs, per_structure[table.structure_index[rows]], len(model.elements))
+    keep = ("num_atoms", "accuracy", "balanced_accuracy", "top3_accuracy", "per_element",
+            "intervals")
+    return {key: metrics[key] for key in keep if key in metrics}
+
+
+def ship_ensemble(target: Path, workdirs: list[str], data_dir: str | None) -> None:
+    from cryknn import checking, checkpoints, saved_model, util
+
+    shutil.rmtree(target, ignore_errors=True)
+    saved_model.save_ensemble(str(target), [os.path.join(w, checkpoints.MODEL_FOLDER)
+                                            for w in workdirs])
+    path = target / saved_model.MODEL_JSON
+    info = json.loads(path.read_text())
+    metrics = ensemble_test_metrics(str(target), data_dir)
+    util.write_json(str(path), {**info, "test_metrics": metrics})
+    checking.calibrate_saved_model(str(target), data_dir)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -45,18 +93,28 @@ def main(argv: Sequence[str]) -> int:
     from cryknn import checking, checkpoints, saved_model, train
 
     FLAGS = flags.FLAGS
+    target = PRETRAINED / FLAGS.name
+    if FLAGS.members:
+        ship_ensemble(target, FLAGS.members, FLAGS.data_dir)
+        metrics = {"test": saved_model.load(str(target)).info["test_metrics"]}
+        return report(target, metrics)
     workdir = FLAGS.workdir or os.path.join(FLAGS.workroot, FLAGS.name)
     metrics = train.train_and_evaluate(common.run_config(), workdir)
     source = os.path.join(workdir, checkpoints.MODEL_FOLDER)
-    target = PRETRAINED / FLAGS.name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     for name in (saved_model.MODEL_JSON, saved_model.PARAMS):
         shutil.copy2(os.path.join(source, name), target / name)
     # Temperature, domain and checking threshold, fitted on the validation split.
     checking.calibrate_saved_model(str(target), FLAGS.data_dir, FLAGS.dataset)
+    return report(target, metrics)
+
+
+def report(target: Path, metrics: dict) -> int:
+    from cryknn import saved_model
+
     shipped = saved_model.load(str(target))
-    size = sum(f.stat().st_size for f in target.iterdir())
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"shipped {target}: {shipped.config.model}, k={shipped.k}, "
           f"{shipped.info['num_params']:,} parameters, {size / 1e6:.2f} MB; test accuracy "
           f"{metrics['test']['accuracy']:.4f}, balanced accuracy "

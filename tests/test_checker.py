@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 import cryknn
-from cryknn import checking, cif, saved_model, scoring, site_scores
+from cryknn import checking, cif, errors, saved_model, scoring, site_scores
 from tests.conftest import METHANE_CIF
 
 
@@ -96,3 +96,58 @@ def test_predict_names_the_checking_model_and_threshold(tmp_path):
     name = scoring.checking_default()
     assert f"shipped model {name!r}" in text
     assert f"checking at p(given) < {cryknn.load_model(name=name).threshold:.3g}" in text
+
+
+def _perturbed_copy(source: str, target: str, scale: float) -> str:
+    """A saved model like source with every parameter scaled (another 'seed')."""
+    import jax
+
+    saved = saved_model.load(source)
+    params = jax.tree_util.tree_map(lambda x: x * scale, saved.params)
+    saved_model.save(target, saved.run, params, step=saved.step)
+    return target
+
+
+def test_an_ensemble_averages_its_members_then_scales_by_its_own_temperature(
+        toy_workdir, tmp_path):
+    import numpy as np
+
+    from cryknn import calibration
+
+    a = f"{toy_workdir}/model"
+    b = _perturbed_copy(a, str(tmp_path / "b"), 0.7)
+    folder = str(tmp_path / "ensemble")
+    saved_model.save_ensemble(folder, [a, b])
+    assert saved_model.exists(folder)
+    ensemble = scoring.Model(saved_model.load(folder), "ensemble")
+    assert ensemble.num_members == 2 and "ensemble of 2" in ensemble.describe()
+    (s,), _ = cif.read_cif_text(METHANE_CIF, "methane")
+    members = [scoring.Model(saved_model.load(m), m).predict_proba(s) for m in (a, b)]
+    assert not np.allclose(members[0], members[1])
+    np.testing.assert_allclose(ensemble.predict_proba(s), np.mean(members, axis=0),
+                               rtol=1e-5, atol=1e-7)
+    added = checking.calibrate_saved_model(folder, log=lambda m: None)
+    T = added["calibration"]["temperature"]
+    calibrated = scoring.Model(saved_model.load(folder), "calibrated")
+    assert calibrated.temperature == T and calibrated.num_members == 2
+    np.testing.assert_allclose(calibrated.predict_proba(s), calibration.apply_temperature(
+        np.mean(members, axis=0), T), rtol=1e-4, atol=1e-6)
+    (score,) = calibrated.check(s)
+    assert {t.flag for t in score.sites} <= set(site_scores.FLAGS)
+
+
+def test_ensembles_refuse_nesting_and_members_outside_their_folder(toy_workdir, tmp_path):
+    import json
+
+    a = f"{toy_workdir}/model"
+    inner = str(tmp_path / "inner")
+    saved_model.save_ensemble(inner, [a, a])
+    with pytest.raises(errors.ModelError, match="may not be an ensemble"):
+        saved_model.save_ensemble(str(tmp_path / "outer"), [inner, a])
+    with pytest.raises(errors.ModelError, match="at least 2"):
+        saved_model.save_ensemble(str(tmp_path / "one"), [a])
+    info = json.loads((tmp_path / "inner" / "model.json").read_text())
+    (tmp_path / "inner" / "model.json").write_text(json.dumps(
+        {**info, "members": ["../escape", "members/1"]}))
+    with pytest.raises(errors.ModelError, match="member folders inside"):
+        saved_model.load(inner)

@@ -14,6 +14,30 @@ from tests import side_lane
 from tests.conftest import REPO, run_module, subprocess_env
 
 SHIPPED = ("default", "masked")
+ENSEMBLE = "masked_ensemble"  # the three masked seeds; the checking default
+
+
+def test_package_data_carries_every_shipped_file():
+    """The wheel holds what pyproject's package-data globs match (as setuptools globs,
+    '*' within one folder): every file of every shipped model, ensemble members included."""
+    import glob
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["cryknn"]
+    root = REPO / "cryknn"
+    matched = {p for pattern in patterns for p in glob.glob(str(root / pattern))}
+    shipped = {str(p) for p in (root / "pretrained").rglob("*") if p.is_file()}
+    assert shipped and not shipped - matched, sorted(shipped - matched)
+
+
+def test_the_shipped_ensemble_is_the_three_masked_seeds_and_checks_by_default():
+    model = scoring.load_model(name=ENSEMBLE)
+    single = scoring.load_model(name="masked")
+    assert model.num_members == 3 and model.spec == single.spec
+    assert model.saved.info["member_seeds"] == [0, 1, 2]
+    assert model.saved.info["checking"]["chosen_on"] == "validation"
+    assert scoring.checking_default() == ENSEMBLE
 
 
 @pytest.fixture(scope="module")
