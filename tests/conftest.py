@@ -74,6 +74,21 @@ def side_job(request) -> side_lane.Done:
     return LANE.result(marker.kwargs.get("name", request.node.nodeid), marker.kwargs["job"])
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The suite's CPU seconds (this process and every child it waited for): on a loaded
+    machine its wall time follows them, so this is the number to keep small."""
+    import resource
+
+    own, children = (resource.getrusage(who)
+                     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    cpu = [u.ru_utime + u.ru_stime for u in (own, children)]
+    lane = ", ".join(f"{name.rsplit('::', 1)[-1]} {s:.0f} s"
+                     for name, s in LANE.seconds.items())
+    terminalreporter.write_line(
+        f"suite CPU {sum(cpu):.0f} s (pytest {cpu[0]:.0f} s, child processes {cpu[1]:.0f} s)"
+        + (f"; side lane wall: {lane}" if lane else ""))
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
     LANE.stop()

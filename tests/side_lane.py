@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,7 @@ class SideLane:
         self._running: subprocess.Popen | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self.seconds: dict[str, float] = {}  # wall seconds of each finished job
 
     def submit(self, name: str, make_job: Callable[[Path], Job]) -> None:
         """Queue `make_job`'s job under `name` (once; later submissions are ignored)."""
@@ -68,7 +70,7 @@ class SideLane:
         except Exception as e:  # the test that waits for it fails, not the collection
             future.set_exception(e)
             return
-        self._jobs.put((job, folder, future))
+        self._jobs.put((name, job, folder, future))
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="side-lane", daemon=True)
             self._thread.start()
@@ -81,15 +83,17 @@ class SideLane:
     def _work(self) -> None:
         while not self._stopped.is_set():
             try:
-                job, folder, future = self._jobs.get(timeout=0.5)
+                name, job, folder, future = self._jobs.get(timeout=0.5)
             except queue.Empty:
                 continue
             if not future.set_running_or_notify_cancel():
                 continue
+            start = time.monotonic()
             try:
                 future.set_result(Done(self._run(job), folder))
             except BaseException as e:  # the waiting test reports it
                 future.set_exception(e)
+            self.seconds[name] = time.monotonic() - start
 
     def _run(self, job: Job) -> subprocess.CompletedProcess:
         # Its own process group: worker processes it starts end with it.

@@ -26,3 +26,24 @@ def test_spherical_harmonics_are_orthonormal_and_rotate_within_degrees():
         (vectors @ random_rotation(5).T).astype(np.float32), 4)).sum(0)[:, None]
     np.testing.assert_allclose(angular.angular_invariants(turned, 4),
                                angular.angular_invariants(moments, 4), rtol=1e-4, atol=1e-5)
+
+
+def test_pair_form_gives_the_power_spectra_of_harmonic_moments():
+    """angular.power_spectra(pair_kernels) is the addition theorem applied to
+    angular_invariants of the weighted harmonic moments: the same numbers, for random
+    shells with ties, a zero vector and opposite directions, and for k = 1."""
+    rng = np.random.default_rng(3)
+    for k in (1, 5, 12):
+        vectors = rng.normal(size=(4, k, 3))
+        vectors[0, 0] = 0.0  # a zero vector reads as +x in both forms
+        if k > 1:
+            vectors[1, 1] = -vectors[1, 0]
+            vectors[2, 1] = vectors[2, 0] * 2.5  # the same direction twice
+        weights = rng.normal(size=(4, k, 6))
+        y = np.asarray(angular.spherical_harmonics(vectors.astype(np.float32), 4), np.float64)
+        moments = np.einsum("nks,nkc->nsc", y[..., 1:], weights)
+        want = np.asarray(angular.angular_invariants(moments, 4, first=1))
+        kernels = angular.pair_kernels(vectors.astype(np.float32), 4, first=1)
+        got = np.asarray(angular.power_spectra(kernels, weights.astype(np.float32)))
+        assert got.shape == want.shape == (4, 4 * 6)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
