@@ -390,15 +390,21 @@ def test_beam_build_matches_local(cif_build, tmp_path):
     assert datasets.read_build_info(beam_ds)["beam"] is True
 
 
-@pytest.mark.slow
-def test_beam_core_mof_limited(tmp_path):
+def test_archive_shards_parse_each_structure_of_their_split_once():
+    """What a Beam worker does with a core-mof archive (`parsing.beam_parse` of an
+    `ArchiveShard`): the shards of a split parse its structures, each exactly once. The
+    pipeline around it is the one `test_beam_build_matches_local` runs end to end."""
     pytest.importorskip("apache_beam")
-    datasets.build("crystal_structures/core_mof_2014", str(tmp_path), limit=30,
-               beam_runner="DirectRunner", num_workers=2, log=lambda _: None)
-    expected = [s.id for s in cif.iter_core_mof("2014", limit=30)
-                if isinstance(s, cif.Structure)]
-    stats = datasets.element_stats("crystal_structures/core_mof_2014", str(tmp_path))
-    got = [ex["id"] for split in stats["splits"]
-           for ex in datasets.load_split("crystal_structures/core_mof_2014", split, str(tmp_path))]
-    assert sorted(got) == sorted(expected)
-    assert sum(v["structures"] for v in stats["splits"].values()) == len(expected)
+    limit = 30
+    want = collections.defaultdict(list)
+    for task in parsing.core_mof_tasks("2014", limit=limit):
+        want[task.split(None)] += [f"{task.source}#{i}" for i, r in
+                                   enumerate(parsing.parse_task(task))
+                                   if isinstance(r, cif.Structure)]
+    for shards in (1, 3):
+        for split in families.SPLITS:
+            keys = [out[0] for shard in range(shards) for out in parsing.beam_parse(
+                [parsing.ArchiveShard("2014", split, shard, shards, limit)])
+                if isinstance(out, tuple)]
+            assert sorted(keys) == sorted(want[split]), (shards, split)
+    assert sum(map(len, want.values())) > 20
