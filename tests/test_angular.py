@@ -33,7 +33,7 @@ def test_pair_form_gives_the_power_spectra_of_harmonic_moments():
     angular_invariants of the weighted harmonic moments: the same numbers, for random
     shells with ties, a zero vector and opposite directions, and for k = 1."""
     rng = np.random.default_rng(3)
-    for k in (1, 5, 12):
+    for k in (1, 6):
         vectors = rng.normal(size=(4, k, 3))
         vectors[0, 0] = 0.0  # a zero vector reads as +x in both forms
         if k > 1:

@@ -53,9 +53,10 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Workdir of a model you trained (cryknn train); "
                         "default: the model shipped with cryknn.")
     flags.DEFINE_string("model_name", None, "Which shipped model scores (without "
-                        "--workdir): default (geometry only) or masked (also sees the "
-                        "neighbours' elements); unset: the one that checks best on "
-                        "validation (scoring.checking_default).")
+                        "--workdir): default (geometry only), masked (also sees the "
+                        "neighbours' elements) or masked_ensemble (three masked seeds "
+                        "averaged); unset: the one that checks best on validation "
+                        "(scoring.checking_default).")
     flags.DEFINE_string("out", None, "Also write one CSV row per site (or atom) here.")
     flags.DEFINE_string("html", None, "Also write a report here: one self-contained HTML "
                         "page (no network needed) with a 3D view of every structure, its "
