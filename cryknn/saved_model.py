@@ -135,7 +135,7 @@ def _leaves(tree: Any):
 
 def exists(folder: str) -> bool:
     """Whether folder holds a saved model: model.json with params.msgpack, or an ensemble's
-    model.json with its first member's folder."""
+    model.json with its `members/` folder."""
     if not os.path.isfile(os.path.join(folder, MODEL_JSON)):
         return False
     return (os.path.isfile(os.path.join(folder, PARAMS))
