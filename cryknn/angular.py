@@ -5,8 +5,9 @@ from (`models.GraphLayer`). Pure jax.numpy functions, shapes in the docstrings.
 The model computes the power spectra without harmonics: by the addition theorem,
 sum_m Y_lm(u) Y_lm(v) = (2l + 1) / (4 pi) P_l(u . v), so the power spectrum of weighted
 moments sum_j w_j Y_lm(u_j) is a quadratic form of the weights over pairs of directions
-(`pair_kernels`, `power_spectra`): the same numbers, in a few times less time on a CPU
-(experiments/bench_model.py). `spherical_harmonics` and `angular_invariants` are the
+(`pair_kernels`, `power_spectra`): the same numbers, with the angular part's forward and
+backward pass several times faster on a CPU (the whole training step ~15 %;
+experiments/bench_model.py). `spherical_harmonics` and `angular_invariants` are the
 definition the pair form is tested against."""
 
 from __future__ import annotations
