@@ -115,9 +115,16 @@ def site_means(values: np.ndarray, site: np.ndarray, sites: int) -> np.ndarray:
     return np.bincount(site, values, minlength=sites) / np.maximum(count, 1)
 
 
+def first_atoms(site: np.ndarray) -> np.ndarray:
+    """(sites,) the first atom (row) of each site, site (A,) numbered as `atom_sites`."""
+    sites = int(site.max()) + 1 if len(site) else 0
+    first = np.zeros(sites, np.int64)
+    first[site[::-1]] = np.arange(len(site))[::-1]
+    return first
 
-def _structure_min(score: np.ndarray, checkable: np.ndarray, site_structure: np.ndarray,
-                   structures: int) -> np.ndarray:
+
+def least_per_structure(score: np.ndarray, checkable: np.ndarray,
+                        site_structure: np.ndarray, structures: int) -> np.ndarray:
     """(S,) least score over each structure's checkable sites (inf where none)."""
     out = np.full(structures, np.inf)
     np.minimum.at(out, site_structure[checkable], score[checkable])
@@ -150,9 +157,8 @@ class CheckRun:
         """probs: (A, C) the model's probabilities of the table's atoms, when known."""
         probs = model.predict_table(table) if probs is None else probs
         site = atom_sites(table)
-        sites = int(site.max()) + 1 if len(site) else 0
-        first = np.zeros(sites, np.int64)
-        first[site[::-1]] = np.arange(len(site))[::-1]
+        first = first_atoms(site)
+        sites = len(first)
         p_atom = p_given_atoms(model, probs, table.atomic_number)
         ok = model.in_domain(table) & np.isfinite(p_atom)
         swaps = pick_swaps(table, model.saved.atomic_numbers, seed)
@@ -183,13 +189,13 @@ class CheckRun:
 
     def structure_min(self) -> np.ndarray:
         """(S,) least site score of each real structure."""
-        return _structure_min(self.scores(), self.checkable, self.site_structure,
-                              self.structures)
+        return least_per_structure(self.scores(), self.checkable, self.site_structure,
+                                   self.structures)
 
     def swapped_min(self) -> np.ndarray:
         """(W,) least site score of each swapped structure."""
-        return _structure_min(self.scores(True), self.checkable, self.site_structure,
-                              self.structures)[self.swapped_structure]
+        return least_per_structure(self.scores(True), self.checkable,
+                                   self.site_structure, self.structures)[self.swapped_structure]
 
     def pairs(self) -> np.ndarray:
         """(W,) 'C->N', ... the swap of each swapped structure."""

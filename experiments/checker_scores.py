@@ -72,9 +72,8 @@ def main(argv: Sequence[str]) -> int:
     for z, others in checking.partners(list(numbers)).items():
         partner[z, class_of[others]] = True
     site = checking.atom_sites(table)
-    sites = int(site.max()) + 1
-    first = np.zeros(sites, np.int64)
-    first[site[::-1]] = np.arange(len(site))[::-1]
+    first = checking.first_atoms(site)
+    sites = len(first)
     p_given = lambda p, z: checking.p_given_atoms(shipped, p, z)  # noqa: E731
     ok = shipped.in_domain(table) & np.isfinite(p_given(probs["default"][0],
                                                         table.atomic_number))
@@ -83,8 +82,8 @@ def main(argv: Sequence[str]) -> int:
 
     def least(values):
         mean = checking.site_means(np.nan_to_num(values, nan=1.0), site, sites)
-        return checking._structure_min(np.where(checkable, mean, np.inf), checkable,
-                                       structure, len(table.structure_id))
+        return checking.least_per_structure(np.where(checkable, mean, np.inf), checkable,
+                                            structure, len(table.structure_id))
 
     scores = {
         "p(given)": p_given,
