@@ -3,19 +3,22 @@ fitting what a saved model needs to check structures (calibration, domain, thres
 
   swaps = pick_swaps(table, model, seed=0)       # one Z+-1 swap per structure
   run = CheckRun.of(model, table)                # clean + swapped site p(given), domain
-  run.rates(threshold)                           # false alarms and detection
-  calibrate_saved_model('workdir/model')         # temperature, domain, threshold -> model.json
+  run.rates(rule)                                # false alarms and detection
+  calibrate_saved_model('workdir/model')         # temperature, domain, rule -> model.json
 
 The classic mistake of X-ray crystallography is an atom given the element next to it in
-Z, whose electron density is alike: `SWAP_PAIRS`. A swap changes the element of every
-atom of one site; a geometry-only model's answer changes only at that site, a masked-atom
-model's also at the atoms that see it as a neighbour (up to its hops), which are
-predicted again. Everything goes through the public scoring path
+Z, whose electron density is alike: `SWAP_PAIRS` (`elements.ADJACENT_Z_PAIRS`). A swap
+changes the element of every atom of one site; a geometry-only model's answer changes only
+at that site, a masked-atom model's also at the atoms that see it as a neighbour (up to
+its hops), which are predicted again. Everything goes through the public scoring path
 (`scoring.Model.predict_table` on an `features.AtomTable`).
 
 A site is flagged `implausible` when it is in the model's domain (`Model.in_domain`) and
-its mean p(given) over its atoms is below the threshold; a structure is flagged when any
-site is.
+the model's `scoring.CheckRule` says so of its mean probabilities over its atoms: p(given)
+below the threshold, or p(given) / (p(given) + p(its Z+-1 neighbour)) below the adjacent
+threshold; a structure is flagged when any site is. `choose_rule` sets the first to flag
+FLOOR_STRUCTURES of the real validation structures alone (a floor for any unlikely
+element) and the second so that both together flag TARGET_STRUCTURE_FALSE_ALARMS.
 """
 
 from __future__ import annotations
@@ -32,11 +35,15 @@ from cryknn import saved_model
 from cryknn import scoring
 from cryknn import util
 
-SWAP_PAIRS = (("C", "N"), ("N", "O"), ("O", "F"), ("P", "S"), ("S", "Cl"), ("Mn", "Fe"),
-              ("Fe", "Co"), ("Co", "Ni"), ("Ni", "Cu"), ("Cu", "Zn"), ("Ag", "Cd"),
-              ("Cd", "In"))
+SWAP_PAIRS = elements_lib.ADJACENT_Z_PAIRS
 TARGET_STRUCTURE_FALSE_ALARMS = 0.05  # the issue's target on real structures
+# The share of real structures the p(given) threshold alone may flag: chosen on validation
+# (docs/results.md A0.5), it keeps any very unlikely element flagged at little cost in
+# detection of Z+-1 swaps (95.5 % against 95.8 % without it).
+FLOOR_STRUCTURES = 0.01
 THRESHOLDS = np.geomspace(1e-6, 0.5, 400)
+# Multiples of a rule's thresholds over which detection is traced against false alarms.
+RULE_FACTORS = np.geomspace(1e-3, 30, 300)
 
 
 def partners(modelled: list[int]) -> dict[int, list[int]]:
@@ -133,12 +140,11 @@ def least_per_structure(score: np.ndarray, checkable: np.ndarray,
 
 @dataclasses.dataclass
 class CheckRun:
-    """p(given) of every site of real structures and of the same structures with one Z+-1
-    swap each (every swap at once: structures are independent). A site's score is
-    p(given) / scale[its element] (`scale` (119,), 1 everywhere unless per-element
-    thresholds are fitted: `element_scale`); a site is flagged at threshold t when its
-    score is below t; sites that cannot be flagged (element not modelled, outside the
-    domain) never are."""
+    """p(given) and p_vs_adjacent (`scoring.p_vs_adjacent`) of every site of real
+    structures and of the same structures with one Z+-1 swap each (every swap at once:
+    structures are independent). A site's score under a rule is `CheckRule.score`, flagged
+    below 1; a bare threshold t stands for the rule p(given) < t. Sites that cannot be
+    flagged (element not modelled, outside the domain) never are."""
 
     site_p: np.ndarray  # (sites,) mean p(given) of each real site
     site_number: np.ndarray  # (sites,) its element
@@ -149,7 +155,8 @@ class CheckRun:
     site_structure: np.ndarray  # (sites,) structure of each site
     swapped_site: np.ndarray  # (W,) the swapped site of each swapped structure
     swapped_structure: np.ndarray  # (W,) which structure
-    scale: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(119))
+    site_ratio: np.ndarray  # (sites,) p_vs_adjacent of each real site (NaN: none)
+    swapped_ratio: np.ndarray  # (sites,) the same after the swaps
 
     @classmethod
     def of(cls, model: scoring.Model, table: features.AtomTable,
@@ -165,36 +172,42 @@ class CheckRun:
         changed = swaps.table.atomic_number != table.atomic_number
         rows = affected_rows(table, changed, model.spec.receptive_hops
                              if model.spec.neighbour_elements else 0)
-        p_swapped = p_atom.copy()
+        swapped_probs = probs.copy()
         if len(rows):
-            p_swapped[rows] = p_given_atoms(model, model.predict_table(swaps.table, rows),
-                                            swaps.table.atomic_number[rows])
+            swapped_probs[rows] = model.predict_table(swaps.table, rows)
+        p_swapped = p_given_atoms(model, swapped_probs, swaps.table.atomic_number)
         mean = lambda p: site_means(np.nan_to_num(p, nan=1.0), site, sites)  # noqa: E731
-        return cls(mean(p_atom), table.atomic_number[first], mean(p_swapped),
-                   swaps.table.atomic_number[first],
+        numbers, swapped_numbers = table.atomic_number[first], swaps.table.atomic_number[first]
+        return cls(mean(p_atom), numbers, mean(p_swapped), swapped_numbers,
                    site_means(ok.astype(float), site, sites) > 0.999,
                    site_means(np.isfinite(p_atom).astype(float), site, sites) > 0.999,
                    table.structure_index[first].astype(np.int64), swaps.site,
-                   swaps.structure)
+                   swaps.structure,
+                   scoring.p_vs_adjacent(site_probs(probs, site, sites), numbers,
+                                         model.saved.atomic_numbers),
+                   scoring.p_vs_adjacent(site_probs(swapped_probs, site, sites),
+                                         swapped_numbers, model.saved.atomic_numbers))
 
     @property
     def structures(self) -> int:
         return int(self.site_structure.max()) + 1 if len(self.site_structure) else 0
 
-    def scores(self, swapped: bool = False) -> np.ndarray:
-        """(sites,) p(given) / scale of every site (inf where it cannot be flagged)."""
-        p, z = (self.swapped_p, self.swapped_number) if swapped else (self.site_p,
-                                                                      self.site_number)
-        return np.where(self.checkable, p / self.scale[z], np.inf)
+    def scores(self, rule: scoring.CheckRule | float, swapped: bool = False) -> np.ndarray:
+        """(sites,) every site's score under the rule, below 1 where flagged (inf where it
+        cannot be flagged)."""
+        rule = as_rule(rule)
+        p, ratio = ((self.swapped_p, self.swapped_ratio) if swapped else
+                    (self.site_p, self.site_ratio))
+        return np.where(self.checkable, rule.score(p, ratio), np.inf)
 
-    def structure_min(self) -> np.ndarray:
-        """(S,) least site score of each real structure."""
-        return least_per_structure(self.scores(), self.checkable, self.site_structure,
+    def structure_min(self, rule: scoring.CheckRule | float) -> np.ndarray:
+        """(S,) least site score of each real structure (flagged below 1)."""
+        return least_per_structure(self.scores(rule), self.checkable, self.site_structure,
                                    self.structures)
 
-    def swapped_min(self) -> np.ndarray:
-        """(W,) least site score of each swapped structure."""
-        return least_per_structure(self.scores(True), self.checkable,
+    def swapped_min(self, rule: scoring.CheckRule | float) -> np.ndarray:
+        """(W,) least site score of each swapped structure (flagged below 1)."""
+        return least_per_structure(self.scores(rule, True), self.checkable,
                                    self.site_structure, self.structures)[self.swapped_structure]
 
     def pairs(self) -> np.ndarray:
@@ -203,34 +216,55 @@ class CheckRun:
                            for a, b in zip(self.site_number[self.swapped_site],
                                            self.swapped_number[self.swapped_site])], str)
 
-    def rates(self, threshold: float) -> dict:
-        """Shares flagged at threshold: real sites (of all sites), real structures,
-        swapped structures (detection) and the swapped sites themselves."""
-        return {"threshold": float(threshold),
-                "real_sites_flagged": _share(self.scores() < threshold),
-                "real_structures_flagged": _share(self.structure_min() < threshold),
-                "swap_detection": _share(self.swapped_min() < threshold),
-                "swapped_site_flagged": _share(self.scores(True)[self.swapped_site]
-                                               < threshold)}
+    def rates(self, rule: scoring.CheckRule | float) -> dict:
+        """The rule's thresholds and the shares it flags: real sites (of all sites), real
+        structures, swapped structures (detection) and the swapped sites themselves."""
+        rule = as_rule(rule)
+        return {**rule_record(rule),
+                "real_sites_flagged": _share(self.scores(rule) < 1),
+                "real_structures_flagged": _share(self.structure_min(rule) < 1),
+                "swap_detection": _share(self.swapped_min(rule) < 1),
+                "swapped_site_flagged": _share(self.scores(rule, True)[self.swapped_site]
+                                               < 1)}
 
-    def summary(self, threshold: float) -> dict:
-        """rates, the ROC AUCs (site: swapped sites against real modelled sites; structure:
-        swapped against real structures) and how many sites are outside the domain."""
-        return {**self.rates(threshold), "sites": int(len(self.site_p)),
+    def summary(self, rule: scoring.CheckRule | float) -> dict:
+        """rates, the ROC AUCs of the rule's score (site: swapped sites against real
+        modelled sites; structure: swapped against real structures) and how many sites
+        are outside the domain."""
+        return {**self.rates(rule), "sites": int(len(self.site_p)),
                 "structures": self.structures, "swapped_structures": int(len(
                     self.swapped_site)),
                 "sites_outside_domain": _share(~self.checkable),
                 "modelled_sites_outside_domain": _share(~self.checkable[self.modelled]),
-                "site_auc": roc_auc(-self.scores(True)[self.swapped_site],
-                                    -self.scores()[self.modelled]),
-                "structure_auc": roc_auc(-self.swapped_min(), -self.structure_min())}
+                "site_auc": roc_auc(-self.scores(rule, True)[self.swapped_site],
+                                    -self.scores(rule)[self.modelled]),
+                "structure_auc": roc_auc(-self.swapped_min(rule), -self.structure_min(rule))}
 
-    def curve(self, thresholds: np.ndarray = THRESHOLDS) -> dict:
-        """Structure false-alarm rate and swap detection at each threshold."""
-        real, swapped = self.structure_min(), self.swapped_min()
-        return {"threshold": thresholds.tolist(),
-                "real_structures_flagged": [_share(real < t) for t in thresholds],
-                "swap_detection": [_share(swapped < t) for t in thresholds]}
+    def curve(self, rule: scoring.CheckRule | float, factors: np.ndarray = RULE_FACTORS) -> dict:
+        """Structure false-alarm rate and swap detection with the rule's thresholds all
+        multiplied by each factor (for a bare threshold: at factor x threshold)."""
+        real, swapped = self.structure_min(rule), self.swapped_min(rule)
+        return {"factor": factors.tolist(),
+                "real_structures_flagged": [_share(real < f) for f in factors],
+                "swap_detection": [_share(swapped < f) for f in factors]}
+
+
+def as_rule(rule) -> scoring.CheckRule:
+    """A CheckRule (a bare threshold t: the rule p(given) < t)."""
+    return rule if isinstance(rule, scoring.CheckRule) else scoring.CheckRule(float(rule))
+
+
+def rule_record(rule: scoring.CheckRule) -> dict:
+    """The rule as model.json's checking entry stores it."""
+    record = {"threshold": float(rule.threshold)}
+    if rule.adjacent_threshold is not None:
+        record["adjacent_threshold"] = float(rule.adjacent_threshold)
+    return record
+
+
+def site_probs(probs: np.ndarray, site: np.ndarray, sites: int) -> np.ndarray:
+    """(sites, C) mean of the (A, C) probabilities over each site's atoms."""
+    return np.stack([site_means(column, site, sites) for column in probs.T], axis=1)
 
 
 def _share(flags: np.ndarray) -> float | None:
@@ -251,11 +285,22 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
 
 def choose_threshold(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
                      thresholds: np.ndarray = THRESHOLDS) -> float:
-    """The largest threshold (most swaps caught) at which at most `target` of the real
-    structures have a flagged site."""
-    real = run.structure_min()
+    """The largest threshold on p(given) (most swaps caught) at which at most `target` of
+    the real structures have a flagged site."""
+    real = run.structure_min(1.0)
     ok = [t for t in thresholds if np.mean(real < t) <= target]
     return float(max(ok)) if ok else float(thresholds[0])
+
+
+def choose_rule(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
+                floor: float = FLOOR_STRUCTURES,
+                thresholds: np.ndarray = THRESHOLDS) -> scoring.CheckRule:
+    """The p(given) threshold that alone flags at most `floor` of the real structures,
+    then the largest adjacent threshold with which both together flag at most `target`."""
+    base = scoring.CheckRule(choose_threshold(run, floor, thresholds))
+    ok = [a for a in thresholds if np.mean(run.structure_min(dataclasses.replace(
+        base, adjacent_threshold=float(a))) < 1) <= target]
+    return dataclasses.replace(base, adjacent_threshold=float(max(ok))) if ok else base
 
 
 def _sample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -291,8 +336,8 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
                           seed: int = 0, log=print) -> dict:
     """Fits, on the validation split of the model's dataset (or `dataset`, built in
     `data_dir`), the temperature, the domain (reference sample from the training split)
-    and the checking threshold (most Z+-1 swaps caught with at most 5 % of real structures
-    flagged), and adds them to model_dir's model.json (`calibration`, `checking`) and
+    and the checking rule (`choose_rule`: most Z+-1 swaps caught with at most 5 % of real
+    structures flagged), and adds them to model_dir's model.json (`calibration`, `checking`) and
     domain.npz. Returns what it added. Refitting replaces an earlier fit."""
     model = _uncalibrated(model_dir)
     saved = model.saved
@@ -313,7 +358,7 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
     model.temperature = temperature
     model.domain = fit_domain(model, load("train"), validation, seed=seed)
     run = CheckRun.of(model, validation, calibrated, seed=seed)
-    threshold = choose_threshold(run)
+    rule = choose_rule(run)
     added = {calibration.KEY: {
         "temperature": temperature, "fitted_on": "validation", "dataset": dataset,
         "dataset_fingerprint": fingerprint, "atoms": int(len(rows)),
@@ -325,13 +370,14 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
                    "reference_atoms": int(len(model.domain.sample)), "quantile": 0.99,
                    "cutoff": model.domain.cutoff}},
              "checking": {"chosen_on": "validation", "target_structures_flagged":
-                          TARGET_STRUCTURE_FALSE_ALARMS, **run.summary(threshold)}}
+                          TARGET_STRUCTURE_FALSE_ALARMS, "floor_structures_flagged":
+                          FLOOR_STRUCTURES, **run.summary(rule)}}
     model.domain.save(os.path.join(model_dir, calibration.DOMAIN_FILE))
     util.write_json(os.path.join(model_dir, saved_model.MODEL_JSON),
                     {**model.saved.info, **added})
     found = added["checking"]
     caught = ("no swappable site" if found["swap_detection"] is None
               else f"catches {found['swap_detection']:.1%} of single Z+-1 swaps")
-    log(f"{model_dir}: temperature {temperature:.3f}; threshold p(given) < {threshold:.3g} "
-        f"flags {found['real_structures_flagged']:.1%} of validation structures; {caught}")
+    log(f"{model_dir}: temperature {temperature:.3f}; {rule.describe()} flags "
+        f"{found['real_structures_flagged']:.1%} of validation structures; {caught}")
     return added

@@ -34,6 +34,13 @@ _Z_BY_SYMBOL = {s.lower(): z for z, s in enumerate(SYMBOLS, start=1)}
 HYDROGEN_ISOTOPES = ("D", "T")
 
 
+# Element pairs next to each other in Z whose electron densities X-ray diffraction barely
+# tells apart: the classic mis-assignment of a crystal structure's sites.
+ADJACENT_Z_PAIRS = (("C", "N"), ("N", "O"), ("O", "F"), ("P", "S"), ("S", "Cl"), ("Mn", "Fe"),
+                    ("Fe", "Co"), ("Co", "Ni"), ("Ni", "Cu"), ("Cu", "Zn"), ("Ag", "Cd"),
+                    ("Cd", "In"))
+
+
 def symbol(z: int) -> str:
     """Element symbol of atomic number z (1..118)."""
     if not 1 <= int(z) <= NUM_ELEMENTS:

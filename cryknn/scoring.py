@@ -15,7 +15,8 @@ states, both averaged over the site's atoms. Per structure, the plausibility is 
 geometric mean of p(given) over the atoms whose element the model knows (1 = the model
 agrees everywhere). Probabilities are calibrated where the model was (temperature
 scaling fitted on validation, `cryknn.calibration`). Every site gets a flag: `implausible`
-(p(given) below the threshold, the model's checking threshold by default), or
+(by the model's `CheckRule`: p(given) below the threshold or, for a model with an adjacent
+threshold, p(given) far below that of the element next to it in Z), or
 `outside_domain` (the model does not model its element, or, for a calibrated model, its
 environment is unlike any in training: its p(given) says little, so it is never called
 implausible), or none. Physically absurd input (atoms on top of each other, atoms with no
@@ -24,6 +25,7 @@ neighbour in reach, occupancies above 1) is scored but flagged with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Sequence
@@ -50,6 +52,66 @@ DEFAULT_THRESHOLD = 0.05
 # First-neighbour distances outside this range (angstrom) are flagged: no bond is shorter
 # than 0.5 A (X-ray C-H is 0.93 A), and in no solid is the nearest atom 4 A away.
 SANE_FIRST_NEIGHBOUR = (0.5, 4.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRule:
+    """When a site in the model's domain is implausible: p(given) < threshold, or (with an
+    adjacent_threshold) p_vs_adjacent = p(given) / (p(given) + p(the likeliest modelled
+    element next to it in Z, `elements.ADJACENT_Z_PAIRS`)) < adjacent_threshold: the
+    given element is far less likely than its neighbour in Z, the mis-assignment X-ray
+    diffraction makes. The first catches any unlikely element, the second the likely
+    mistake at a lower false-alarm cost (`cryknn.checking` fits both on validation)."""
+
+    threshold: float
+    adjacent_threshold: float | None = None
+
+    def score(self, p_given, p_vs_adjacent) -> np.ndarray:
+        """(N,) below 1 exactly where flagged: min(p_given / threshold, p_vs_adjacent /
+        adjacent_threshold); a NaN p_vs_adjacent (no modelled neighbour in Z) never
+        flags."""
+        score = np.asarray(p_given, float) / self.threshold
+        if self.adjacent_threshold is not None:
+            ratio = np.nan_to_num(np.asarray(p_vs_adjacent, float), nan=np.inf)
+            with np.errstate(divide="ignore"):
+                score = np.minimum(score, ratio / self.adjacent_threshold)
+        return score
+
+    def describe(self) -> str:
+        text = f"p(given) < {self.threshold:.3g}"
+        if self.adjacent_threshold is None:
+            return text
+        return (f"{text} or p(given) / (p(given) + p(Z+-1 neighbour)) < "
+                f"{self.adjacent_threshold:.3g}")
+
+
+def adjacent_classes(atomic_numbers: Sequence[int]) -> np.ndarray:
+    """(119, C) bool: [z, c] where class c's element is next to element z in Z as
+    `elements.ADJACENT_Z_PAIRS` lists (both modelled)."""
+    class_of = {int(z): c for c, z in enumerate(atomic_numbers)}
+    out = np.zeros((119, len(atomic_numbers)), bool)
+    for a, b in elements_lib.ADJACENT_Z_PAIRS:
+        za, zb = elements_lib.atomic_number(a), elements_lib.atomic_number(b)
+        if za in class_of and zb in class_of:
+            out[za, class_of[zb]] = out[zb, class_of[za]] = True
+    return out
+
+
+def p_vs_adjacent(probs: np.ndarray, numbers: np.ndarray,
+                  atomic_numbers: Sequence[int]) -> np.ndarray:
+    """(N,) p(given) / (p(given) + the largest p of a modelled element next to it in Z),
+    from probs (N, C) over the classes `atomic_numbers` and the given elements numbers
+    (N,); NaN where the given element is not modelled or has no such neighbour."""
+    numbers = np.asarray(numbers)
+    class_of = np.full(119, -1)
+    class_of[np.asarray(atomic_numbers)] = np.arange(len(atomic_numbers))
+    c = class_of[numbers]
+    adjacent = adjacent_classes(atomic_numbers)[numbers]
+    given = probs[np.arange(len(numbers)), np.maximum(c, 0)]
+    rival = np.where(adjacent, probs, 0).max(axis=1) if len(numbers) else given
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = given / (given + rival)
+    return np.where((c >= 0) & adjacent.any(axis=1), np.nan_to_num(ratio, nan=0.5), np.nan)
 
 
 def pretrained_names() -> list[str]:
@@ -127,20 +189,38 @@ class Model:
         self._forward = [(_jit_probs(m.model), m.params) for m in saved.members or [saved]]
 
     @property
-    def threshold(self) -> float:
-        """The checking threshold on p(given) chosen on validation (`cryknn.checking`),
-        or DEFAULT_THRESHOLD for a model without one."""
-        return float((self.saved.info.get("checking") or {}).get("threshold",
-                                                                 DEFAULT_THRESHOLD))
-
-    def checking_note(self, threshold: float) -> str:
-        """One line: the threshold in use and, when it is the model's own, what it caught
-        on validation."""
+    def rule(self) -> CheckRule:
+        """The checking rule chosen on validation (`cryknn.checking`); p(given) <
+        DEFAULT_THRESHOLD for a model without one."""
         found = self.saved.info.get("checking") or {}
-        if ("threshold" not in found or found.get("swap_detection") is None
-                or abs(found["threshold"] - threshold) > 1e-12):
-            return f"checking at p(given) < {threshold:.3g}"
-        return (f"checking at p(given) < {threshold:.3g}, chosen on validation: it catches "
+        return CheckRule(float(found.get("threshold", DEFAULT_THRESHOLD)),
+                         found.get("adjacent_threshold"))
+
+    @property
+    def threshold(self) -> float:
+        """The checking rule's threshold on p(given)."""
+        return self.rule.threshold
+
+    def rule_with(self, threshold: float | None = None,
+                  adjacent_threshold: float | None = None) -> CheckRule:
+        """The model's rule with the thresholds given (not None) in place of its own; an
+        adjacent_threshold of 0 turns that test off."""
+        rule = self.rule
+        if threshold is not None:
+            rule = dataclasses.replace(rule, threshold=float(threshold))
+        if adjacent_threshold is not None:
+            rule = dataclasses.replace(rule, adjacent_threshold=float(adjacent_threshold)
+                                       or None)
+        return rule
+
+    def checking_note(self, rule: CheckRule | float) -> str:
+        """One line: the rule in use (or p(given) < a threshold) and, when it is the
+        model's own, what it caught on validation."""
+        rule = rule if isinstance(rule, CheckRule) else CheckRule(float(rule))
+        found = self.saved.info.get("checking") or {}
+        if found.get("swap_detection") is None or rule != self.rule:
+            return f"checking at {rule.describe()}"
+        return (f"checking at {rule.describe()}, chosen on validation: it catches "
                 f"{found['swap_detection']:.0%} of single Z+-1 swaps and flags "
                 f"{found['real_structures_flagged']:.1%} of real structures")
 
@@ -254,47 +334,51 @@ class Model:
         return probs
 
     def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
-              threshold: float | None = None) -> Scores:
+              threshold: float | None = None,
+              adjacent_threshold: float | None = None) -> Scores:
         """Per-site (or per-atom) scores of every structure (one, or a list; cryknn
         Structures, ase.Atoms or pymatgen Structures): what `cryknn check` prints."""
         return self.score(structures, per_atom=per_atom, batch_size=batch_size,
-                          threshold=threshold)
+                          threshold=threshold, adjacent_threshold=adjacent_threshold)
 
     def score(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
-              progress=None, chunk: int = 64, threshold: float | None = None) -> Scores:
+              progress=None, chunk: int = 64, threshold: float | None = None,
+              adjacent_threshold: float | None = None) -> Scores:
         """Per-site (or per-atom) scores of every structure; the same as `check` (scores,
-        not a metric as in scikit-learn). Sites are flagged at p(given) < threshold
-        (default: the model's checking threshold). progress(done, total): called after
-        every `chunk` structures, which are then scored a chunk at a time."""
+        not a metric as in scikit-learn). Sites are flagged by the model's checking rule,
+        with threshold / adjacent_threshold in place of its own where given (`rule_with`).
+        progress(done, total): called after every `chunk` structures, which are then
+        scored a chunk at a time."""
         structures = cif.as_structures(structures)
+        rule = self.rule_with(threshold, adjacent_threshold)
         if progress is not None:
             scores = Scores()
             for part in util.chunked(structures, chunk):
-                scores.extend(self.score(part, per_atom=per_atom, batch_size=batch_size,
-                                         threshold=threshold))
+                probs, table = self._predict(part, batch_size)
+                scores.extend(self._scores(part, table, np.concatenate(probs) if probs
+                                           else None, per_atom, rule))
                 progress(len(part), len(structures))
             return scores
         probs, table = self._predict(structures, batch_size)
         return self._scores(structures, table, np.concatenate(probs) if probs else None,
-                            per_atom, threshold)
+                            per_atom, rule)
 
     def _scores(self, structures: Sequence[cif.Structure],
                 table: features.AtomTable | None, probs: np.ndarray | None,
-                per_atom: bool, threshold: float | None) -> Scores:
+                per_atom: bool, rule: CheckRule) -> Scores:
         """Scores of structures from their table's (A, C) probabilities."""
         if table is None:
             return Scores()
-        threshold = self.threshold if threshold is None else threshold
         in_domain = self.in_domain(table)
         starts = np.cumsum([0] + [s.num_atoms for s in structures])
         return Scores(self._score_one(s, probs[a:a + s.num_atoms],
                                       table.distances[a:a + s.num_atoms, 0], per_atom,
-                                      in_domain[a:a + s.num_atoms], threshold)
+                                      in_domain[a:a + s.num_atoms], rule)
                       for s, a in zip(structures, starts))
 
     def _score_one(self, s: cif.Structure, probs: np.ndarray,
                    first_distance: np.ndarray, per_atom: bool, in_domain: np.ndarray,
-                   threshold: float) -> StructureScore:
+                   rule: CheckRule) -> StructureScore:
         class_of = {z: i for i, z in enumerate(self.saved.atomic_numbers)}
         given_class = np.array([class_of.get(int(z), -1) for z in s.numbers])
         modelled = given_class >= 0
@@ -307,18 +391,23 @@ class Model:
             counts = np.unique(s.site_index, return_counts=True)[1]
             groups = np.split(np.argsort(s.site_index, kind="stable"), np.cumsum(counts)[:-1])
         labels = _site_labels(s)
+        means = np.stack([probs[atoms].mean(axis=0) for atoms in groups])
+        first = np.array([atoms[0] for atoms in groups])
+        ratios = p_vs_adjacent(means, s.numbers[first], self.saved.atomic_numbers)
         sites = []
-        for atoms in groups:
-            mean = probs[atoms].mean(axis=0)
+        for atoms, mean, ratio in zip(groups, means, ratios):
             best, c = int(np.argmax(mean)), int(given_class[atoms[0]])
             p_given = float(mean[c]) if c >= 0 else None
+            ratio = None if np.isnan(ratio) else float(ratio)
             flag = ("outside_domain" if p_given is None or not in_domain[atoms].all() else
-                    "implausible" if p_given < threshold else "")
+                    "implausible" if rule.score(p_given, np.nan if ratio is None else ratio)
+                    < 1 else "")
             sites.append(SiteScore(
                 s.id, labels[atoms[0]], elements_lib.symbol(int(s.numbers[atoms[0]])),
                 self.elements[best], float(mean[best]), p_given,
                 len(atoms), int(s.site_index[atoms[0]]) + 1,
-                atoms[0] if per_atom else None, top=self._top(mean), flag=flag))
+                atoms[0] if per_atom else None, top=self._top(mean), flag=flag,
+                p_vs_adjacent=ratio))
         return StructureScore(s.id, sites, plausibility, int(modelled.sum()), s.num_atoms,
                               structure_warnings(s, first_distance))
 
@@ -359,15 +448,17 @@ MAX_BATCH_INPUT_FLOATS = 2**26
 
 def score_isolated(model: Model, structures: Sequence[cif.Structure], *,
                    per_atom: bool = False, batch_size: int = 4096, chunk: int = 256,
-                   progress=None, threshold: float | None = None
+                   progress=None, threshold: float | None = None,
+                   adjacent_threshold: float | None = None
                    ) -> tuple[Scores, list[cif.Skip]]:
     """Model.score, `chunk` structures at a time, skipping (with the reason) each one
     that cannot be featurised instead of failing them all. Returns (scores, skips).
     progress(done, total): called after every chunk with the structures it held.
-    threshold: as in Model.score."""
+    threshold, adjacent_threshold: as in Model.score."""
     batch_size = max(1, min(batch_size, MAX_BATCH_INPUT_FLOATS
                             // saved_model.input_floats(model.saved.config)))
     scores, skips = Scores(), []
+    rule = model.rule_with(threshold, adjacent_threshold)
     for part in util.chunked(structures, chunk):
         kept, found, bad = neighbours.featurize_isolated(part, model.k)
         skips.extend(bad)
@@ -380,5 +471,5 @@ def score_isolated(model: Model, structures: Sequence[cif.Structure], *,
         if not np.all(np.isfinite(probs)):  # the inputs are finite: the model is at fault
             raise errors.ModelError(f"the {model.source} gives non-finite outputs: it is "
                                     f"damaged or diverged in training; retrain it")
-        scores.extend(model._scores(kept, table, probs, per_atom, threshold))
+        scores.extend(model._scores(kept, table, probs, per_atom, rule))
     return scores, skips

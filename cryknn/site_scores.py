@@ -23,7 +23,8 @@ from cryknn import util
 
 CSV_COLUMNS = ("structure_id", "site_label", "given_element", "predicted_element",
                "p_predicted", "p_given", "multiplicity", "site_row", "atom_index",
-               "structure_warnings", "structure_plausibility", "top3", "flag")
+               "structure_warnings", "structure_plausibility", "top3", "p_vs_adjacent",
+               "flag")
 FLAGS = ("implausible", "outside_domain", "")
 # A structure is mostly outside the domain when more than this share of its atoms is.
 MOSTLY_OUTSIDE = 0.5
@@ -46,6 +47,9 @@ class SiteScore:
     atom_index: int | None = None  # per-atom rows: the atom's index in the unit cell
     top: list = dataclasses.field(default_factory=list)  # [(element, p)], 3 most probable
     flag: str = ""  # 'implausible', 'outside_domain' or '' (FLAGS)
+    # p(given) / (p(given) + p(likeliest element next to it in Z)); None: no such element
+    # modelled, or the given element is not (scoring.p_vs_adjacent)
+    p_vs_adjacent: float | None = None
 
 
 @dataclasses.dataclass
@@ -59,7 +63,7 @@ class StructureScore:
 
     def implausible(self, threshold: float | None = None) -> list[SiteScore]:
         """The sites flagged implausible (or, given a threshold, the sites in the domain
-        with p(given) below it)."""
+        with p(given) below it, whatever rule flagged them)."""
         if threshold is None:
             return [s for s in self.sites if s.flag == "implausible"]
         return [s for s in self.sites if s.flag != "outside_domain" and s.p_given is not None
@@ -106,7 +110,7 @@ class Scores(list):
                              columns=list(CSV_COLUMNS))
         return frame.astype({"p_predicted": float, "p_given": float, "multiplicity": int,
                              "site_row": int, "atom_index": "Int64",
-                             "structure_plausibility": float})
+                             "structure_plausibility": float, "p_vs_adjacent": float})
 
     def to_html(self, path: str, structures, threshold: float = 0.05, **kwargs) -> int:
         """Writes the HTML report of these scores and the `structures` scored (see
@@ -121,7 +125,8 @@ def _site_record(score: StructureScore, t: SiteScore) -> list:
     return [t.structure_id, t.site_label, t.given, t.predicted, t.p_predicted,
             nan if t.p_given is None else t.p_given, t.multiplicity, t.site_row,
             t.atom_index, "; ".join(score.warnings),
-            nan if score.plausibility is None else score.plausibility, _top3_text(t), t.flag]
+            nan if score.plausibility is None else score.plausibility, _top3_text(t),
+            nan if t.p_vs_adjacent is None else t.p_vs_adjacent, t.flag]
 
 
 def _structure_record(score: StructureScore) -> dict:
@@ -138,13 +143,15 @@ def _top3_text(t: SiteScore) -> str:
     return " ".join(f"{element}:{p:.3f}" for element, p in t.top)
 
 
-def format_structure(score: StructureScore, threshold: float,
+def format_structure(score: StructureScore, threshold: float | None = None,
                      implausible_only: bool = False) -> str:
     """Text block of one structure within WIDTH columns: a header line naming it (the only
-    line that does), warnings, one line per site (per atom: the label with [atom index])."""
+    line that does), warnings, one line per site (per atom: the label with [atom index]).
+    Implausible: the sites flagged so, or with a threshold, p(given) below it."""
     import textwrap
 
     flagged = score.implausible(threshold)
+    flagged_ids = {id(t) for t in flagged}
     plaus = "-" if score.plausibility is None else f"{score.plausibility:.3f}"
     outside = len(score.outside_domain())
     tail = (f"  plausibility {plaus} ({score.modelled_atoms}/{score.num_atoms} atoms "
@@ -167,12 +174,11 @@ def format_structure(score: StructureScore, threshold: float,
         given = "     -" if t.p_given is None else f"{t.p_given:6.3f}"
         mark = ("  not modelled" if t.p_given is None else  # outside the domain too
                 "  outside domain" if t.flag == "outside_domain" else
-                "  IMPLAUSIBLE" if t.p_given < threshold else "")
+                "  IMPLAUSIBLE" if id(t) in flagged_ids else "")
         top = " ".join(f"{e}:{p:.2f}" for e, p in t.top)
         lines.append(f"  {label:<{width}}  {t.given:<5}  {t.predicted:<3} {t.p_predicted:5.3f}"
                      f"     {given}  {t.multiplicity:5d}  {top}{mark}")
     return "\n".join(lines)
-
 
 
 def _fit(text: str, width: int) -> str:
@@ -183,17 +189,20 @@ def _fit(text: str, width: int) -> str:
     return text[:half] + "..." + text[len(text) - (width - 3 - half):]
 
 
-def format_summary(scores: Sequence[StructureScore], threshold: float, files: int,
+def format_summary(scores: Sequence[StructureScore], threshold: float | None, files: int,
                    not_read: int, worst: int = 5) -> str:
-    """The closing summary of a run: files read and not, structures scored and flagged,
-    the `worst` least plausible structures."""
+    """The closing summary of a run: files read and not, structures scored and flagged
+    (with a site flagged implausible, or of p(given) < threshold), the `worst` least
+    plausible structures."""
     flagged = sum(1 for score in scores if score.implausible(threshold))
     outside = sum(1 for score in scores if score.mostly_outside_domain)
     plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     lines = [f"summary: {plural(files, 'file')}, {plural(not_read, 'file')} not read; "
              f"{plural(len(scores), 'structure')} scored",
-             f"flagged: {plural(flagged, 'structure')} with a site of p(given) < {threshold:.3g}"
-             f"; {outside} mostly outside the model's domain"]
+             f"flagged: {plural(flagged, 'structure')} with "
+             + ("an implausible site" if threshold is None else
+                f"a site of p(given) < {threshold:.3g}")
+             + f"; {outside} mostly outside the model's domain"]
     ranked = sorted((score for score in scores if score.plausibility is not None),
                     key=lambda score: score.plausibility)[:worst]
     if ranked:
@@ -208,7 +217,7 @@ def _csv_row(score: StructureScore, t: SiteScore) -> list:
             "" if t.p_given is None else f"{t.p_given:.4f}", t.multiplicity, t.site_row,
             "" if t.atom_index is None else t.atom_index, "; ".join(score.warnings),
             "" if score.plausibility is None else f"{score.plausibility:.4f}", _top3_text(t),
-            t.flag]
+            "" if t.p_vs_adjacent is None else f"{t.p_vs_adjacent:.4f}", t.flag]
 
 
 def write_csv(path: str, scores: Sequence[StructureScore]) -> None:
@@ -226,7 +235,7 @@ FLAGGED_FORMATS = (".cif", ".xyz", ".extxyz")
 
 
 def write_flagged(path: str, structures: Sequence[cif.Structure],
-                  scores: Sequence[StructureScore], threshold: float) -> int:
+                  scores: Sequence[StructureScore], threshold: float | None = None) -> int:
     """Writes the structures with an implausible site, with the flags per atom: a CIF
     (`write_flagged_cif`) or, for .xyz / .extxyz, extended XYZ through ase with the
     per-atom arrays cryknn_p_given, cryknn_predicted and cryknn_flag. Returns how many."""
@@ -256,21 +265,23 @@ def write_flagged(path: str, structures: Sequence[cif.Structure],
     return len(images)
 
 
-def _atom_flags(s: cif.Structure, score: StructureScore, threshold: float):
+def _atom_flags(s: cif.Structure, score: StructureScore, threshold: float | None):
     """Per unit-cell atom: p(given) (None: not modelled), predicted element, flag
-    ('implausible', 'outside_domain', 'not_modelled' (outside the domain: an element the
-    model does not model) or '.')."""
+    ('implausible' (as StructureScore.implausible(threshold)), 'outside_domain',
+    'not_modelled' (outside the domain: an element the model does not model) or '.')."""
+    flagged_ids = {id(t) for t in score.implausible(threshold)}
     per_atom = any(t.atom_index is not None for t in score.sites)
     site_of = {(t.atom_index if per_atom else t.site_row - 1): t for t in score.sites}
     sites = [site_of[i if per_atom else int(s.site_index[i])] for i in range(s.num_atoms)]
     flags = ["not_modelled" if t.p_given is None else
              "outside_domain" if t.flag == "outside_domain" else
-             "implausible" if t.p_given < threshold else "." for t in sites]
+             "implausible" if id(t) in flagged_ids else "." for t in sites]
     return [t.p_given for t in sites], [t.predicted for t in sites], flags
 
 
 def write_flagged_cif(path: str, structures: Sequence[cif.Structure],
-                      scores: Sequence[StructureScore], threshold: float) -> int:
+                      scores: Sequence[StructureScore], threshold: float | None = None
+                      ) -> int:
     """Writes every structure with an implausible site as a P1 CIF block of its unit-cell
     atoms, with the columns _atom_site_cryknn_p_given, _atom_site_cryknn_predicted and
     _atom_site_cryknn_flag ('implausible', 'outside_domain', 'not_modelled' or '.'), which
@@ -286,7 +297,7 @@ def write_flagged_cif(path: str, structures: Sequence[cif.Structure],
     return len(blocks)
 
 
-def _flagged_block(s: cif.Structure, score: StructureScore, threshold: float) -> str:
+def _flagged_block(s: cif.Structure, score: StructureScore, threshold: float | None) -> str:
     import gemmi
 
     p_given, predicted, flags = _atom_flags(s, score, threshold)

@@ -1,4 +1,4 @@
-"""Adds calibration to saved models: temperature, domain and checking threshold, fitted on
+"""Adds calibration to saved models: temperature, domain and checking rule, fitted on
 the validation split of each model's dataset.
 
     python experiments/calibrate.py [--data_dir=D] [--dataset=NAME] MODEL_DIR ...
@@ -6,8 +6,9 @@ the validation split of each model's dataset.
 MODEL_DIR: a saved model folder (model.json + params.msgpack): `<workdir>/model` of a
 training run, or `cryknn/pretrained/default` and `cryknn/pretrained/masked` for the shipped
 ones. Each gets in its model.json `calibration` (temperature, its fit, the domain
-reference's cutoff) and `checking` (the threshold that catches the most single Z+-1 swaps
-while at most 5 % of the real validation structures are flagged, and the rates there), and
+reference's cutoff) and `checking` (the rule that catches the most single Z+-1 swaps
+while at most 5 % of the real validation structures are flagged, `checking.choose_rule`,
+and the rates there), and
 `domain.npz` beside it (`cryknn.checking.calibrate_saved_model`). The model's dataset
 must be built in --data_dir, with its feature cache or the time to compute it.
 """

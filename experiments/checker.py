@@ -6,7 +6,7 @@ caught, calibration, on the test split and on held-out COD.
 
 For each shipped model (`default`, `masked`, `masked_ensemble`; calibrated by
 experiments/calibrate.py or train_pretrained.py, which also chose each one's checking
-threshold on validation) and each set of real structures
+rule on validation: `scoring.CheckRule`) and each set of real structures
 (the test split of the models' dataset; the COD CIFs beside the repository without the
 near-copies of any structure of the training dataset build, `heldout.py`):
 - real sites flagged implausible, real structures with any flagged site, sites outside the
@@ -14,11 +14,12 @@ near-copies of any structure of the training dataset build, `heldout.py`):
 - one Z+-1 swap per structure (`cryknn.checking.SWAP_PAIRS`: C<->N<->O, O<->F, P<->S<->Cl,
   Mn..Zn neighbours, Ag<->Cd<->In; the site and partner drawn with --seed): the share of
   swapped structures with a flagged site (detection), per swap pair too;
-- ROC AUC of swapped against real sites and structures (score: p(given), a structure's
-  least p(given) over its sites in the domain);
-- each at the model's checking threshold and at the old default 0.05;
+- ROC AUC of swapped against real sites and structures (score: the rule's site score,
+  `CheckRule.score`, a structure's least over its sites in the domain);
+- each with the model's checking rule, and with p(given) < 0.05 alone (the old default);
 - expected calibration error before and after temperature scaling, reliability diagrams,
-  and detection against the structure false-alarm rate over all thresholds (figures).
+  and detection against the structure false-alarm rate with the rule's thresholds scaled
+  together from 1/1000 to 30 times (figures).
 --max_structures draws that many structures of each set (fixed seed) when set.
 Nothing here feeds back into any choice: thresholds and temperatures come from validation.
 """
@@ -134,24 +135,24 @@ def evaluate(model, table, seed: int) -> tuple[dict, dict]:
     start = time.time()
     probs = model.predict_table(table)
     run = checking.CheckRun.of(model, table, probs, seed=seed)
-    pairs, caught = run.pairs(), run.swapped_min() < model.threshold
+    pairs, caught = run.pairs(), run.swapped_min(model.rule) < 1
     calib = calibration_figures(model, table, probs)
     result = {
-        "at_checking_threshold": run.summary(model.threshold),
+        "at_checking_threshold": run.summary(model.rule),
         "at_0.05": run.rates(OLD_THRESHOLD),
         "structures_mostly_outside_domain": mostly_outside(model, table),
         "detection_by_pair": {p: {"swaps": int((pairs == p).sum()),
                                   "detected": float(caught[pairs == p].mean())}
                               for p in sorted(set(pairs.tolist()))},
-        "curve": run.curve(checking.THRESHOLDS[::4]),
+        "curve": run.curve(model.rule),
         "calibration": {k: v for k, v in calib.items() if k != "curves"},
         "seconds": round(time.time() - start, 1)}
     return result, calib["curves"]
 
 
 def plot_detection(results: dict, path: str) -> None:
-    """Swap detection against the share of real structures flagged, every threshold; the
-    checking threshold's point marked."""
+    """Swap detection against the share of real structures flagged, the rule's thresholds
+    scaled together; the checking rule's point marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,7 @@ def plot_detection(results: dict, path: str) -> None:
     ax.axhline(0.9, color="0.6", lw=0.8)
     ax.set(xscale="log", xlim=(1e-3, 1), ylim=(0, 1.01),
            xlabel="real structures with a flagged site", ylabel="single Z±1 swaps caught",
-           title="Checker: detection vs false alarms (dots: checking threshold)")
+           title="Checker: detection vs false alarms (dots: checking rule)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -181,7 +182,9 @@ def markdown(results: dict) -> str:
         a, old = r["at_checking_threshold"], r["at_0.05"]
         rows.append({
             "model": name, "set": where, "structures": a["structures"],
-            "threshold": f"{a['threshold']:.2g}",
+            "threshold": f"{a['threshold']:.2g}" + (
+                f", adjacent {a['adjacent_threshold']:.2g}" if "adjacent_threshold" in a
+                else ""),
             "real sites flagged": f"{a['real_sites_flagged']:.2%}",
             "real structures flagged": f"{a['real_structures_flagged']:.1%}",
             "swaps caught": f"{a['swap_detection']:.1%}",

@@ -9,8 +9,12 @@ Models: the masked-atom runs given (uncalibrated, as trained) and the shipped `d
 Scores of a site: p(given) from the mean (or geometric mean) of the models'
 probabilities; p(given) / max p; and p(given) / (p(given) + p(best Z+-1 partner)), which
 answers only the Z+-1 question. A structure's score is its least site score over the
-sites in the shipped `masked` model's domain. The swaps are `checking.pick_swaps`
-(seed 0), as in experiments/checker.py. The table in docs/results.md A0.5 came from this.
+sites in the shipped `masked` model's domain. With several masked runs, also: sites whose
+runs disagree (mutual information above a quantile) taken out of the domain; and the
+checking rule `scoring.CheckRule` (a p(given) floor that alone flags a given share of the
+structures, or p(given) / (p(given) + p(Z+-1 neighbour)) below a threshold) fitted by
+`checking.choose_rule` for several floors. The swaps are `checking.pick_swaps` (seed 0), as
+in experiments/checker.py. The tables in docs/results.md A0.5 came from this.
 """
 
 from __future__ import annotations
@@ -80,9 +84,10 @@ def main(argv: Sequence[str]) -> int:
     checkable = checking.site_means(ok.astype(float), site, sites) > 0.999
     structure = table.structure_index[first]
 
-    def least(values):
+    def least(values, agree=True):
         mean = checking.site_means(np.nan_to_num(values, nan=1.0), site, sites)
-        return checking.least_per_structure(np.where(checkable, mean, np.inf), checkable,
+        ok = checkable & agree
+        return checking.least_per_structure(np.where(ok, mean, np.inf), ok,
                                             structure, len(table.structure_id))
 
     scores = {
@@ -115,8 +120,96 @@ def main(argv: Sequence[str]) -> int:
                                    "detection at 5 % flagged": f"{at_5:.1%}",
                                    "flagged at 90 % detection": f"{at_90:.1%}",
                                    "structure AUC": f"{checking.roc_auc(-caught, -real):.3f}"})
+    if len(masked) > 1:
+        table_rows += disagreement_rows([probs[n] for n in masked], table, swaps, rows,
+                                        p_given, least, thresholds)
+        table_rows += rule_rows([probs[n] for n in masked], table, swaps, rows, shipped,
+                                checkable)
     print(common.markdown_table(table_rows, list(table_rows[0])))
     return 0
+
+
+def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable) -> list[dict]:
+    """The masked runs' mean checked by `checking.choose_rule` with p(given) floors that
+    alone flag 0-3 % of the real structures: detection at 5 % flagged, and the share
+    flagged at 90 % detection (the rule's two thresholds scaled together)."""
+    from cryknn import checking, scoring
+
+    site = checking.atom_sites(table)
+    first = checking.first_atoms(site)
+    sites = len(first)
+    clean = np.mean([c for c, _ in members], axis=0)
+    swapped = clean.copy()
+    swapped[rows] = np.mean([r for _, r in members], axis=0)
+    numbers = np.asarray(shipped.saved.atomic_numbers)
+    before, after = table.atomic_number, swaps.table.atomic_number
+    mean = lambda p, z: checking.site_means(np.nan_to_num(  # noqa: E731
+        checking.p_given_atoms(shipped, p, z), nan=1.0), site, sites)
+    ratio = lambda p, z: scoring.p_vs_adjacent(  # noqa: E731
+        checking.site_probs(p, site, sites), z[first], numbers)
+    run = checking.CheckRun(
+        mean(clean, before), before[first], mean(swapped, after), after[first], checkable,
+        checkable, table.structure_index[first].astype(np.int64), swaps.site,
+        swaps.structure, ratio(clean, before), ratio(swapped, after))
+    out = []
+    for floor in (0.0, 0.005, 0.01, 0.02, 0.03):
+        rule = checking.choose_rule(run, floor=floor)
+        at_5 = run.rates(rule)
+        curve = run.curve(rule)
+        detected = np.array(curve["swap_detection"])
+        flagged = np.array(curve["real_structures_flagged"])
+        out.append({"models": f"masked mean, p(given) floor flagging {floor:.1%} alone",
+                    "combined by": "mean", "site score": "checking rule (floor or "
+                    "p(given) / (p(given) + p(Z±1 neighbour)))",
+                    "detection at 5 % flagged": f"{at_5['swap_detection']:.1%}",
+                    "flagged at 90 % detection":
+                        f"{flagged[np.flatnonzero(detected >= 0.9).min()]:.1%}",
+                    "structure AUC": f"{run.summary(rule)['structure_auc']:.3f}"})
+    return out
+
+
+def disagreement(member_probs: list[np.ndarray]) -> np.ndarray:
+    """(A,) the members' mutual information: entropy of their mean minus their mean
+    entropy (0 when they agree)."""
+    entropy = lambda p: -np.sum(p * np.log(np.maximum(p, 1e-30)), axis=1)  # noqa: E731
+    return entropy(np.mean(member_probs, axis=0)) - np.mean(
+        [entropy(p) for p in member_probs], axis=0)
+
+
+def disagreement_rows(members: list[tuple], table, swaps, rows, p_given, least,
+                      thresholds) -> list[dict]:
+    """The ensemble mean's p(given), with sites whose members disagree beyond a quantile
+    of the real validation sites' disagreement taken out of the domain (never flagged),
+    in the clean and in the swapped structures alike."""
+    from cryknn import checking
+
+    site = checking.atom_sites(table)
+    sites = int(site.max()) + 1
+    clean = [c for c, _ in members]
+    swapped = [c.copy() for c in clean]
+    for s, (_, redo) in zip(swapped, members):
+        s[rows] = redo
+    spread_clean = checking.site_means(disagreement(clean), site, sites)
+    spread_swapped = checking.site_means(disagreement(swapped), site, sites)
+    a = p_given(np.mean(clean, axis=0), table.atomic_number)
+    b = a.copy()
+    b[rows] = p_given(np.mean(swapped, axis=0)[rows], swaps.table.atomic_number[rows])
+    out = []
+    for quantile in (1.0, 0.999, 0.995, 0.99, 0.98, 0.95):
+        cutoff = np.quantile(spread_clean, quantile)
+        real = least(a, spread_clean <= cutoff)
+        caught = least(b, spread_swapped <= cutoff)[swaps.structure]
+        flagged = np.array([np.mean(real < t) for t in thresholds])
+        detected = np.array([np.mean(caught < t) for t in thresholds])
+        out.append({"models": f"masked mean, sites beyond the {quantile:.1%} quantile of "
+                    "disagreement outside the domain", "combined by": "mean",
+                    "site score": "p(given)",
+                    "detection at 5 % flagged":
+                        f"{detected[np.flatnonzero(flagged <= 0.05).max()]:.1%}",
+                    "flagged at 90 % detection":
+                        f"{flagged[np.flatnonzero(detected >= 0.9).min()]:.1%}",
+                    "structure AUC": f"{checking.roc_auc(-caught, -real):.3f}"})
+    return out
 
 
 def _combine(probs: list[np.ndarray], kind: str) -> np.ndarray:

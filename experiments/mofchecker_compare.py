@@ -11,8 +11,8 @@ structures as CIFs and runs itself there with --worker. Structures: --structures
 --max_atoms atoms per cell (mofchecker's graph checks take seconds per structure); the
 corrupted copy of each has one Z+-1 swap (`cryknn.checking.pick_swaps`, the same swaps
 experiments/checker.py draws with this seed). A structure counts as flagged by mofchecker
-when any of its problem checks (CHECKS) says so; by cryknn when a site in the domain has
-p(given) below the model's checking threshold.
+when any of its problem checks (CHECKS) says so; by cryknn when its checking rule flags a
+site in the domain (`scoring.CheckRule`).
 
 `has_geometrically_exposed_metal` is left out: it needs libconeangle, whose build fetches
 the Fortran stdlib from GitHub at build time (not reachable here); the worker stands in a
@@ -157,7 +157,7 @@ def mofchecker_flags(answers: list[dict]) -> dict:
 
 def compare(models: dict, table, answers_clean, answers_swapped, seed: int) -> dict:
     """Real structures flagged and swaps caught by mofchecker (any check, each check) and by
-    each cryknn model at its checking threshold, over the structures that got a swap."""
+    each cryknn model by its checking rule, over the structures that got a swap."""
     import numpy as np
 
     from cryknn import checking
@@ -166,8 +166,8 @@ def compare(models: dict, table, answers_clean, answers_swapped, seed: int) -> d
     for name, model in models.items():
         run = checking.CheckRun.of(model, table, seed=seed)
         swapped = run.swapped_structure
-        real = run.structure_min() < model.threshold
-        caught = run.swapped_min() < model.threshold
+        real = run.structure_min(model.rule) < 1
+        caught = run.swapped_min(model.rule) < 1
         rows[f"cryknn {name}"] = (real[swapped], caught)
     clean, bad = mofchecker_flags(answers_clean), mofchecker_flags(answers_swapped)
     for check in ("any",) + CHECKS:
@@ -193,7 +193,7 @@ def main(argv: Sequence[str]) -> int:
     from cryknn import checking, features, scoring
 
     FLAGS = flags.FLAGS
-    models = {name: scoring.load_model(name=name) for name in ("default", "masked")}
+    models = {name: scoring.load_model(name=name) for name in ("default", "masked", "masked_ensemble")}
     first = models["default"]
     structures = draw(FLAGS.data_dir, FLAGS.structures, FLAGS.max_atoms, FLAGS.seed, first)
     table = features.atom_table(structures, first.k)
@@ -216,7 +216,8 @@ def main(argv: Sequence[str]) -> int:
     result.update({"seed": FLAGS.seed, "max_atoms": FLAGS.max_atoms,
                    "mofchecker_seconds": round(time.time() - start, 1),
                    "left_out_checks": list(LEFT_OUT), "mofchecker_answers_reused": FLAGS.reuse,
-                   "thresholds": {n: m.threshold for n, m in models.items()}})
+                   "thresholds": {n: checking.rule_record(m.rule)
+                                  for n, m in models.items()}})
     rows = [{"checker": name, "real structures flagged": f"{r['real_structures_flagged']:.1%}",
              "single Z±1 swaps caught": f"{r['swap_detection']:.1%}",
              "flagged only after the swap": f"{r['flagged_only_after_swap']:.1%}"}

@@ -98,6 +98,87 @@ def test_predict_names_the_checking_model_and_threshold(tmp_path):
     assert f"checking at p(given) < {cryknn.load_model(name=name).threshold:.3g}" in text
 
 
+# The adjacent-Z test: a site whose element is far less likely than its neighbour in Z.
+
+def test_p_vs_adjacent_compares_the_given_element_with_its_likeliest_neighbour_in_z():
+    import numpy as np
+
+    numbers = [6, 7, 8, 30]  # C, N, O, Zn: C-N and N-O are adjacent, Zn has no partner here
+    probs = np.array([[0.10, 0.80, 0.05, 0.05],   # C given, N likely: a swapped carbon
+                      [0.10, 0.00, 0.85, 0.05],   # C given, O likely: O is no neighbour of C
+                      [0.02, 0.30, 0.60, 0.08],   # N given: its best neighbour is O
+                      [0.25, 0.25, 0.25, 0.25]])  # Zn given: no modelled neighbour
+    ratio = scoring.p_vs_adjacent(probs, np.array([6, 6, 7, 30]), numbers)
+    np.testing.assert_allclose(ratio[:3], [0.1 / 0.9, 1.0, 0.3 / 0.9])
+    assert np.isnan(ratio[3])
+    assert np.isnan(scoring.p_vs_adjacent(probs[:1], np.array([1]), numbers)[0])  # H
+    rule = scoring.CheckRule(threshold=0.05, adjacent_threshold=0.2)
+    p_given = probs[np.arange(4), [0, 0, 1, 3]]
+    assert (rule.score(p_given, ratio) < 1).tolist() == [True, False, False, False]
+    assert (scoring.CheckRule(0.05).score(p_given, ratio) < 1).tolist() == [False] * 4
+    assert (scoring.CheckRule(0.2, 0.2).score(p_given, ratio) < 1).tolist() == [
+        True, True, False, False]
+
+
+def test_the_rule_flags_by_either_test_and_reaches_every_output(tmp_path):
+    """A site is implausible by p(given) or by its neighbour in Z; the flags, not a
+    threshold, decide what the terminal, the CSV and the flagged CIF mark."""
+    import numpy as np
+
+    model = cryknn.load_model(name="default")  # 20 elements: C has N beside it
+    name, data = next(cif.iter_tar_cifs(cif.core_mof_archive("2019-ASR"), 1))
+    (s,), _ = cif.read_cif_text(data.decode(), name)  # a real MOF: sites in the domain
+    (plain,) = model.check(s, threshold=1e-9)
+    ratios = [t.p_vs_adjacent for t in plain.sites]
+    assert not plain.implausible() and any(r is not None for r in ratios)
+    cut = max(r for r in ratios if r is not None) + 1e-6
+    (score,) = model.check(s, threshold=1e-9, adjacent_threshold=cut)
+    flagged = {t.site_label for t in score.implausible()}
+    assert flagged and flagged == {t.site_label for t in plain.sites if t.p_vs_adjacent
+                                   is not None and t.flag != "outside_domain"}
+    assert not score.implausible(1e-9)  # an explicit threshold asks about p(given) only
+    text = site_scores.format_structure(score)
+    assert text.count("IMPLAUSIBLE") == len(flagged)
+    site_scores.write_csv(str(tmp_path / "s.csv"), [score])
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert {r["site_label"] for r in rows if r["flag"] == "implausible"} == flagged
+    assert {r["p_vs_adjacent"] == "" for r in rows} == {True, False}
+    assert site_scores.write_flagged_cif(str(tmp_path / "f.cif"), [s], [score]) == 1
+    assert "implausible" in (tmp_path / "f.cif").read_text()
+    if pytest.importorskip("pandas"):
+        frame = cryknn.scoring.Scores([score]).to_pandas()
+        assert frame.p_vs_adjacent.dtype == float and frame.p_vs_adjacent.isna().any()
+        np.testing.assert_array_less(frame.p_vs_adjacent.dropna(), cut)
+
+
+def test_choose_rule_keeps_the_floor_and_meets_the_target_on_the_run():
+    """On a synthetic run (real structures' site scores random, swapped sites far less
+    likely than their neighbour), the floor alone flags at most 1 % and the rule at most
+    5 % of the real structures, and the adjacent test catches what p(given) misses."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    structures, per = 400, 5
+    sites = structures * per
+    site_p = rng.uniform(0.001, 1, sites)
+    site_ratio = rng.uniform(0.05, 1, sites)
+    swapped_site = np.arange(structures) * per
+    swapped_p, swapped_ratio = site_p.copy(), site_ratio.copy()
+    swapped_p[swapped_site] = 0.3  # p(given) says little...
+    swapped_ratio[swapped_site] = 0.01  # ...the neighbour in Z is far likelier
+    numbers = np.full(sites, 6)
+    run = checking.CheckRun(site_p, numbers, swapped_p, numbers, np.ones(sites, bool),
+                            np.ones(sites, bool), np.repeat(np.arange(structures), per),
+                            swapped_site, np.arange(structures), site_ratio, swapped_ratio)
+    rule = checking.choose_rule(run)
+    assert np.mean(run.structure_min(rule.threshold) < 1) <= checking.FLOOR_STRUCTURES
+    rates = run.rates(rule)
+    assert rates["real_structures_flagged"] <= checking.TARGET_STRUCTURE_FALSE_ALARMS
+    assert rates["swap_detection"] == 1.0
+    assert run.rates(checking.choose_threshold(run))["swap_detection"] < 0.5
+    assert rates["adjacent_threshold"] == rule.adjacent_threshold
+
+
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
     import jax

@@ -229,7 +229,9 @@ def test_long_run_output(toy_workdir, tmp_path):
         rows = list(csv.DictReader(f))
     header = list(rows[0])
     assert header == list(site_scores.CSV_COLUMNS)
-    assert header == ORIGINAL_COLUMNS + ["structure_plausibility", "top3", "flag"]  # appended
+    # added after the original columns; flag stays last
+    assert header == ORIGINAL_COLUMNS + ["structure_plausibility", "top3", "p_vs_adjacent",
+                                         "flag"]
     assert float(rows[0]["structure_plausibility"]) > 0
     assert len(rows[0]["top3"].split()) == 3
     back = cryknn.read(flagged)

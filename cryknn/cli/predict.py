@@ -12,8 +12,10 @@ with `cryknn train`. The output names the model and threshold in use. Every site
 the CIF's atom-site loop, with all its symmetry copies; `--per_atom` for one line per
 unit-cell atom) gets one line: the given element, the element the model predicts with its
 probability, and p(given), the model's (calibrated) probability of the element the file
-states. Sites in the model's domain with p(given) < --threshold (default: the model's
-checking threshold, chosen on validation) are marked IMPLAUSIBLE; sites of elements the
+states. Sites in the model's domain with p(given) < --threshold, or whose given element is
+far less likely than the one next to it in Z (p(given) / (p(given) + p(neighbour)) <
+--adjacent_threshold: the mis-assignment X-ray diffraction makes; both default to the
+model's own, chosen on validation) are marked IMPLAUSIBLE; sites of elements the
 model does not model, or with environments unlike its training data, are marked outside
 domain, never implausible, and a structure mostly outside the domain says so in one line.
 Each structure gets a plausibility score (the geometric mean of p(given) over its atoms
@@ -64,6 +66,10 @@ def define_flags() -> None:
     flags.DEFINE_float("threshold", None, "Mark sites (in the model's domain) whose given "
                        "element has p below this; in (0, 1). Unset: the model's checking "
                        "threshold (chosen on validation), else 0.05.")
+    flags.DEFINE_float("adjacent_threshold", None, "Also mark sites whose p(given) / "
+                       "(p(given) + p(the element next to it in Z)) is below this; in [0, 1), "
+                       "0 turns this test off. Unset: the model's own (chosen on "
+                       "validation), if it has one.")
     flags.DEFINE_bool("implausible_only", False, "Print only the implausible sites (the header "
                       "line of every structure is still printed; --out still gets every site).")
     flags.DEFINE_string("flagged_out", None, "Also write the structures with implausible "
@@ -136,6 +142,7 @@ def _read(paths: Sequence[str], options, stderr):
 
 def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | None,
                 out: str | None, threshold: float | None, *, batch_size: int = 4096,
+                adjacent_threshold: float | None = None,
                 implausible_only: bool = False, per_atom: bool = False,
                 options: cif.ReadOptions | None = None,
                 flagged_out: str | None = None, worst: int = 5, html: str | None = None,
@@ -151,9 +158,12 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | Non
         _check_flagged_out(paths, 0.5 if threshold is None else threshold, flagged_out)
     if html is not None:
         check_arguments(paths, 0.5 if threshold is None else threshold, html, "--html")
+    if adjacent_threshold is not None and not 0 <= adjacent_threshold < 1:
+        raise errors.ConfigError(f"--adjacent_threshold must be in [0, 1), got "
+                                 f"{adjacent_threshold}")
     reading.require_readers(paths)
     model = scoring.load_model(workdir, model_name or scoring.checking_default())
-    threshold = model.threshold if threshold is None else threshold
+    rule = model.rule_with(threshold, adjacent_threshold)
     neighbours.enable_compilation_cache()
     report = _read(paths, options, stderr)
     if not report.structures:
@@ -164,29 +174,30 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | Non
     try:
         scores, failed = scoring.score_isolated(model, report.structures, per_atom=per_atom,
                                                 batch_size=batch_size, progress=bar.update,
-                                                threshold=threshold)
+                                                threshold=rule.threshold,
+                                                adjacent_threshold=rule.adjacent_threshold or 0)
     finally:
         bar.close()
     for skip in failed:
         print(f"{skip.file}: block {skip.block or '?'} not scored: {util.one_line(skip.reason)}",
               file=stderr)
     print(_wrapped(model.describe()), file=stdout)
-    print(_wrapped(model.checking_note(threshold)), file=stdout)
-    for score in scores:
-        print(site_scores.format_structure(score, threshold, implausible_only), file=stdout)
+    print(_wrapped(model.checking_note(rule)), file=stdout)
+    for score in scores:  # the sites flagged implausible by the rule
+        print(site_scores.format_structure(score, None, implausible_only), file=stdout)
     if out is not None:
         site_scores.write_csv(out, scores)
         print(f"wrote {sum(len(s.sites) for s in scores)} rows to {out}", file=stdout)
     if flagged_out is not None:
-        n = site_scores.write_flagged(flagged_out, report.structures, scores, threshold)
+        n = site_scores.write_flagged(flagged_out, report.structures, scores)
         print(f"wrote {n} structures with implausible sites to {flagged_out}", file=stdout)
     if html is not None:
         from cryknn import report as report_lib
 
-        n = report_lib.write_html(html, report.structures, scores, threshold=threshold,
+        n = report_lib.write_html(html, report.structures, scores, threshold=rule.threshold,
                                   model=model)
         print(f"wrote the report of {n} structures to {html}", file=stdout)
-    print(site_scores.format_summary(scores, threshold, report.files, report.not_read, worst),
+    print(site_scores.format_summary(scores, None, report.files, report.not_read, worst),
           file=stdout)
     return 0 if report.all_read and not failed and scores else 1
 
@@ -199,6 +210,7 @@ def main(argv: list[str]) -> int:
     try:
         return run_predict(argv[1:], FLAGS.workdir, FLAGS.model_name, FLAGS.out,
                            FLAGS.threshold, batch_size=FLAGS.batch_size,
+                           adjacent_threshold=FLAGS.adjacent_threshold,
                            implausible_only=FLAGS.implausible_only, per_atom=FLAGS.per_atom,
                            flagged_out=FLAGS.flagged_out, worst=FLAGS.worst, html=FLAGS.html,
                            options=command.dataclass_from_flags(cif.ReadOptions))
