@@ -38,8 +38,8 @@ from cryknn import util
 SWAP_PAIRS = elements_lib.ADJACENT_Z_PAIRS
 TARGET_STRUCTURE_FALSE_ALARMS = 0.05  # the target on real structures
 # The share of real structures the p(given) threshold alone may flag: chosen on validation
-# (docs/results.md A0.5), it keeps any very unlikely element flagged at little cost in
-# detection of Z+-1 swaps (95.5 % against 95.8 % without it).
+# (docs/results.md A0.5), it keeps any very unlikely element flagged at no cost in
+# detection of Z+-1 swaps (95.5 % with floors that flag 0-2 % alone).
 FLOOR_STRUCTURES = 0.01
 THRESHOLDS = np.geomspace(1e-6, 0.5, 400)
 # Multiples of a rule's thresholds over which detection is traced against false alarms.

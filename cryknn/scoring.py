@@ -351,17 +351,14 @@ class Model:
         scored a chunk at a time."""
         structures = cif.as_structures(structures)
         rule = self.rule_with(threshold, adjacent_threshold)
-        if progress is not None:
-            scores = Scores()
-            for part in util.chunked(structures, chunk):
-                probs, table = self._predict(part, batch_size)
-                scores.extend(self._scores(part, table, np.concatenate(probs) if probs
-                                           else None, per_atom, rule))
+        scores = Scores()
+        for part in (structures,) if progress is None else util.chunked(structures, chunk):
+            probs, table = self._predict(part, batch_size)
+            scores.extend(self._scores(part, table, np.concatenate(probs) if probs else None,
+                                       per_atom, rule))
+            if progress is not None:
                 progress(len(part), len(structures))
-            return scores
-        probs, table = self._predict(structures, batch_size)
-        return self._scores(structures, table, np.concatenate(probs) if probs else None,
-                            per_atom, rule)
+        return scores
 
     def _scores(self, structures: Sequence[cif.Structure],
                 table: features.AtomTable | None, probs: np.ndarray | None,
