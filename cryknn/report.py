@@ -128,12 +128,15 @@ def _script_safe(text: str) -> str:
 
 
 def render(records: Sequence[dict], *, threshold: float = DEFAULT_THRESHOLD,
-           model: str = "a cryknn model", title: str | None = None) -> str:
-    """The page (text) of structure records (`structure_record`)."""
+           model: str = "a cryknn model", title: str | None = None,
+           rule: str | None = None) -> str:
+    """The page (text) of structure records (`structure_record`); rule: what made a site
+    implausible (`CheckRule.describe`; default p(given) < threshold)."""
     from cryknn import __version__
 
     title = title or f"cryknn report: {len(records)} structure{'' if len(records) == 1 else 's'}"
-    data = {"model": model, "threshold": threshold, "structures": list(records)}
+    data = {"model": model, "threshold": threshold,
+            "rule": rule or f"p(given) < {threshold:.3g}", "structures": list(records)}
     values = {
         "TITLE": html.escape(title), "VERSION": html.escape(__version__),
         "CSS": _asset("report.css"), "VIEWER_JS": _asset(VIEWER_JS),
@@ -148,18 +151,19 @@ def render(records: Sequence[dict], *, threshold: float = DEFAULT_THRESHOLD,
 
 def write_html(path: str | os.PathLike, structures, scores: Sequence, *,
                threshold: float = DEFAULT_THRESHOLD, model=None,
-               title: str | None = None) -> int:
+               title: str | None = None, rule: str | None = None) -> int:
     """Writes the report of `scores` (a Scores, or StructureScores) of `structures` (one or
     a list: Structures, ase.Atoms or pymatgen Structures; those without a score are left
-    out) to `path`, atomically. model: the scoring Model or its description. Returns the
-    number of structures in the report."""
+    out) to `path`, atomically. model: the scoring Model or its description; rule: the
+    checking rule that flagged the sites, as text (default p(given) < threshold). Returns
+    the number of structures in the report."""
     util.check_output_path(path)
     if not 0 < threshold < 1:
         raise errors.ConfigError(f"threshold must be in (0, 1), got {threshold}")
     found = cif.as_structures(structures) if structures is not None else []
     records = [structure_record(s, score, threshold) for s, score in paired(found, scores)]
     describe = getattr(model, "describe", None)
-    text = render(records, threshold=threshold, title=title,
+    text = render(records, threshold=threshold, title=title, rule=rule,
                   model=(describe() if describe else model or "a cryknn model").splitlines()[0])
     with util.atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)

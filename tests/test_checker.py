@@ -151,6 +151,17 @@ def test_the_rule_flags_by_either_test_and_reaches_every_output(tmp_path):
         np.testing.assert_array_less(frame.p_vs_adjacent.dropna(), cut)
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_a_bad_adjacent_threshold_is_refused_before_any_work(value, tmp_path):
+    from cryknn.cli import predict
+
+    cif_path = tmp_path / "methane.cif"
+    cif_path.write_text(METHANE_CIF)
+    with pytest.raises(errors.ConfigError, match="--adjacent_threshold must be in"):
+        predict.run_predict([str(cif_path)], None, None, None, None,
+                            adjacent_threshold=value)
+
+
 def test_choose_rule_keeps_the_floor_and_meets_the_target_on_the_run():
     """On a synthetic run (real structures' site scores random, swapped sites far less
     likely than their neighbour), the floor alone flags at most 1 % and the rule at most

@@ -67,6 +67,7 @@ def test_page_holds_the_structures_and_their_flags(tmp_path):
     assert n == 2
     data = _page_data(path.read_text(encoding="utf-8"))
     assert data["model"] == "toy model" and data["threshold"] == 0.05
+    assert data["rule"] == "p(given) < 0.05"  # what the page says made a site implausible
     first, second = data["structures"]
     assert first["id"] == "nacl:nacl" and first["atoms"] == 8
     assert [row[6] for row in first["sites"]] == ["outside_domain", "implausible"]
@@ -157,10 +158,13 @@ def test_cli_writes_the_report(toy_workdir, tmp_path):
     cif = tmp_path / "methane.cif"
     cif.write_text(METHANE_CIF)
     out = tmp_path / "report.html"
-    r = run_module("cryknn.predict", f"--workdir={toy_workdir}", f"--html={out}", str(cif))
+    r = run_module("cryknn.predict", f"--workdir={toy_workdir}", f"--html={out}",
+                   "--adjacent_threshold=0.5", str(cif))
     assert r.returncode == 0, r.stderr
     assert f"wrote the report of 1 structures to {out}" in r.stdout
-    (record,) = _page_data(out.read_text(encoding="utf-8"))["structures"]
+    data = _page_data(out.read_text(encoding="utf-8"))
+    assert data["rule"] == "p(given) < 0.05 or p(given) / (p(given) + p(Z+-1 neighbour)) < 0.5"
+    (record,) = data["structures"]
     assert record["id"] == "methane:methane" and record["atoms"] == 7
     zn = [row for row in record["sites"] if row[0] == "Zn1"]
     assert zn and zn[0][6] == "outside_domain"  # Zn is not an element of the toy model

@@ -195,7 +195,7 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | Non
         from cryknn import report as report_lib
 
         n = report_lib.write_html(html, report.structures, scores, threshold=rule.threshold,
-                                  model=model)
+                                  rule=rule.describe(), model=model)
         print(f"wrote the report of {n} structures to {html}", file=stdout)
     print(site_scores.format_summary(scores, None, report.files, report.not_read, worst),
           file=stdout)

@@ -248,7 +248,7 @@
       if (s.counts.outside_domain) outside++;
     });
     text('summary', n + ' structure' + (n === 1 ? '' : 's') + ' scored by ' + data.model +
-         '; ' + flagged + ' with a site of p(given) < ' + data.threshold + ', ' + outside +
+         '; ' + flagged + ' with an implausible site (' + data.rule + '), ' + outside +
          ' with sites outside the model\'s domain.');
   }
 
