@@ -147,6 +147,20 @@ def interval(values: np.ndarray, level: float = BOOTSTRAP_LEVEL) -> list[float]:
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
 
+def share_interval(hits: np.ndarray, groups: Sequence[str],
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
+    """95 % family-bootstrap interval of the share of True in hits (N,) bool (structures
+    flagged, swaps caught), groups (N,) each item's near-copy group; None when empty."""
+    hits = np.asarray(hits, bool)
+    if hits.size == 0:
+        return None
+    codes = group_codes(groups)
+    weights = bootstrap_weights(int(codes.max()) + 1, resamples, seed).astype(np.float64)
+    found = weights @ np.bincount(codes, hits, minlength=weights.shape[1])
+    total = weights @ np.bincount(codes, minlength=weights.shape[1]).astype(np.float64)
+    return interval(found / np.maximum(total, 1))
+
+
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str],
                         num_classes: int, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = 0) -> dict:

@@ -17,6 +17,8 @@ near-copies of any structure of the training dataset build, `heldout.py`):
 - ROC AUC of swapped against real sites and structures (score: the rule's site score,
   `CheckRule.score`, a structure's least over its sites in the domain);
 - each with the model's checking rule, and with p(given) < 0.05 alone (the old default);
+  95 % family-bootstrap intervals of the shares of real structures flagged and of swaps
+  caught (test: near-copy groups of the build's splits.csv; COD: each structure alone);
 - expected calibration error before and after temperature scaling, reliability diagrams,
   and detection against the structure false-alarm rate with the rule's thresholds scaled
   together from 1/1000 to 30 times (figures).
@@ -128,9 +130,10 @@ def mostly_outside(model, table) -> float:
     return float(np.mean(share > site_scores.MOSTLY_OUTSIDE))
 
 
-def evaluate(model, table, seed: int) -> tuple[dict, dict]:
-    """(results, reliability curves) of one model on one set of real structures."""
-    from cryknn import checking
+def evaluate(model, table, seed: int, groups: np.ndarray) -> tuple[dict, dict]:
+    """(results, reliability curves) of one model on one set of real structures, groups
+    (S,) the near-copy group of each structure (for the intervals)."""
+    from cryknn import checking, evaluate as evaluate_lib
 
     start = time.time()
     probs = model.predict_table(table)
@@ -139,6 +142,11 @@ def evaluate(model, table, seed: int) -> tuple[dict, dict]:
     calib = calibration_figures(model, table, probs)
     result = {
         "at_checking_threshold": run.summary(model.rule),
+        "intervals": {
+            "real_structures_flagged": evaluate_lib.share_interval(
+                run.structure_min(model.rule) < 1, groups),
+            "swap_detection": evaluate_lib.share_interval(
+                caught, groups[run.swapped_structure])},
         "at_0.05": run.rates(OLD_THRESHOLD),
         "structures_mostly_outside_domain": mostly_outside(model, table),
         "detection_by_pair": {p: {"swaps": int((pairs == p).sum()),
@@ -186,8 +194,10 @@ def markdown(results: dict) -> str:
                 f", adjacent {a['adjacent_threshold']:.2g}" if "adjacent_threshold" in a
                 else ""),
             "real sites flagged": f"{a['real_sites_flagged']:.2%}",
-            "real structures flagged": f"{a['real_structures_flagged']:.1%}",
-            "swaps caught": f"{a['swap_detection']:.1%}",
+            "real structures flagged": f"{a['real_structures_flagged']:.1%} "
+                                       + _bracket(r["intervals"]["real_structures_flagged"]),
+            "swaps caught": f"{a['swap_detection']:.1%} "
+                            + _bracket(r["intervals"]["swap_detection"]),
             "at 0.05: flagged / caught": f"{old['real_structures_flagged']:.1%} / "
                                          f"{old['swap_detection']:.1%}",
             "AUC site / structure": f"{a['site_auc']:.3f} / {a['structure_auc']:.3f}",
@@ -195,6 +205,19 @@ def markdown(results: dict) -> str:
             "ECE before / after": f"{r['calibration']['ece_before']:.3f} / "
                                   f"{r['calibration']['ece_after']:.3f}"})
     return common.markdown_table(rows, list(rows[0]))
+
+
+def _bracket(bounds) -> str:
+    return "" if bounds is None else f"[{bounds[0]:.1%}, {bounds[1]:.1%}]"
+
+
+def structure_groups(model, table, data_dir) -> np.ndarray:
+    """(S,) the near-copy group of each structure of the table (its own id where the
+    build has none, as for COD)."""
+    from cryknn import input_pipeline
+
+    groups = input_pipeline.structure_groups(model.saved.config.dataset, data_dir)
+    return np.asarray([groups.get(sid, sid) for sid in table.structure_id.tolist()], str)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -214,7 +237,8 @@ def main(argv: Sequence[str]) -> int:
     results, curves = {}, {}
     for where, table in sets.items():
         for name, model in models.items():
-            results[name, where], found = evaluate(model, table, FLAGS.seed)
+            results[name, where], found = evaluate(
+                model, table, FLAGS.seed, structure_groups(first, table, FLAGS.data_dir))
             curves.setdefault(where, {}).update({f"{name} {k}": v for k, v in found.items()})
             print(f"{name} on {where}: {results[name, where]['seconds']} s", flush=True)
     figures = Path(FLAGS.figures)

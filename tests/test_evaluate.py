@@ -65,6 +65,18 @@ def _run(labels, pred, names, symbols="ABCD"):
             "elements": np.asarray(list(symbols))}
 
 
+def test_share_intervals_resample_whole_groups():
+    """A share of structures (flagged, caught) carried by one group of near-copies is
+    uncertain by that whole group: the interval spans what dropping or doubling it gives."""
+    hits = np.array([True] * 10 + [False] * 90)
+    alone = evaluate.share_interval(hits, [f"s{i}" for i in range(100)])
+    grouped = evaluate.share_interval(hits, ["g"] * 10 + [f"s{i}" for i in range(90)])
+    assert alone[0] < 0.1 < alone[1] and grouped[0] < 0.1 < grouped[1]
+    assert grouped[1] - grouped[0] > alone[1] - alone[0]
+    assert grouped[0] == 0.0  # without the one group, nothing is flagged
+    assert evaluate.share_interval(np.array([], bool), []) is None
+
+
 def test_paired_difference():
     labels, pred, names = _toy_predictions()
     same = evaluate.paired_difference(_run(labels, pred, names), _run(labels, pred, names))
