@@ -63,7 +63,7 @@ class StructureScore:
 
     def implausible(self, threshold: float | None = None) -> list[SiteScore]:
         """The sites flagged implausible (or, given a threshold, the sites in the domain
-        with p(given) below it, whatever rule flagged them)."""
+        with p(given) below it, whatever their flags say)."""
         if threshold is None:
             return [s for s in self.sites if s.flag == "implausible"]
         return [s for s in self.sites if s.flag != "outside_domain" and s.p_given is not None

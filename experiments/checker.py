@@ -3,6 +3,7 @@ caught, calibration, on the test split and on held-out COD.
 
     python experiments/checker.py [--data_dir=D] [--cifs=../shared/data/cod]
         [--json=docs/runs/checker.json] [--figures=docs/figures] [--max_structures=N]
+        [--validation]
 
 For each shipped model (`default`, `masked`, `masked_ensemble`; calibrated by
 experiments/calibrate.py or train_pretrained.py, which also chose each one's checking
@@ -22,7 +23,9 @@ near-copies of any structure of the training dataset build, `heldout.py`):
 - expected calibration error before and after temperature scaling, reliability diagrams,
   and detection against the structure false-alarm rate with the rule's thresholds scaled
   together from 1/1000 to 30 times (figures).
---max_structures draws that many structures of each set (fixed seed) when set.
+Also, per model and set, where the false alarms are (`false_alarms`). --validation adds
+the validation split, where the rules were fitted. --max_structures draws that many
+structures of each set (fixed seed) when set.
 Nothing here feeds back into any choice: thresholds and temperatures come from validation.
 """
 
@@ -53,6 +56,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_structures", None, "Draw at most this many structures of each "
                          "set (seeded).")
     flags.DEFINE_integer("seed", 0, "Seed of the swaps and of the structure draw.")
+    flags.DEFINE_bool("validation", False, "Also measure on the validation split (where the "
+                      "rules were fitted: a check of the fit, not a result).")
 
 
 def subset(table, count: int | None, seed: int):
@@ -79,11 +84,11 @@ def subset(table, count: int | None, seed: int):
         neighbour_vector=pick(table.neighbour_vector))
 
 
-def test_table(model, data_dir):
+def test_table(model, data_dir, split: str = "test"):
     from cryknn import features
 
     return features.load_features(
-        model.saved.config.dataset, "test", model.k, data_dir=data_dir,
+        model.saved.config.dataset, split, model.k, data_dir=data_dir,
         fingerprint=model.saved.info["dataset_fingerprint"], log=lambda m: None)
 
 
@@ -153,9 +158,36 @@ def evaluate(model, table, seed: int, groups: np.ndarray) -> tuple[dict, dict]:
                                   "detected": float(caught[pairs == p].mean())}
                               for p in sorted(set(pairs.tolist()))},
         "curve": run.curve(model.rule),
+        "false_alarms": false_alarms(run, model.rule, groups),
         "calibration": {k: v for k, v in calib.items() if k != "curves"},
         "seconds": round(time.time() - start, 1)}
     return result, calib["curves"]
+
+
+def false_alarms(run, rule, groups: np.ndarray, top: int = 5) -> dict:
+    """Where the real structures flagged are: the element of each one's least plausible
+    site, how many were flagged by the Z+-1 ratio (not the p(given) floor alone), and the
+    near-copy groups with the most flagged structures (flagged, of how many)."""
+    import collections
+
+    from cryknn import elements
+
+    scores = run.scores(rule)
+    flagged = run.structure_min(rule) < 1
+    order = np.lexsort((scores, run.site_structure))  # by structure, then score
+    first = np.r_[True, np.diff(run.site_structure[order]) != 0]
+    worst = np.full(run.structures, -1)
+    worst[run.site_structure[order[first]]] = order[first]
+    sites = worst[flagged]
+    by_ratio = (run.site_ratio[sites] < rule.adjacent_threshold
+                if rule.adjacent_threshold is not None else np.zeros(len(sites), bool))
+    size = collections.Counter(groups.tolist())
+    return {"structures": int(flagged.sum()),
+            "least_plausible_site_element": dict(collections.Counter(
+                elements.symbol(int(z)) for z in run.site_number[sites]).most_common()),
+            "flagged_by_adjacent_ratio": int(by_ratio.sum()),
+            "groups_most_flagged": [[g, n, size[g]] for g, n in collections.Counter(
+                groups[flagged].tolist()).most_common(top)]}
 
 
 def plot_detection(results: dict, path: str) -> None:
@@ -230,6 +262,9 @@ def main(argv: Sequence[str]) -> int:
     first = models[MODELS[0]]
     sets = {"test": subset(test_table(first, FLAGS.data_dir), FLAGS.max_structures,
                            FLAGS.seed)}
+    if FLAGS.validation:
+        sets["validation"] = subset(test_table(first, FLAGS.data_dir, "validation"),
+                                    FLAGS.max_structures, FLAGS.seed)
     left_out = {}
     if FLAGS.cifs:
         table, left_out = cod_table(first, FLAGS.cifs, FLAGS.data_dir)
