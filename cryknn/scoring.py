@@ -123,7 +123,7 @@ def pretrained_names() -> list[str]:
 
 def checking_default() -> str:
     """The shipped model that checks best: the most single Z+-1 swaps caught on validation
-    at its checking threshold (then the fewest real structures flagged); `default` when no
+    by its checking rule (then the fewest real structures flagged); `default` when no
     shipped model was calibrated."""
     import json
 

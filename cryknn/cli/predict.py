@@ -6,9 +6,9 @@
 PATHs are structure files (CIF natively; POSCAR, extxyz and the other formats of
 `cryknn.read` through the `ase` extra) or folders (searched recursively for CIFs). Without
 --workdir a model shipped with the package scores them: by default the one that checks
-best (the most single Z+-1 swaps caught on validation at its threshold,
+best (the most single Z+-1 swaps caught on validation by its checking rule,
 `scoring.checking_default`; `--model_name` picks one); --workdir selects a model you trained
-with `cryknn train`. The output names the model and threshold in use. Every site (a row of
+with `cryknn train`. The output names the model and checking rule in use. Every site (a row of
 the CIF's atom-site loop, with all its symmetry copies; `--per_atom` for one line per
 unit-cell atom) gets one line: the given element, the element the model predicts with its
 probability, and p(given), the model's (calibrated) probability of the element the file
