@@ -70,11 +70,6 @@ def main(argv: Sequence[str]) -> int:
                                   shipped.spec.receptive_hops)
     probs = model_probs(models, table, swaps, rows)
     numbers = np.asarray(shipped.saved.atomic_numbers)
-    class_of = np.full(119, -1)
-    class_of[numbers] = np.arange(len(numbers))
-    partner = np.zeros((119, len(numbers)), bool)
-    for z, others in checking.partners(list(numbers)).items():
-        partner[z, class_of[others]] = True
     site = checking.atom_sites(table)
     first = checking.first_atoms(site)
     sites = len(first)
@@ -93,8 +88,9 @@ def main(argv: Sequence[str]) -> int:
     scores = {
         "p(given)": p_given,
         "p(given) / max p": lambda p, z: p_given(p, z) / p.max(axis=1),
-        "p(given) / (p(given) + p(best Z±1 partner))": lambda p, z: p_given(p, z) / np.maximum(
-            p_given(p, z) + np.where(partner[z], p, 0).max(axis=1), 1e-30)}
+        # NaN where no Z+-1 partner is modelled: never the least (as 1 in `least`)
+        "p(given) / (p(given) + p(best Z±1 partner))": lambda p, z: scoring.p_vs_adjacent(
+            p, z, numbers)}
     combos = [[n] for n in models if n.startswith("masked")]
     masked = [n for n in models if n.startswith("masked")]
     combos += [masked, masked + ["default"]] if len(masked) > 1 else []
