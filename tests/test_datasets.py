@@ -11,6 +11,8 @@ import collections
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from cryknn import families
 from cryknn import cif
 from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
-from tests.conftest import error_lines, finish, make_cif, run_module, start_module, symmetry_ops
+from tests.conftest import (error_lines, finish, make_cif, run_module, start_module,
+                            subprocess_env, symmetry_ops)
 
 
 def test_element_counter():
@@ -235,6 +238,22 @@ def test_parallel_build_matches_serial(cif_build, tmp_path):
     with open(os.path.join(_dataset_dir(data_dir, "cif_dir"), datasets.SKIPPED_CSV)) as f1, \
             open(os.path.join(_dataset_dir(str(tmp_path), "cif_dir"), datasets.SKIPPED_CSV)) as f2:
         assert sorted(f1) == sorted(f2)
+
+
+def test_a_dead_parsing_worker_is_an_error_not_a_hang(tmp_path):
+    """A script that parses with workers at its top level (no `if __name__ == "__main__":`)
+    makes every spawned worker rerun it and die; the parser says so instead of waiting for
+    the lost chunk forever (what `multiprocessing.Pool` did)."""
+    (tmp_path / "a.cif").write_text(make_cif([("C1", "C", 0, 0, 0)]))
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from cryknn.datasets.crystal_structures import parsing\n"
+        f"tasks = list(parsing.file_tasks({str(tmp_path)!r}))\n"
+        "print(len(list(parsing.Parser(2).parse(tasks))))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=subprocess_env(), cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "parsing worker process died" in r.stderr and "__main__" in r.stderr, r.stderr[-3000:]
 
 
 def test_missing_split_is_left_out(tmp_path):

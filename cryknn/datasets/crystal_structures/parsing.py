@@ -21,8 +21,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from cryknn import cif
+from cryknn import errors
 from cryknn import elements as elements_lib
 from cryknn import families
+from cryknn import util
 from cryknn.datasets.crystal_structures import ENV_WORKERS
 
 
@@ -133,7 +135,10 @@ class Parser:
 
     `parse(tasks)` yields (source, [Structure | Skip, ...]) per task. At most
     `2 * num_workers` chunks are in flight, so memory does not grow with the number of
-    files. Workers are spawned, not forked: the parent runs TensorFlow's threads.
+    files. Workers are spawned, not forked: the parent runs TensorFlow's threads. A worker
+    that dies (killed for memory, or a script that builds at its top level without
+    `if __name__ == "__main__":`) ends the build with a DataError instead of waiting forever
+    for its chunk (`multiprocessing.Pool` replaces the worker and never answers).
     """
 
     def __init__(self, num_workers: int, chunk_size: int = 8,
@@ -144,8 +149,10 @@ class Parser:
         self._pool = None
         if self.num_workers > 1:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+            self._pool = ProcessPoolExecutor(self.num_workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
 
     def parse(self, tasks: Iterable[ParseTask]) -> Iterator[tuple[str, list]]:
         if self._pool is None:
@@ -153,24 +160,41 @@ class Parser:
                 yield task.source, parse_task(task, self.options)
             return
         pending: collections.deque = collections.deque()
-        chunk: list[ParseTask] = []
-        for task in tasks:
-            chunk.append(task)
-            if len(chunk) >= self.chunk_size:
-                pending.append(self._pool.apply_async(parse_chunk, (chunk, self.options)))
-                chunk = []
-                while len(pending) >= 2 * self.num_workers:
-                    yield from pending.popleft().get()
-        if chunk:
-            pending.append(self._pool.apply_async(parse_chunk, (chunk, self.options)))
+        for chunk in util.chunked(tasks, self.chunk_size):
+            pending.append(self._submit(chunk))
+            while len(pending) >= 2 * self.num_workers:
+                yield from _chunk_results(pending.popleft())
         while pending:
-            yield from pending.popleft().get()
+            yield from _chunk_results(pending.popleft())
+
+    def _submit(self, chunk: list[ParseTask]):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._pool.submit(parse_chunk, chunk, self.options)
+        except BrokenProcessPool as e:
+            raise _worker_died() from e
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _chunk_results(future) -> list[tuple[str, list]]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise _worker_died() from e
+
+
+def _worker_died() -> errors.DataError:
+    return errors.DataError(
+        "a CIF parsing worker process died (out of memory, or this script builds the "
+        "dataset at its top level: put that code under `if __name__ == \"__main__\":`, "
+        f"or set {ENV_WORKERS}=1 to parse in this process)")
 
 
 # ----------------------------------------------------------------------------
