@@ -92,20 +92,24 @@ def pack(p: Plan, blocks: np.ndarray, size: int, slots: int, group: int, k: int,
         k=k, slots=slots, group=group)
 
 
-# Device tables have at least this many rows (1.5 MB of float32 positions). The kernel
-# only reads each structure's own window of rows, so the table's size changes no result
-# and no cost but the copy; yet every size is another compiled program per candidate
-# bucket. One floor size for every featurisation of up to ~130k atoms (a tool's chunk of
-# files, an API call) keeps a run over varied files to one program per bucket: 300 mixed
-# CIFs compiled 29 kernels with power-of-two tables from 64 rows up.
-MIN_TABLE_ROWS = 1 << 17
+# Device table sizes. The kernel only reads each structure's own window of rows, so a
+# table's size changes no result, only the copy to the device; yet every size is another
+# compiled program per candidate bucket. A call of one small structure (the API in a loop)
+# keeps a small power-of-two table (at most SMALL_TABLE_ROWS: a 32,768-row table made
+# such a call 4.0 -> 5.1 ms); any bigger call (a tool's chunk of files) gets at least
+# MIN_TABLE_ROWS (384 KiB), so a run over varied files compiles one program per bucket:
+# 300 mixed CIFs compiled 29 kernels with power-of-two tables from 64 rows up, 15 now.
+SMALL_TABLE_ROWS = 1 << 10
+MIN_TABLE_ROWS = 1 << 15
 
 
 def table_rows(atoms: int) -> int:
-    """Rows of the device table for `atoms` sorted atoms (a power of two, at least
-    MIN_TABLE_ROWS, with room for the QUERY_BLOCK padding rows). Every pass of a
-    featurisation takes the first pass's size, so a retry reuses the compiled programs."""
-    return int(max(MIN_TABLE_ROWS, next_power_of_two(atoms + QUERY_BLOCK)))
+    """Rows of the device table for `atoms` sorted atoms: a power of two with room for the
+    QUERY_BLOCK padding rows, at least MIN_TABLE_ROWS above SMALL_TABLE_ROWS. Every pass
+    of a featurisation takes the first pass's size, so a retry reuses the compiled
+    programs."""
+    rows = int(next_power_of_two(atoms + QUERY_BLOCK))
+    return rows if rows <= SMALL_TABLE_ROWS else max(rows, MIN_TABLE_ROWS)
 
 
 def device_table(p: Plan, rows: int, sharding) -> jax.Array:

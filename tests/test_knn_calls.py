@@ -25,6 +25,19 @@ def test_call_shapes_are_powers_of_two_within_the_budget():
                     assert size * QUERY_BLOCK * k <= knn_calls.CALL_OUTPUTS
 
 
+def test_table_sizes_are_few_and_small_calls_stay_small():
+    """Calls over one small structure keep small tables (their copy is most of the call);
+    every bigger call shares the MIN_TABLE_ROWS floor, so a run over varied files compiles
+    one kernel per bucket instead of one per table size."""
+    sizes = {n: knn_calls.table_rows(n) for n in range(1, 40_000, 7)}
+    for n, rows in sizes.items():
+        assert rows >= n + QUERY_BLOCK and rows & (rows - 1) == 0
+    small = {rows for rows in sizes.values() if rows <= knn_calls.SMALL_TABLE_ROWS}
+    assert knn_calls.table_rows(1) == 64 and len(small) == 5  # 64 ... 1,024
+    big = {rows for n, rows in sizes.items() if n + QUERY_BLOCK > knn_calls.SMALL_TABLE_ROWS}
+    assert big == {knn_calls.MIN_TABLE_ROWS, 2 * knn_calls.MIN_TABLE_ROWS}
+
+
 def test_pack_puts_block_i_where_block_rows_reads_it():
     rng = np.random.default_rng(0)
     lattices = [cell_from_parameters(*rng.uniform(4, 9, 3), *rng.uniform(70, 110, 3))
