@@ -97,8 +97,8 @@ def pack(p: Plan, blocks: np.ndarray, size: int, slots: int, group: int, k: int,
 # compiled program per candidate bucket. A call of one small structure (the API in a loop)
 # keeps a small power-of-two table (at most SMALL_TABLE_ROWS: a 32,768-row table made
 # such a call 4.0 -> 5.1 ms); any bigger call (a tool's chunk of files) gets at least
-# MIN_TABLE_ROWS (384 KiB), so a run over varied files compiles one program per bucket:
-# 300 mixed CIFs compiled 29 kernels with power-of-two tables from 64 rows up, 15 now.
+# MIN_TABLE_ROWS (384 KiB), so chunks of varied files share one table size: 300 mixed
+# CIFs compiled 29 kernels with power-of-two tables from 64 rows up, 15 now.
 SMALL_TABLE_ROWS = 1 << 10
 MIN_TABLE_ROWS = 1 << 15
 

@@ -256,6 +256,17 @@ def test_a_dead_parsing_worker_is_an_error_not_a_hang(tmp_path):
     assert "parsing worker process died" in r.stderr and "__main__" in r.stderr, r.stderr[-3000:]
 
 
+def test_closing_the_parser_mid_build_stops_its_workers(tmp_path):
+    for i in range(40):
+        (tmp_path / f"s{i:02d}.cif").write_text(make_cif([("C1", "C", 0, 0, 0)]))
+    parser = parsing.Parser(2, chunk_size=2)
+    results = parser.parse(parsing.file_tasks(str(tmp_path)))
+    assert next(results)[0].endswith("s00.cif")
+    workers = list(parser._pool._processes.values())
+    parser.close()  # chunks still in flight
+    assert workers and not any(w.is_alive() for w in workers)
+
+
 def test_missing_split_is_left_out(tmp_path):
     root = tmp_path / "cifs"
     root.mkdir()

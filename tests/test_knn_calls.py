@@ -27,8 +27,8 @@ def test_call_shapes_are_powers_of_two_within_the_budget():
 
 def test_table_sizes_are_few_and_small_calls_stay_small():
     """Calls over one small structure keep small tables (their copy is most of the call);
-    every bigger call shares the MIN_TABLE_ROWS floor, so a run over varied files compiles
-    one kernel per bucket instead of one per table size."""
+    every bigger call shares the MIN_TABLE_ROWS floor, so chunks of varied files do not
+    each compile their own kernels."""
     sizes = {n: knn_calls.table_rows(n) for n in range(1, 40_000, 7)}
     for n, rows in sizes.items():
         assert rows >= n + QUERY_BLOCK and rows & (rows - 1) == 0

@@ -176,8 +176,14 @@ class Parser:
             raise _worker_died() from e
 
     def close(self) -> None:
+        """Stops the workers now, mid-chunk too (an interrupted or failed build does not
+        wait for them), as `multiprocessing.Pool.terminate` did."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
+                worker.join()
             self._pool = None
 
 
