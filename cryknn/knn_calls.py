@@ -95,10 +95,10 @@ def pack(p: Plan, blocks: np.ndarray, size: int, slots: int, group: int, k: int,
 # Device table sizes. The kernel only reads each structure's own window of rows, so a
 # table's size changes no result, only the copy to the device; yet every size is another
 # compiled program per candidate bucket. A call of one small structure (the API in a loop)
-# keeps a small power-of-two table (at most SMALL_TABLE_ROWS: a 32,768-row table made
-# such a call 4.0 -> 5.1 ms); any bigger call (a tool's chunk of files) gets at least
-# MIN_TABLE_ROWS (384 KiB), so chunks of varied files share one table size: 300 mixed
-# CIFs compiled 29 kernels with power-of-two tables from 64 rows up, 15 now.
+# keeps a small power-of-two table (at most SMALL_TABLE_ROWS: copying a table hundreds of
+# times its size would be much of such a call); any bigger call (a tool's chunk of files)
+# gets at least MIN_TABLE_ROWS (384 KiB), so chunks of varied files share one table size:
+# 300 mixed CIFs compiled 29 kernels with power-of-two tables from 64 rows up, 15 now.
 SMALL_TABLE_ROWS = 1 << 10
 MIN_TABLE_ROWS = 1 << 15
 
