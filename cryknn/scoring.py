@@ -395,10 +395,9 @@ class Model:
         for atoms, mean, ratio in zip(groups, means, ratios):
             best, c = int(np.argmax(mean)), int(given_class[atoms[0]])
             p_given = float(mean[c]) if c >= 0 else None
-            ratio = None if np.isnan(ratio) else float(ratio)
             flag = ("outside_domain" if p_given is None or not in_domain[atoms].all() else
-                    "implausible" if rule.score(p_given, np.nan if ratio is None else ratio)
-                    < 1 else "")
+                    "implausible" if rule.score(p_given, ratio) < 1 else "")
+            ratio = None if np.isnan(ratio) else float(ratio)
             sites.append(SiteScore(
                 s.id, labels[atoms[0]], elements_lib.symbol(int(s.numbers[atoms[0]])),
                 self.elements[best], float(mean[best]), p_given,

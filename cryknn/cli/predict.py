@@ -174,8 +174,8 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | Non
     try:
         scores, failed = scoring.score_isolated(model, report.structures, per_atom=per_atom,
                                                 batch_size=batch_size, progress=bar.update,
-                                                threshold=rule.threshold,
-                                                adjacent_threshold=rule.adjacent_threshold or 0)
+                                                threshold=threshold,
+                                                adjacent_threshold=adjacent_threshold)
     finally:
         bar.close()
     for skip in failed:
