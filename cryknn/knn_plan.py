@@ -249,15 +249,22 @@ def _blocks(x: np.ndarray, owner: np.ndarray, num_atoms: np.ndarray, offset: np.
     return structure, (rows - base[:, None]).astype(np.int32), queries, start, count
 
 
+def oversized_structures(p: Plan, k: int) -> dict[int, str]:
+    """{plan structure: reason} for each structure with a block of more than
+    MAX_BLOCK_CANDIDATES candidates (a retry's grown radius), in plan order."""
+    reasons = {}
+    for b in np.flatnonzero(p.block_candidates > MAX_BLOCK_CANDIDATES):
+        s = int(p.block_structure[b])
+        reasons.setdefault(s, (
+            f"the search for k = {k} neighbours needs {int(p.block_candidates[b])} "
+            f"candidates per block (limit {MAX_BLOCK_CANDIDATES}, "
+            f"{int(np.prod(p.image_counts[s]))} lattice images): atoms too unevenly spread "
+            f"or cell too anisotropic"))
+    return reasons
+
+
 def check_block_candidates(p: Plan, which: np.ndarray, k: int) -> None:
     """FeaturizeError naming the structure (its index in the caller's list) whose blocks
     would hold more than MAX_BLOCK_CANDIDATES candidates (a retry's grown radius)."""
-    too_many = p.block_candidates > MAX_BLOCK_CANDIDATES
-    if too_many.any():
-        b = int(np.flatnonzero(too_many)[0])
-        s = int(p.block_structure[b])
-        raise errors.FeaturizeError(
-            f"structure {int(which[s])}: the search for k = {k} neighbours needs "
-            f"{int(p.block_candidates[b])} candidates per block (limit {MAX_BLOCK_CANDIDATES}, "
-            f"{int(np.prod(p.image_counts[s]))} lattice images): atoms too unevenly spread "
-            f"or cell too anisotropic")
+    for s, reason in oversized_structures(p, k).items():
+        raise errors.FeaturizeError(f"structure {int(which[s])}: {reason}")

@@ -134,7 +134,8 @@ def featurize_arrays(
     budget: int = knn_calls.DEFAULT_CALL_BUDGET,
     sharding: jax.sharding.NamedSharding | None = None,
     progress: Callable[[int], None] | None = None,
-) -> list[Neighbours]:
+    failures: dict[int, str] | None = None,
+) -> list[Neighbours | None]:
     """Exact k-NN for any list of cells; results in input order.
 
     Args:
@@ -145,8 +146,11 @@ def featurize_arrays(
       sharding: optional NamedSharding over a 1-D mesh; each call's blocks are
         split over its devices.
       progress: called with the number of atoms finished after each pass.
+      failures: if given, a structure whose search outgrows the block limit on a retry
+        (`knn_plan.oversized_structures`) is recorded here, {its index: the reason}, and
+        left out (None in the result) instead of failing the whole call.
     Returns:
-      One Neighbours per structure, each proven exact.
+      One Neighbours per structure, each proven exact (None for each failure).
     """
     k = check_k(k)
     if len(lattices) != len(fracs):
@@ -163,17 +167,26 @@ def featurize_arrays(
     out = _Results(sizes, k)
     rows = knn_calls.table_rows(int(sizes.sum()))
     pending, radii, asked, compiled = np.arange(len(sizes)), None, None, set()
+    left_out: set[int] = set()  # failures of this call
     while pending.size:
         p = knn_plan.plan([lattices[i] for i in pending], [fracs[i] for i in pending], k,
                           radii, asked)
+        if failures is not None and (oversized := knn_plan.oversized_structures(p, k)):
+            left_out.update(int(pending[s]) for s in oversized)
+            failures.update({int(pending[s]): reason for s, reason in oversized.items()})
+            keep = ~np.isin(np.arange(len(pending)), list(oversized))
+            asked = None if asked is None else asked[np.repeat(keep, sizes[pending])]
+            pending, radii = pending[keep], None if radii is None else radii[keep]
+            continue  # the others planned again, without the failed ones
         knn_plan.check_block_candidates(p, pending, k)
         vectors = (out.vec, out.destination(p, pending))
         done, (pending, radii, asked) = out.collect(
             p, *knn_calls.run_plan(p, k, budget, sharding, rows, compiled, vectors), pending)
         if progress is not None:
             progress(done)
-    return [Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r), out.vec[a : a + n])
-            for a, n, r in zip(out.starts, sizes, out.radius)]
+    return [None if i in left_out else
+            Neighbours(out.dist[a : a + n], out.idx[a : a + n], float(r), out.vec[a : a + n])
+            for i, (a, n, r) in enumerate(zip(out.starts, sizes, out.radius))]
 
 
 def featurize_isolated(structures: Sequence[cif.Structure], k: int, **kwargs
@@ -181,15 +194,22 @@ def featurize_isolated(structures: Sequence[cif.Structure], k: int, **kwargs
     """featurize that skips what it cannot featurise instead of failing the batch.
 
     Returns (the structures featurised, their Neighbours, a Skip with the reason for each
-    other one). A failing batch is split in halves until the structure at fault is alone.
+    other one). A structure whose search outgrows the block limit is left out of the
+    batch's passes (`featurize_arrays(failures=...)`); a batch failing otherwise is split
+    in halves until the structure at fault is alone.
     """
     from cryknn import cif
 
     good, skips = split_featurizable(structures, k)
     if not good:
         return [], [], skips
+    failures: dict[int, str] = {}
     try:
-        return good, featurize(good, k, **kwargs), skips
+        found = featurize(good, k, failures=failures, **kwargs)
+        skips = skips + [cif.Skip(good[i].source, good[i].id.split(":", 1)[-1], reason)
+                         for i, reason in sorted(failures.items())]
+        return ([s for s, nb in zip(good, found) if nb is not None],
+                [nb for nb in found if nb is not None], skips)
     except (errors.FeaturizeError, MemoryError) as e:
         if len(good) == 1:
             reason = str(e) if isinstance(e, errors.FeaturizeError) else "out of memory"

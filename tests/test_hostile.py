@@ -13,10 +13,13 @@ import pytest
 
 from cryknn import elements
 from cryknn import errors
+from cryknn import knn_plan
 from cryknn import neighbours
 from cryknn import cif
 from cryknn import util
-from tests.conftest import METHANE_CIF, NACL_CIF, error_lines, make_cif, run_module
+from tests import oracle
+from tests.conftest import (METHANE_CIF, NACL_CIF, error_lines, finish, make_cif, run_module,
+                            start_module)
 
 P1 = "_symmetry_space_group_name_H-M 'P 1'"
 
@@ -224,15 +227,17 @@ def test_one_unfeaturisable_structure_does_not_stop_predict(tmp_path):
     _write(folder, "b_aniso.cif", make_cif([("C1", "C", 0, 0, 0)],
                                            cell="0.000001 1000000 1000000 90 90 90"))
     _write(folder, "c_good.cif", METHANE_CIF)
-    out = tmp_path / "s.csv"  # one shipped model is enough to test the input handling
-    r = run_module("cryknn.predict", "--model_name=default", f"--out={out}", folder)
+    out, npz = tmp_path / "s.csv", tmp_path / "f.npz"
+    # One shipped model is enough to test the input handling; both tools side by side.
+    predict = start_module("cryknn.predict", "--model_name=default", f"--out={out}", folder)
+    featurize = start_module("cryknn.featurize", "--k=5", f"--out={npz}", folder)
+    r = finish(predict)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "damaged" not in r.stderr + r.stdout
     assert "b_aniso" in r.stderr and "lattice images" in r.stderr
     rows = out.read_text()
     assert "nacl" in rows and "methane" in rows
-    npz = tmp_path / "f.npz"
-    r = run_module("cryknn.featurize", "--k=5", f"--out={npz}", folder)
+    r = finish(featurize)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # skips are listed
     assert "lattice images" in r.stdout
     assert set(np.load(npz)["structure_id"]) == {"a_good:nacl", "c_good:methane"}
@@ -245,6 +250,36 @@ def test_isolated_featurisation_skips_only_the_bad_one():
     kept, found, skips = neighbours.featurize_isolated([good, bad, good], 3)
     assert kept == [good, good] and len(found) == 2
     assert len(skips) == 1 and skips[0].block == "bad"
+
+
+def test_a_search_outgrowing_the_block_limit_leaves_out_only_its_structure(monkeypatch):
+    """A dense cluster and one lonely atom: the lonely atom's retry needs more candidates
+    per block than the (lowered) limit. That structure is left out of the passes and
+    reported; the others' results are exact, from one call (no bisection)."""
+    monkeypatch.setattr(knn_plan, "MAX_BLOCK_CANDIDATES", 1024)
+    rng = np.random.default_rng(0)
+    cluster = np.concatenate([0.5 + rng.normal(0, 0.002, (300, 3)), [[0.0, 0.0, 0.0]]])
+    small = [[0, 0, 0], [0.5, 0.5, 0.5]]
+    structures = [cif.Structure.from_arrays(np.eye(3) * 5, small, [6, 8], id="a:a"),
+                  cif.Structure.from_arrays(np.eye(3) * 200, cluster, [6] * 301, id="b:b"),
+                  cif.Structure.from_arrays(np.diag([4.0, 5, 6]), small, [6, 8], id="c:c")]
+    failures = {}
+    found = neighbours.featurize(structures, 5, failures=failures)
+    assert list(failures) == [1] and "candidates per block" in failures[1]
+    assert found[1] is None
+    for s, nb in ((structures[0], found[0]), (structures[2], found[2])):
+        expected, _ = oracle.brute_force_knn(s.lattice, s.frac, 5)
+        np.testing.assert_allclose(nb.distances, expected, atol=1e-4)
+    with pytest.raises(errors.FeaturizeError, match="structure 1: the search"):
+        neighbours.featurize(structures, 5)
+    calls = []
+    featurize = neighbours.featurize
+    monkeypatch.setattr(neighbours, "featurize",
+                        lambda *a, **kw: calls.append(1) or featurize(*a, **kw))
+    kept, found, skips = neighbours.featurize_isolated(structures, 5)
+    assert kept == [structures[0], structures[2]] and len(found) == 2 and len(calls) == 1
+    assert [skip.block for skip in skips] == ["b"]
+    assert skips[0].reason == failures[1]
 
 
 # ----------------------------------------------------------------------------
