@@ -143,16 +143,22 @@ EXTRA_MODULES = ("tensorflow", "tensorflow_datasets", "optax", "orbax", "matplot
                  "tensorboard", "ase", "pymatgen", "apache_beam", "core_mof")
 
 
-def run_core_only(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`cryknn args...` in a child whose optional dependencies (EXTRA_MODULES) cannot be
-    imported; an argument 'python:CODE' runs CODE instead of the command."""
+def start_core_only(*args: str, **env: str) -> subprocess.Popen:
+    """`cryknn args...` started in a child whose optional dependencies (EXTRA_MODULES) cannot
+    be imported (`finish` collects it); an argument 'python:CODE' runs CODE instead."""
     block = f"import sys; sys.modules.update(dict.fromkeys({EXTRA_MODULES!r}))"
     if args and args[0].startswith("python:"):
         code = f"{block}\n{args[0][len('python:'):]}"
     else:
         code = f"{block}\nfrom cryknn import cli\ncli.main(['cryknn', *{list(map(str, args))!r}])"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=subprocess_env(**env), timeout=timeout, cwd=REPO)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(**env),
+                            cwd=REPO)
+
+
+def run_core_only(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`start_core_only`, waited for."""
+    return finish(start_core_only(*args, **env), timeout)
 
 
 # A tqdm progress bar line, at any speed ('3.2file/s' or '1.66s/file').

@@ -14,11 +14,13 @@ directory for the child's files, kept until the session ends.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import queue
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,12 +39,53 @@ class Job:
     timeout: float = 600.0
 
 
+# A job of several commands run side by side or in turn (`commands_job`): each one's output
+# goes to files, not pipes, so a chatty command never waits for another to be read.
+_COMMANDS = """
+import json, socket, subprocess, sys
+from pathlib import Path
+folder, commands, side_by_side = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1"
+with socket.socket() as s:  # a free port, for commands that need one ('{free_port}')
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+procs = []
+for i, argv in enumerate(commands):
+    out, err = folder / f"command{i}.out", folder / f"command{i}.err"
+    with open(out, "w") as out, open(err, "w") as err:
+        procs.append(subprocess.Popen([a.replace("{free_port}", port) for a in argv],
+                                      stdout=out, stderr=err))
+    if not side_by_side:
+        procs[-1].wait()
+(folder / "returncodes.json").write_text(json.dumps([p.wait() for p in procs]))
+"""
+
+
+def commands_job(folder: Path, commands: list[list[str]], env: dict, cwd: Path,
+                 timeout: float = 600.0, side_by_side: bool = True) -> Job:
+    """A job running `commands` (argvs) side by side (or one after another), all in env and
+    cwd; `Done.commands` gives their results. '{free_port}' in an argument becomes one free
+    local port."""
+    return Job([sys.executable, "-c", _COMMANDS, str(folder), json.dumps(commands),
+                "1" if side_by_side else "0"], env, cwd, timeout)
+
+
 @dataclasses.dataclass
 class Done:
     """A finished job: its process's output, and the folder it was given."""
 
     result: subprocess.CompletedProcess
     folder: Path
+
+    def commands(self) -> list[subprocess.CompletedProcess]:
+        """The results of a `commands_job`'s commands, in order (returncode, stdout,
+        stderr); raises if the job itself failed."""
+        if self.result.returncode != 0:
+            raise RuntimeError(f"the side-lane job failed: {self.result.stderr[-3000:]}")
+        codes = json.loads((self.folder / "returncodes.json").read_text())
+        return [subprocess.CompletedProcess(
+            [], code, (self.folder / f"command{i}.out").read_text(errors="replace"),
+            (self.folder / f"command{i}.err").read_text(errors="replace"))
+            for i, code in enumerate(codes)]
 
 
 class SideLane:

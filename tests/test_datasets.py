@@ -23,8 +23,9 @@ from cryknn import families
 from cryknn import cif
 from cryknn.datasets import crystal_structures as names
 from cryknn.datasets.crystal_structures import parsing
-from tests.conftest import (error_lines, finish, make_cif, run_module, start_module,
-                            subprocess_env, symmetry_ops)
+from tests import side_lane
+from tests.conftest import (REPO, error_lines, make_cif, run_module, subprocess_env,
+                            symmetry_ops)
 
 
 def test_element_counter():
@@ -380,23 +381,28 @@ def test_cli_stats_of_unbuilt_dataset(tmp_path):
     assert len(lines) == 1 and "not built" in lines[0], result.stderr
 
 
+def _cli_build_job(folder):
+    """`cryknn.data build` of a folder of CIFs (written at collection), then `stats` of it."""
+    root, data_dir = folder / "cifs", folder / "tfds"
+    root.mkdir()
+    write_cif_folder(str(root))
+    dataset = "--dataset=crystal_structures/cif_dir"
+    return side_lane.commands_job(folder, [
+        [sys.executable, "-m", "cryknn.data", "build", dataset, f"--manual_dir={root}",
+         f"--data_dir={data_dir}", "--num_workers=0"],
+        [sys.executable, "-m", "cryknn.data", "stats", dataset, f"--data_dir={data_dir}",
+         f"--out={folder / 'chart.png'}"]], subprocess_env(), REPO, side_by_side=False)
+
+
 @pytest.mark.slow  # two subprocesses that import TensorFlow
-def test_cli_build_and_stats(cif_build, tmp_path):
-    # The command builds afresh while `stats` reads the module's build, side by side.
-    root, built, _ = cif_build
-    out = tmp_path / "chart.png"
-    build = start_module("cryknn.data", "build", "--dataset=crystal_structures/cif_dir",
-                         f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}",
-                         "--num_workers=0")
-    stats = start_module("cryknn.data", "stats", "--dataset=crystal_structures/cif_dir",
-                         f"--data_dir={built}", f"--out={out}")
-    result = finish(build, timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "skipped: 2 blocks or files" in result.stdout
-    result = finish(stats, timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "train atoms" in result.stdout and "\nNa " in result.stdout
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.side_lane(job=_cli_build_job)
+def test_cli_build_and_stats(side_job):
+    build, stats = side_job.commands()
+    assert build.returncode == 0, build.stderr
+    assert "skipped: 2 blocks or files" in build.stdout
+    assert stats.returncode == 0, stats.stderr
+    assert "train atoms" in stats.stdout and "\nNa " in stats.stdout
+    assert (side_job.folder / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------

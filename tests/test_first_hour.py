@@ -16,8 +16,9 @@ from cryknn import errors
 from cryknn import reading
 from cryknn import site_scores
 from cryknn.cif import read_cif_text
-from tests.conftest import (METHANE_CIF, NACL_CIF, REPO, error_lines, make_cif, progress_free,
-                            run_core_only, run_module)
+from tests.conftest import (METHANE_CIF, NACL_CIF, REPO, error_lines, finish, make_cif,
+                            progress_free, run_core_only, run_module, start_core_only,
+                            start_module)
 
 
 ORIGINAL_COLUMNS = ["structure_id", "site_label", "given_element", "predicted_element",
@@ -61,31 +62,36 @@ def test_readme_core_commands_in_a_core_only_install(toy_workdir, tmp_path):
     or prints one line naming the extra it needs."""
     cif = tmp_path / "nacl.cif"
     cif.write_text(NACL_CIF)
-    r = run_core_only("--version")
-    assert r.returncode == 0 and cryknn.__version__ in r.stdout
-    for args in (["predict", str(cif)], ["check", f"--out={tmp_path / 's.csv'}", str(cif)],
-                 ["predict", f"--workdir={toy_workdir}", str(cif)],
-                 ["featurize", "--k=2", f"--out={tmp_path / 'x.npz'}", str(cif)]):
-        r = run_core_only(*args)
+    working = [["--version"], ["predict", str(cif)],
+               ["check", f"--out={tmp_path / 's.csv'}", str(cif)],
+               ["predict", f"--workdir={toy_workdir}", str(cif)],
+               ["featurize", "--k=2", f"--out={tmp_path / 'x.npz'}", str(cif)],
+               [f"python:import cryknn; m = cryknn.load_model(); "
+                f"s = cryknn.read({str(cif)!r}); print(m.check(s)[0].plausibility)"]]
+    needing = [(["train", "--k=5"], "train"), (["data", "build"], "train"),
+               (["predict", str(REPO / "pyproject.toml")], "ase")]
+    # Side by side: each child mostly waits on one core.
+    children = [start_core_only(*args) for args in working + [a for a, _ in needing]]
+    results = [finish(child) for child in children]
+    assert results[0].returncode == 0 and cryknn.__version__ in results[0].stdout
+    for args, r in zip(working[1:], results[1:]):
         assert r.returncode == 0 and not progress_free(r.stderr), (args, r.stderr)
-    for args, extra in ((["train", "--k=5"], "train"), (["data", "build"], "train"),
-                        (["predict", str(REPO / "pyproject.toml")], "ase")):
-        _one_line_naming(run_core_only(*args), extra)
-    r = run_core_only(f"python:import cryknn; m = cryknn.load_model(); "
-                      f"s = cryknn.read({str(cif)!r}); print(m.check(s)[0].plausibility)")
-    assert r.returncode == 0, r.stderr
+    for (_, extra), r in zip(needing, results[len(working):]):
+        _one_line_naming(r, extra)
 
 
 # 2. Typed tables from the numbers.
 
 def test_predict_and_featurize_of_nothing_exit_1(toy_workdir, tmp_path):
     (tmp_path / "empty").mkdir()
-    r = run_module("cryknn.predict", f"--workdir={toy_workdir}", f"--out={tmp_path / 'x.csv'}",
-                   str(tmp_path / "empty"))
+    predict = start_module("cryknn.predict", f"--workdir={toy_workdir}",
+                           f"--out={tmp_path / 'x.csv'}", str(tmp_path / "empty"))
+    featurize = start_module("cryknn.featurize", "--k=2", f"--out={tmp_path / 'x.npz'}",
+                             str(tmp_path / "empty"))  # side by side
+    r = finish(predict)
     assert r.returncode == 1 and len(progress_free(r.stderr)) == 1, r.stderr
     assert not (tmp_path / "x.csv").exists()
-    r = run_module("cryknn.featurize", "--k=2", f"--out={tmp_path / 'x.npz'}",
-                   str(tmp_path / "empty"))
+    r = finish(featurize)
     assert r.returncode == 1 and len(progress_free(r.stderr)) == 1, r.stderr
     assert not (tmp_path / "x.npz").exists()
 
@@ -96,11 +102,14 @@ def test_the_command_reads_what_cryknn_read_reads(toy_workdir, tmp_path):
     ase_io = pytest.importorskip("ase.io")
     found, _ = read_cif_text(METHANE_CIF, "methane")
     ase_io.write(tmp_path / "POSCAR", found[0].to_ase(), format="vasp")
-    r = run_module("cryknn.predict", f"--workdir={toy_workdir}", str(tmp_path / "POSCAR"))
+    predict = start_module("cryknn.predict", f"--workdir={toy_workdir}",
+                           str(tmp_path / "POSCAR"))
+    featurize = start_module("cryknn.featurize", "--k=2", f"--out={tmp_path / 'x.npz'}",
+                             str(tmp_path / "POSCAR"))  # side by side
+    r = finish(predict)
     assert r.returncode == 0, r.stderr
     assert "POSCAR" in r.stdout and "plausibility" in r.stdout
-    r = run_module("cryknn.featurize", "--k=2", f"--out={tmp_path / 'x.npz'}",
-                   str(tmp_path / "POSCAR"))
+    r = finish(featurize)
     assert r.returncode == 0, r.stderr
     assert len(np.load(tmp_path / "x.npz")["distances"]) == 7
 

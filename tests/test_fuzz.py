@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, finish, make_cif, subprocess_env
+from tests import side_lane
+from tests.conftest import REPO, make_cif, subprocess_env
 
 NUM_FILES = 300
 MEMORY_CAP_MB = 2048
@@ -101,17 +102,27 @@ def write_corpus(folder: Path, seed: int = 21, num: int = NUM_FILES) -> list[Pat
     return paths + [folder / "pipe.cif", folder / "zero.cif"]
 
 
-def _start_tool(module: str, *args: str):
-    """The tool in a child Python that reports its own peak memory on stderr (started,
-    not waited for: both tools run side by side, each mostly on one core)."""
-    import subprocess
-
+def _tool(module: str, *args: str) -> list[str]:
+    """argv of the tool in a child Python that reports its own peak memory on stderr."""
     code = ("import atexit, resource, sys\n"
             "atexit.register(lambda: sys.stderr.write('PEAK_KB %d\\n' % "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
             f"from {module} import run\nrun(sys.argv)\n")
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    return [sys.executable, "-c", code, *args]
+
+
+def _fuzz_job(folder: Path) -> side_lane.Job:
+    """The corpus (written at collection, in folder/in), and `cryknn predict` and `cryknn
+    featurize` over it side by side, on the side lane: each tool mostly keeps one core."""
+    corpus = folder / "in"
+    corpus.mkdir()
+    write_corpus(corpus)
+    # One shipped model (not the checking default's three) is enough for input handling.
+    return side_lane.commands_job(folder, [
+        _tool("cryknn.predict", "--model_name=default", f"--out={folder / 'scores.csv'}",
+              str(corpus)),
+        _tool("cryknn.featurize", "--k=3", f"--out={folder / 'f.npz'}", str(corpus))],
+        subprocess_env(), REPO)
 
 
 def _peak_mb(stderr: str) -> float:
@@ -120,21 +131,20 @@ def _peak_mb(stderr: str) -> float:
     return int(lines[-1].split()[1]) / 1024
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The corpus, and `cryknn predict` and `cryknn featurize` run over it side by side."""
-    folder = tmp_path_factory.mktemp("fuzz")
-    paths = write_corpus(folder)
-    out = tmp_path_factory.mktemp("fuzz_out")
-    scores, table = out / "scores.csv", out / "f.npz"
-    # One shipped model (not the checking default's three) is enough for input handling.
-    predict = _start_tool("cryknn.predict", "--model_name=default", f"--out={scores}",
-                          str(folder))
-    featurize = _start_tool("cryknn.featurize", "--k=3", f"--out={table}", str(folder))
-    return {"folder": folder, "paths": paths, "scores": scores, "table": table,
-            "predict": finish(predict), "featurize": finish(featurize)}
+@pytest.fixture
+def runs(side_job):
+    """The corpus, and what `cryknn predict` and `cryknn featurize` did with it."""
+    folder = side_job.folder
+    predict, featurize = side_job.commands()
+    return {"folder": folder / "in", "paths": sorted((folder / "in").iterdir()),
+            "scores": folder / "scores.csv", "table": folder / "f.npz",
+            "predict": predict, "featurize": featurize}
 
 
+FUZZ_RUN = pytest.mark.side_lane(job=_fuzz_job, name="fuzz")
+
+
+@FUZZ_RUN
 def test_predict_accounts_for_every_hostile_file(runs):
     folder, paths, out, r = runs["folder"], runs["paths"], runs["scores"], runs["predict"]
     assert r.returncode in (0, 1, 2), r.stderr[-3000:]
@@ -152,6 +162,7 @@ def test_predict_accounts_for_every_hostile_file(runs):
             assert len(line.split(": ", 2)) == 3 and line.split(": ", 2)[2].strip(), line
 
 
+@FUZZ_RUN
 def test_featurize_survives_every_hostile_file(runs):
     import numpy as np
 

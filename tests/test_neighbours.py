@@ -13,8 +13,8 @@ from cryknn import knn_kernel
 from cryknn import knn_plan
 from cryknn import neighbours
 from cryknn import cif
-from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, make_cif, run_module,
-                            subprocess_env)
+from tests.conftest import (NACL_CIF, REPO, SHARED_COD, error_lines, finish, make_cif,
+                            run_module, start_module, subprocess_env)
 from tests import side_lane
 from tests.oracle import brute_force_knn, cell_from_parameters
 
@@ -443,10 +443,12 @@ def test_cli_reader_policy_flags(tmp_path):
     cif.write_text(make_cif([("C1", "C", 0.10, 0.1, 0.1), ("C2", "C", 0.13, 0.1, 0.1),
                              ("O1", "O", 0.50, 0.5, 0.5)], cell="10 10 10 90 90 90",
                             block="pair"))
+    flags = ("--merge_duplicates", "--nomerge_duplicates")
+    children = {merge: start_module("cryknn.featurize", "--k=2", f"--out={tmp_path / merge}.npz",
+                                    merge, str(cif)) for merge in flags}  # side by side
     counts = {}
-    for merge in ("--merge_duplicates", "--nomerge_duplicates"):
-        out = tmp_path / f"{merge}.npz"
-        proc = run_cli("--k=2", f"--out={out}", merge, str(cif))
+    for merge, child in children.items():
+        proc = finish(child)
         assert proc.returncode == 0, proc.stderr
-        counts[merge] = len(np.load(out)["distances"])
+        counts[merge] = len(np.load(f"{tmp_path / merge}.npz")["distances"])
     assert counts == {"--merge_duplicates": 2, "--nomerge_duplicates": 3}

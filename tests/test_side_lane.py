@@ -48,3 +48,24 @@ def test_a_broken_or_slow_job_fails_only_its_own_test():
         assert done.result.returncode == 3
     finally:
         lane.stop()
+
+
+def test_a_commands_job_runs_its_commands_side_by_side(tmp_path):
+    """The first command waits for a file the second writes (run one after the other, it
+    would time out); output of any size goes to files; '{free_port}' becomes a port."""
+    flag = tmp_path / "flag"
+    wait = (f"import pathlib, time\nwhile not pathlib.Path({str(flag)!r}).exists(): "
+            f"time.sleep(0.05)\nprint('saw it')")
+    write = (f"import pathlib, sys\npathlib.Path({str(flag)!r}).touch()\n"
+             f"sys.stderr.write('x' * 200000)\nprint(sys.argv[1])\nraise SystemExit(3)")
+    lane = side_lane.SideLane()
+    try:
+        done = lane.result("both", lambda folder: side_lane.commands_job(
+            folder, [[sys.executable, "-c", wait],
+                     [sys.executable, "-c", write, "port {free_port}"]], {}, folder, 60))
+        first, second = done.commands()
+    finally:
+        lane.stop()
+    assert first.returncode == 0 and first.stdout == "saw it\n"
+    assert second.returncode == 3 and second.stderr == "x" * 200000
+    assert second.stdout.split()[0] == "port" and int(second.stdout.split()[1]) > 0

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -268,34 +267,31 @@ def test_sharded_step_matches_single_device(side_job):
     assert "SHARDED_OK" in r.stdout, r.stdout + r.stderr
 
 
+def _two_process_job(folder):
+    """Two local processes of one --multihost run (2 CPU devices each), side by side."""
+    data_dir, workdir = str(folder / "data"), str(folder / "w")
+    toy_data.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
+                             process_count=2)
+    return side_lane.commands_job(folder, [
+        [sys.executable, "-m", "cryknn.main", "--multihost",
+         "--coordinator_address=localhost:{free_port}", "--num_processes=2",
+         f"--process_id={i}", f"--dataset={DATASET}", f"--data_dir={data_dir}",
+         f"--workdir={workdir}", "--model=mlp", "--epochs=1", "--batch_size=256",
+         "--num_elements=3", "--width=16", "--log_every=1000"] for i in range(2)],
+        subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), REPO)
+
+
 @pytest.mark.slow
-def test_two_processes_each_read_their_own_part(tmp_path):
+@pytest.mark.side_lane(job=_two_process_job)
+def test_two_processes_each_read_their_own_part(side_job):
     """--multihost with 2 local processes x 2 CPU devices: one run over 4 devices. The
     mlp: which part each process reads, and the run's devices, do not depend on the model
     (the sharded step of every model: test_sharded_step_matches_single_device)."""
-    import socket
-
-    data_dir = str(tmp_path / "data")
-    toy_data.write_toy_cache(data_dir, DATASET, 5, (1, 6, 8), (200, 40, 40),
-                             process_count=2)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    workdir = str(tmp_path / "w")
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "cryknn.main", "--multihost",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-         f"--dataset={DATASET}", f"--data_dir={data_dir}", f"--workdir={workdir}",
-         "--model=mlp", "--epochs=1", "--batch_size=256", "--num_elements=3", "--width=16",
-         "--log_every=1000"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-        for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        metrics = json.load(f)
+    results = side_job.commands()
+    assert [r.returncode for r in results] == [0, 0], [r.stdout + r.stderr for r in results]
+    workdir = side_job.folder / "w"
+    metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["timing"]["processes"] == 2 and metrics["timing"]["devices"] == 4
     assert metrics["test"]["num_atoms"] == 2 * 3 * 40  # both processes' test parts
     for i in range(2):
-        assert os.path.exists(os.path.join(workdir, f"misclassifications.p{i}.csv"))
+        assert (workdir / f"misclassifications.p{i}.csv").exists()
