@@ -67,8 +67,8 @@ class Config:
                         "original research's two-stage sigmoid model, called 'seed' there).",
                         defines_run=True)
     width: int | None = _field(None, "Hidden width of the mlp, graph and tree models (default: "
-                               "the model's, MODEL_DEFAULTS)."
-                               "for mlp, 64 for graph).", defines_run=True)
+                               "the model's, MODEL_DEFAULTS: 128 for mlp, 64 for graph and "
+                               "tree).", defines_run=True)
     depth: int = _field(2, "mlp: residual blocks.", defines_run=True)
     dropout: float | None = _field(None, "mlp, graph and tree: dropout rate in [0, 1) "
                                    "(default: the model's, MODEL_DEFAULTS).", defines_run=True)
