@@ -59,6 +59,7 @@ class Case:
     compile_s: float = 0.0
     flops_per_atom: float = 0.0
     runner: object = None
+    compiled: object = None  # the compiled training step (experiments/profile_model.py)
 
 
 def make_runner(table, labels_all, case: Case, num_classes: int):
@@ -97,7 +98,7 @@ def make_runner(table, labels_all, case: Case, num_classes: int):
 
     source = stream()
     first = next(source)
-    compiled = step.lower(holder["state"], first, weights, seed).compile()
+    compiled = case.compiled = step.lower(holder["state"], first, weights, seed).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     # Machine-independent: XLA's count of floating-point operations per loss atom.

@@ -9,10 +9,12 @@ The training experiments take every field of `cryknn.config.Config` as a flag, e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -234,3 +236,36 @@ def parse_ints(text: str) -> list[int]:
 
 def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+# Profiles of compiled steps (experiments/profile_model.py).
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """{HLO instruction name: 'forward|backward module/path'} from compiled HLO text, e.g.
+    'backward GraphModel/layer0/norm' (the first three op_name components under the
+    jit, without jvp/transpose wrappers)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        name = match and re.search(r'op_name="([^"]*)"', match.group(2))
+        if not name:
+            continue
+        path = name.group(1)
+        direction = "backward" if "transpose(" in path else "forward"
+        path = re.sub(r"^jit\([^)]*\)/", "", path)
+        path = re.sub(r"(transpose|jvp|vmap)\(|\)", "", path)
+        out[match.group(1)] = f"{direction} {'/'.join([p for p in path.split('/') if p][:3])}"
+    return out
+
+
+def group_times(events: list[dict], sources: dict[str, str], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each source group, from Perfetto 'X' events named after
+    HLO instructions (events of other names are not ops of the step and are left out)."""
+    totals: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in sources:
+            totals[sources[event["name"]]] += event.get("dur", 0) / 1000 / steps
+    return dict(totals.most_common())

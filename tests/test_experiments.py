@@ -268,3 +268,27 @@ def test_headline_aggregates_seeds(tmp_path):
     assert row["balanced_accuracy_runs"] == "0.800 / 0.900"
     assert headline.per_element(runs)[0] == {"element": "C", "recall": pytest.approx(0.85),
                                              "support": 4}
+
+
+def test_profile_groups_ops_by_module_and_pass():
+    """experiments/profile_model.py: XLA ops attributed to the model module and pass they
+    come from, times summed per step; trace events that are not ops are left out."""
+    hlo = "\n".join([
+        '  %fusion.1 = f32[4]{0} fusion(%p), metadata={op_name="jit(train_step)/'
+        'jvp(GraphModel)/layer0/norm/mul" stack_frame_id=1}',
+        '  ROOT %fusion.2 = f32[4]{0} fusion(%q), metadata={op_name="jit(train_step)/'
+        'transpose(jvp(GraphModel))/layer0/norm/reduce_sum"}',
+        '  %dot.3 = f32[4]{0} dot(%a, %b), metadata={op_name="jit(train_step)/'
+        'jvp(GraphModel)/layer1/vmap()/gather"}',
+        '  %copy.4 = f32[4]{0} copy(%a)'])
+    sources = common.op_sources(hlo)
+    assert sources == {"fusion.1": "forward GraphModel/layer0/norm",
+                       "fusion.2": "backward GraphModel/layer0/norm",
+                       "dot.3": "forward GraphModel/layer1/gather"}
+    events = [{"ph": "X", "name": "fusion.1", "dur": 3000},
+              {"ph": "X", "name": "fusion.1", "dur": 1000},
+              {"ph": "X", "name": "dot.3", "dur": 500},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 90000},
+              {"ph": "i", "name": "fusion.2", "dur": 7000}]
+    assert common.group_times(events, sources, steps=2) == {
+        "forward GraphModel/layer0/norm": 2.0, "forward GraphModel/layer1/gather": 0.25}
