@@ -272,14 +272,14 @@ def _running(worker) -> bool:
     """Whether a worker process still runs. The pool's manager thread may reap a worker
     before `Process.is_alive` has seen it exit (it then still says True for a moment), so
     on Linux ask the kernel: no /proc entry, or a zombie, is not running."""
+    if not os.path.isdir("/proc"):  # not Linux
+        worker.join(5)
+        return worker.is_alive()
     try:
         with open(f"/proc/{worker.pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-    except OSError:  # no /proc (not Linux)
-        worker.join(5)
-        return worker.is_alive()
 
 
 def test_missing_split_is_left_out(tmp_path):
