@@ -172,6 +172,16 @@ def radial_basis(d: jnp.ndarray, num: int, d_max: float) -> jnp.ndarray:
     return jnp.exp(-0.5 * ((d[..., None] - centres) / width) ** 2)
 
 
+def layer_norm(x: jnp.ndarray, name: str) -> jnp.ndarray:
+    """nn.LayerNorm `name` over the last axis of x (..., C), applied to x as (rows, C).
+
+    Same parameters and values as on x itself; flat because XLA's CPU backend sums the
+    scale and bias gradients over leading axes (1, N) about 10x slower than over one axis
+    of N (a pack of 4,096 nodes by 192 channels: 11.8 ms against 1.0 ms forward and
+    backward), and a graph batch on one device has one pack."""
+    return nn.LayerNorm(name=name)(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 class Interaction(nn.Module):
     """One round of message passing from k children to each parent node.
 
@@ -196,7 +206,7 @@ class Interaction(nn.Module):
         messages = nn.Dense(self.width, name="message")(children).reshape(
             batch, n, k, self.width) * filt
         pooled = messages.sum(axis=2) / k
-        y = nn.LayerNorm(name="norm")(jnp.concatenate([parent, pooled], axis=-1))
+        y = layer_norm(jnp.concatenate([parent, pooled], axis=-1), "norm")
         y = nn.Dense(self.width, name="update_out")(
             nn.gelu(nn.Dense(2 * self.width, name="update_in")(y)))
         return parent + nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -279,11 +289,12 @@ class GraphLayer(nn.Module):
         # One gather and one filter serve the radial and the angular messages.
         messages = gather_nodes(nn.Dense(width, name="message")(h), index)
         messages = messages * nn.Dense(width, name="filter")(edge_features)
-        parts = [h, messages[..., :self.width].mean(axis=-2)]
+        # Mean before slicing: the slice then copies (G, N, W), not (G, N, k, W).
+        parts = [h, messages.mean(axis=-2)[..., :self.width]]
         if kernels is not None:
             a = messages[..., self.width:]  # (G, N, k, A)
             parts.append(angular.power_spectra(kernels, a))
-        y = nn.LayerNorm(name="norm")(jnp.concatenate(parts, axis=-1))
+        y = layer_norm(jnp.concatenate(parts, axis=-1), "norm")
         y = nn.Dense(self.width, name="update_out")(
             nn.gelu(nn.Dense(self.width, name="update_in")(y)))
         return h + nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -357,7 +368,7 @@ class GraphModel(NeighbourhoodModel):
             context = ElementContext(self.width, name="elements")(
                 inputs, inputs.neighbour_index, edges)
             h = h + nn.Dense(self.width, name="context")(nn.gelu(context))
-        x = nn.gelu(nn.LayerNorm(name="final_norm")(h))
+        x = nn.gelu(layer_norm(h, "final_norm"))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return {"logits": nn.Dense(self.num_classes, name="head")(x)}
 
