@@ -1,6 +1,6 @@
 """Rotation-invariant descriptions of a set of directions: real spherical harmonics up to
 degree 4 and their per-degree power spectra, what the graph model's directions are built
-from (`models.GraphLayer`). Pure jax.numpy functions, shapes in the docstrings.
+from (`message_passing.GraphLayer`). Pure jax.numpy functions, shapes in the docstrings.
 
 The model computes the power spectra without harmonics: by the addition theorem,
 sum_m Y_lm(u) Y_lm(v) = (2l + 1) / (4 pi) P_l(u . v), so the power spectrum of weighted

@@ -11,7 +11,7 @@ only feeds atoms outside every loss atom's receptive field.
 Building a batch is numpy over whole index arrays: receptive fields grow by gathering the
 neighbour index of the frontier, packs take units (structures or crops) in a shuffled
 order; the only Python loops run over units and packs, never over atoms. Every gather of
-node states happens on the device (`models.gather_nodes`), and each atom's state is computed
+node states happens on the device (`message_passing.GraphLayer`), and each atom's state is computed
 once per hop and shared by every atom that reads it.
 """
 

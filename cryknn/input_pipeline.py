@@ -362,6 +362,7 @@ class GraphBatches:
         self.spec, self.pack_size, self.packs = spec, pack_size, packs
         self.repeats = repeats
         self._units: dict[int, tuple] = {}
+        self._scratch: dict[int, tuple] = {}
 
     def units(self, atoms: LabelledAtoms) -> list:
         return self._unit_record(atoms)[1]
@@ -410,8 +411,17 @@ class GraphBatches:
                 "label": np.zeros((self.packs, self.pack_size), np.int32),
                 "mask": np.zeros((self.packs, self.pack_size), np.float32)}
 
+    def _row_to_slot(self, atoms: LabelledAtoms) -> np.ndarray:
+        """(A,) int64 all -1: `pack_arrays`' table row -> slot map, one per table, kept
+        (each call restores it): a fresh one per batch cost a pass over every training
+        atom (25 MB for CoRE MOF) at every step."""
+        key = id(atoms.table)
+        if key not in self._scratch:  # the table stays alive with its map
+            self._scratch[key] = (atoms.table, np.full(len(atoms.table), -1, np.int64))
+        return self._scratch[key][1]
+
     def _batch(self, atoms: LabelledAtoms, packs: list) -> dict:
-        scratch = np.full(len(atoms.table), -1, np.int64)
+        scratch = self._row_to_slot(atoms)
         arrays = [graph_batch.pack_arrays(atoms.table, units, self.pack_size,
                                           with_elements=self.spec.neighbour_elements,
                                           scratch=scratch) for units in packs]

@@ -13,6 +13,7 @@ from cryknn import config as config_lib
 from cryknn import errors
 from cryknn import features
 from cryknn import input_pipeline
+from cryknn import message_passing
 from cryknn import models
 from cryknn import scoring
 from cryknn import train
@@ -63,7 +64,7 @@ def test_masked_mode_never_shows_an_atom_its_own_element():
 
 
 def test_tree_interaction_is_invariant_to_the_order_of_children():
-    layer = models.Interaction(width=16)
+    layer = message_passing.Interaction(width=16)
     rng = np.random.default_rng(0)
     parent = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
     children = jnp.asarray(rng.normal(size=(2, 3 * 4, 16)), jnp.float32)

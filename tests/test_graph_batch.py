@@ -136,6 +136,23 @@ def test_crops_give_every_atom_its_whole_crystal_prediction(table, masked):
     np.testing.assert_allclose(cropped, whole, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_packs_in_one_batch_give_what_each_pack_gives_alone(table, masked):
+    """A batch of several packs (run per pack, as sharded over devices) and each of its
+    packs alone (run without the pack axis, as on one device) give the same logits."""
+    model, params, spec = _model(hops=2, neighbour_elements=masked)
+    packs = list(graph_batch.inference_packs(table, np.arange(len(table)), spec.receptive_hops,
+                                             64, with_elements=masked))
+    packs = [p for p in packs if p.inputs.distances.shape == packs[0].inputs.distances.shape]
+    assert len(packs) >= 3
+    together = np.asarray(_jitted_apply(model)({"params": params},
+                                               graph_batch.stack(packs)[0])["logits"])
+    for g, pack in enumerate(packs):
+        alone = np.asarray(_jitted_apply(model)({"params": params},
+                                                graph_batch.stack([pack])[0])["logits"])
+        np.testing.assert_allclose(together[g], alone[0], rtol=1e-5, atol=1e-5)
+
+
 def test_logits_are_invariant_to_rotations_and_atom_order(table):
     model, params, spec = _model(hops=2)
     rows = np.arange(len(table))
