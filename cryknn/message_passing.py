@@ -158,10 +158,10 @@ class GraphLayer(nn.Module):
         # One gather and one filter serve the radial and the angular messages.
         messages = gather_nodes(dense(width, "message", h), index, packed)
         messages = messages * dense(width, "filter", edge_features)
-        # Mean before slicing: the slice then copies (G, N, W), not (G, N, k, W).
+        # Mean before slicing: the slice then copies ([G,] N, W), not ([G,] N, k, W).
         parts = [h, messages.mean(axis=-2)[..., :self.width]]
         if kernels is not None:
-            a = messages[..., self.width:]  # (G, N, k, A)
+            a = messages[..., self.width:]  # ([G,] N, k, A)
             parts.append(angular.power_spectra(kernels, a))
         y = layer_norm(jnp.concatenate(parts, axis=-1), "norm")
         y = dense(self.width, "update_out", nn.gelu(dense(self.width, "update_in", y)))

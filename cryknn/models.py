@@ -16,9 +16,10 @@ Models (`--model`, `MODELS`: name -> class, the Config fields it is built from, 
   (optionally first mapped to [1/d, log d, d[i+1] - d[i]]: `input_map='inverse_log_diff'`,
   which measured no better on validation at k = 5), then a pre-LayerNorm residual MLP with
   GELU and dropout. Reads {'distances': (B, k)}.
-- `tree` (`TreeModel`, in `cryknn.message_passing` as the next): message passing over each atom's k-NN neighbourhood unrolled to
-  depth `hops` on the host (`input_pipeline.gather_inputs`: 'neighbour_distances_<h>'
-  (B, k**h, k), in masked-atom mode 'neighbour_elements_<h>' (B, k**h)); cost k**hops.
+- `tree` (`TreeModel`, in `cryknn.message_passing` as the next): message passing over
+  each atom's k-NN neighbourhood unrolled to depth `hops` on the host
+  (`input_pipeline.gather_inputs`: 'neighbour_distances_<h>' (B, k**h, k), in masked-atom
+  mode 'neighbour_elements_<h>' (B, k**h)); cost k**hops.
 - `graph` (`GraphModel`): message passing over whole structures on the device
   (`graph_batch.GraphInputs`: packs of nodes, (N, k) neighbour slots, displacement vectors);
   every atom's state is computed once per hop, with optional directions (per-degree power
