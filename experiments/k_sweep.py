@@ -55,7 +55,35 @@ def run_record(k: int, seed: int, metrics: dict) -> dict:
         "majority_accuracy": metrics["majority_baseline"]["accuracy"],
         "majority_balanced_accuracy": metrics["majority_baseline"]["balanced_accuracy"],
         "elements": metrics.get("elements"),
+        # The family-bootstrap interval and per-element recall of the test split.
+        "test_balanced_accuracy_interval": test.get("intervals", {}).get("balanced_accuracy"),
+        "test_recall": {e: v["recall"] for e, v in test.get("per_element", {}).items()},
     }
+
+
+WEAK_ELEMENTS = ("Fe", "Co", "Ni", "Cl")
+
+
+def per_seed_markdown(records: Sequence[dict], elements: Sequence[str] = WEAK_ELEMENTS) -> str:
+    """Per k: validation and test balanced accuracy of each seed (seed order), the test
+    split's 95 % family-bootstrap interval of each, and the mean test recall over seeds of
+    `elements` (the elements the models confuse most)."""
+    by_k: dict[int, list[dict]] = {}
+    for r in sorted(records, key=lambda r: (r["k"], r["seed"])):
+        by_k.setdefault(r["k"], []).append(r)
+    head = ["k", "seeds", "val. balanced per seed", "test balanced per seed",
+            "95 % intervals", " / ".join(elements) + " recall (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, runs in by_k.items():
+        val = " / ".join(f"{r['validation_balanced_accuracy']:.3f}" for r in runs)
+        test = " / ".join(f"{r['test_balanced_accuracy']:.3f}" for r in runs)
+        spans = " ".join(f"[{i[0]:.3f}, {i[1]:.3f}]" if i else "-" for i in
+                         (r.get("test_balanced_accuracy_interval") for r in runs))
+        recall = " / ".join(
+            f"{np.mean([r['test_recall'][e] for r in runs if e in r.get('test_recall', {})]):.2f}"
+            if any(e in r.get("test_recall", {}) for r in runs) else "-" for e in elements)
+        lines.append(f"| {k} | {len(runs)} | {val} | {test} | {spans} | {recall} |")
+    return "\n".join(lines)
 
 
 def aggregate(records: Sequence[dict]) -> list[dict]:
@@ -218,7 +246,7 @@ def main(argv: Sequence[str]) -> int:
         "flags": dataclasses.asdict(config), "runs": records, "per_k": rows,
         "decision": decision, "seconds_this_invocation": time.time() - t_sweep,
         "runs_total_seconds": sum(r["total_s"] or 0 for r in records)})
-    md = table_markdown(rows)
+    md = table_markdown(rows) + "\n\n" + per_seed_markdown(records)
     (root / "sweep.md").write_text(md + "\n")
     title = (f"{FLAGS.name}: {config.model}, {len(records[0]['elements'] or [])} elements, "
              f"<= {config.max_per_element} training atoms per element, {config.epochs} epochs "

@@ -167,6 +167,20 @@ def test_sweep_aggregate_and_choice(tmp_path):
     assert "| 2 | 3 |" in k_sweep.table_markdown(rows)
 
 
+def test_sweep_per_seed_table_has_intervals_and_weak_element_recall():
+    records = []
+    for seed, (bal, fe) in enumerate([(0.80, 0.4), (0.82, 0.6)]):
+        m = _metrics(bal, bal - 0.01)
+        m["test"]["intervals"] = {"balanced_accuracy": [bal - 0.03, bal + 0.03]}
+        m["test"]["per_element"] = {"Fe": {"recall": fe}, "Cl": {"recall": 0.9}}
+        records.append(k_sweep.run_record(5, seed, m))
+    records.append(k_sweep.run_record(6, 0, _metrics(0.85, 0.84)))  # an older metrics.json
+    table = k_sweep.per_seed_markdown(records).splitlines()
+    assert table[2] == ("| 5 | 2 | 0.790 / 0.810 | 0.800 / 0.820 | [0.770, 0.830] "
+                        "[0.790, 0.850] | 0.50 / - / - / 0.90 |")
+    assert table[3] == "| 6 | 1 | 0.840 | 0.850 | - | - / - / - / - |"
+
+
 def test_warm_start_first_reach_and_compare(tmp_path):
     warm = [{"step": 0, "seconds": 0.0, "balanced_accuracy": 0.70},
             {"step": 25, "seconds": 1.0, "balanced_accuracy": 0.74},
