@@ -74,14 +74,18 @@ def per_seed_markdown(records: Sequence[dict], elements: Sequence[str] = WEAK_EL
     head = ["k", "seeds", "val. balanced per seed", "test balanced per seed",
             "95 % intervals", " / ".join(elements) + " recall (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def mean_recall(runs: list[dict], element: str) -> str:
+        values = [r["test_recall"][element] for r in runs
+                  if element in r.get("test_recall", {})]
+        return f"{np.mean(values):.2f}" if values else "-"
+
     for k, runs in by_k.items():
         val = " / ".join(f"{r['validation_balanced_accuracy']:.3f}" for r in runs)
         test = " / ".join(f"{r['test_balanced_accuracy']:.3f}" for r in runs)
         spans = " ".join(f"[{i[0]:.3f}, {i[1]:.3f}]" if i else "-" for i in
                          (r.get("test_balanced_accuracy_interval") for r in runs))
-        recall = " / ".join(
-            f"{np.mean([r['test_recall'][e] for r in runs if e in r.get('test_recall', {})]):.2f}"
-            if any(e in r.get("test_recall", {}) for r in runs) else "-" for e in elements)
+        recall = " / ".join(mean_recall(runs, e) for e in elements)
         lines.append(f"| {k} | {len(runs)} | {val} | {test} | {spans} | {recall} |")
     return "\n".join(lines)
 
