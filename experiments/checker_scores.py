@@ -4,17 +4,21 @@ flagged at 90 % detection, and the structure ROC AUC, for each combination.
 
     python experiments/checker_scores.py --data_dir=D \
         --masked_workdirs=runs/masked_s0,runs/masked_s1,runs/masked_s2 [--max_structures=N]
+    python experiments/checker_scores.py --data_dir=D --masked_workdirs=T0,T1,T2,G0,G1,G2 \
+        --groups=tree:0+1+2,graph:3+4+5    # ensembles of some of the runs, side by side
 
 Models: the masked-atom runs given (uncalibrated, as trained) and the shipped `default`.
 Scores of a site: p(given) from the mean (or geometric mean) of the models'
 probabilities; p(given) / max p; and p(given) / (p(given) + p(best Z+-1 partner)), which
 answers only the Z+-1 question. A structure's score is its least site score over the
-sites in the shipped `masked` model's domain. With several masked runs, also: sites whose
-runs disagree (mutual information above a quantile) taken out of the domain; and the
-checking rule `scoring.CheckRule` (a p(given) floor that alone flags a given share of the
-structures, or p(given) / (p(given) + p(Z+-1 neighbour)) below a threshold) fitted by
-`checking.choose_rule` for several floors. The swaps are `checking.pick_swaps` (seed 0), as
-in experiments/checker.py. The tables in docs/results.md A0.5 came from this.
+sites in the shipped `masked` model's domain. --groups names ensembles of some of the runs
+(indices into --masked_workdirs), each scored like the ensemble of all of them, on the same
+swaps. With several masked runs, also: sites whose runs disagree (mutual information above
+a quantile) taken out of the domain; and the checking rule `scoring.CheckRule` (a p(given)
+floor that alone flags a given share of the structures, or p(given) / (p(given) + p(Z+-1
+neighbour)) below a threshold) fitted by `checking.choose_rule` for several floors. The
+swaps are `checking.pick_swaps` (seed 0), as in experiments/checker.py. The tables in
+docs/results.md A0.5 came from this.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Where the models' dataset is built.")
     flags.DEFINE_list("masked_workdirs", None, "Finished masked-atom runs (other seeds).")
     flags.DEFINE_integer("max_structures", None, "Draw this many validation structures.")
+    flags.DEFINE_list("groups", [], "Ensembles of some of the runs, NAME:I+J+... (indices "
+                      "into --masked_workdirs), scored like the mean of all of them.")
+
+
+def parse_groups(specs: Sequence[str], runs: int) -> dict[str, list[int]]:
+    """{'tree': [0, 1, 2]} from ['tree:0+1+2']; a clear error for a malformed spec."""
+    from cryknn import errors
+
+    groups = {}
+    for spec in specs:
+        name, _, members = spec.partition(":")
+        try:
+            index = [int(i) for i in members.split("+")]
+        except ValueError:
+            index = []
+        if not name or not index or not all(0 <= i < runs for i in index):
+            raise errors.ConfigError(f"--groups: {spec!r} is not NAME:I+J+... with indices "
+                                     f"below {runs} (the --masked_workdirs given)")
+        groups[name] = index
+    return groups
 
 
 def model_probs(models: dict, table, swaps, rows) -> dict:
@@ -58,6 +82,7 @@ def main(argv: Sequence[str]) -> int:
     from cryknn import checking, features, saved_model, scoring
 
     FLAGS = flags.FLAGS
+    groups = parse_groups(FLAGS.groups, len(FLAGS.masked_workdirs or []))
     shipped = scoring.load_model(name="masked")
     table = checker.subset(features.load_features(
         shipped.saved.config.dataset, "validation", shipped.k, data_dir=FLAGS.data_dir,
@@ -94,6 +119,9 @@ def main(argv: Sequence[str]) -> int:
     combos = [[n] for n in models if n.startswith("masked")]
     masked = [n for n in models if n.startswith("masked")]
     combos += [masked, masked + ["default"]] if len(masked) > 1 else []
+    named = {"masked mean": masked} if len(masked) > 1 else {}
+    named.update({name: [masked[i] for i in index] for name, index in groups.items()})
+    combos += [names for names in named.values() if names not in combos]
     table_rows = []
     thresholds = np.geomspace(1e-7, 0.9, 2000)
     for names in combos:
@@ -119,16 +147,19 @@ def main(argv: Sequence[str]) -> int:
     if len(masked) > 1:
         table_rows += disagreement_rows([probs[n] for n in masked], table, swaps, rows,
                                         p_given, least, thresholds)
-        table_rows += rule_rows([probs[n] for n in masked], table, swaps, rows, shipped,
-                                checkable)
+    for label, names in named.items():
+        table_rows += rule_rows([probs[n] for n in names], table, swaps, rows, shipped,
+                                checkable, label)
     print(common.markdown_table(table_rows, list(table_rows[0])))
     return 0
 
 
-def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable) -> list[dict]:
-    """The masked runs' mean checked by `checking.choose_rule` with p(given) floors that
-    alone flag 0-3 % of the real structures: detection at 5 % flagged, and the share
-    flagged at 90 % detection (the rule's two thresholds scaled together)."""
+def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable,
+              label: str = "masked mean") -> list[dict]:
+    """The masked runs' mean (named `label`) checked by `checking.choose_rule` with
+    p(given) floors that alone flag 0-3 % of the real structures: detection at 5 %
+    flagged, and the share flagged at 90 % detection (the rule's two thresholds scaled
+    together)."""
     from cryknn import checking, scoring
 
     site = checking.atom_sites(table)
@@ -154,7 +185,7 @@ def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable) -> l
         curve = run.curve(rule)
         detected = np.array(curve["swap_detection"])
         flagged = np.array(curve["real_structures_flagged"])
-        out.append({"models": f"masked mean, p(given) floor flagging {floor:.1%} alone",
+        out.append({"models": f"{label}, p(given) floor flagging {floor:.1%} alone",
                     "combined by": "mean", "site score": "checking rule (floor or "
                     "p(given) / (p(given) + p(Z±1 neighbour)))",
                     "detection at 5 % flagged": f"{at_5['swap_detection']:.1%}",

@@ -306,3 +306,26 @@ def test_profile_groups_ops_by_module_and_pass():
               {"ph": "i", "name": "fusion.2", "dur": 7000}]
     assert common.group_times(events, sources, steps=2) == {
         "forward GraphModel/layer0/norm": 2.0, "forward GraphModel/layer1/gather": 0.25}
+
+
+def test_checker_scores_groups_name_subsets_of_the_runs():
+    checker_scores = _load("checker_scores")
+    assert checker_scores.parse_groups(["tree:0+1+2", "graph:3+4+5"], 6) == {
+        "tree": [0, 1, 2], "graph": [3, 4, 5]}
+    for bad in ("tree", "tree:", "tree:0+x", ":0+1", "tree:0+6"):
+        with pytest.raises(ValueError, match="--groups"):
+            checker_scores.parse_groups([bad], 6)
+
+
+def test_paired_models_rows_compare_two_runs_on_the_same_atoms():
+    paired_models = _load("paired_models")
+    labels = np.array([0, 0, 1, 1, 1, 0], np.int16)
+    base = {"group": np.array(list("aabbcc")), "structure_id": np.array(list("ppqqrr")),
+            "label": labels, "elements": np.array(["C", "N"])}
+    a = {**base, "predicted": labels.copy()}
+    b = {**base, "predicted": np.array([0, 1, 1, 1, 0, 0], np.int16)}
+    rows = paired_models.paired_rows("A", "B", a, b)
+    assert [r["metric"] for r in rows] == ["accuracy", "balanced_accuracy"]
+    assert rows[0]["a_value"] == 1.0 and rows[0]["difference"] == pytest.approx(-2 / 6)
+    with pytest.raises(ValueError, match="same atoms"):
+        paired_models.paired_rows("A", "B", a, {**b, "label": labels[::-1].copy()})
