@@ -257,6 +257,16 @@ def create_model(config: ModelSettings, num_classes: int,
                     **kwargs)
 
 
+def split_input_statistics(model: nn.Module) -> tuple[nn.Module, tuple | None]:
+    """(template, (mean, std)): the model with empty input statistics, and its statistics
+    (None for a model without them). Models trained alike on differently capped atoms
+    differ only in these, so their templates compare equal: an ensemble's members share
+    one traced forward pass and one parameter-shape check."""
+    if "input_mean" not in type(model).__dataclass_fields__:
+        return model, None
+    return model.clone(input_mean=(), input_std=()), (model.input_mean, model.input_std)
+
+
 def _input_map_of(config: ModelSettings) -> str:
     return config.input_map if "input_map" in MODELS[config.model].fields else "raw"
 

@@ -295,16 +295,25 @@ def _input_width(config: config_lib.Config) -> int:
     return int(models.map_inputs(np.ones((1, config.k)), kind).shape[1])
 
 
+# Parameter shapes per (template, input spec): `_param_shapes` traces each architecture once.
+_SHAPES: dict = {}
+
+
 def _param_shapes(model: Any, config: config_lib.Config) -> dict:
-    """{'/'-joined path: shape} of the parameters `model` has (traced, nothing computed)."""
+    """{'/'-joined path: shape} of the parameters `model` has (traced, nothing computed;
+    once per architecture: members of an ensemble trained alike share the answer)."""
     import jax
 
     from cryknn import input_pipeline
 
-    inputs = input_pipeline.example_inputs(config_lib.input_spec(config))
-    shapes = jax.eval_shape(lambda: models.init_params(model, config.k, jax.random.key(0),
-                                                       inputs))
-    return {key: tuple(leaf.shape) for key, leaf in _flat(shapes).items()}
+    spec = config_lib.input_spec(config)
+    key = (models.split_input_statistics(model)[0], spec)
+    if key not in _SHAPES:
+        inputs = input_pipeline.example_inputs(spec)
+        shapes = jax.eval_shape(lambda: models.init_params(model, config.k,
+                                                           jax.random.key(0), inputs))
+        _SHAPES[key] = {k: tuple(leaf.shape) for k, leaf in _flat(shapes).items()}
+    return dict(_SHAPES[key])
 
 
 def _flat(tree: Any, prefix: str = "") -> dict:

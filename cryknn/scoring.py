@@ -166,12 +166,39 @@ def _load_export(workdir: str) -> saved_model.SavedModel:
     return saved_model.load(export)
 
 
-def _jit_probs(module):
-    """jit of (params, inputs, temperature) -> softmax(logits / temperature) of a module."""
+def _jit_probs(template):
+    """jit of (weights, inputs, temperature) -> softmax(logits / temperature), where
+    weights = (params, input statistics or None) and `template` is the module without its
+    statistics (`models.split_input_statistics`): the statistics are arguments, so members
+    trained alike share one trace (each trace of an ensemble member cost a one-structure
+    check 0.25 s)."""
     import jax
 
-    return jax.jit(lambda params, inputs, t: jax.nn.softmax(
-        module.apply({"params": params}, inputs, train=False)["logits"] / t, -1))
+    def probs(weights, inputs, t):
+        params, stats = weights
+        module = template if stats is None else template.clone(input_mean=stats[0],
+                                                               input_std=stats[1])
+        logits = module.apply({"params": params}, inputs, train=False)["logits"]
+        return jax.nn.softmax(logits / t, -1)
+
+    return jax.jit(probs)
+
+
+def _member_forwards(members: Sequence[saved_model.SavedModel]) -> list[tuple]:
+    """(forward function, (params, input statistics)) of each member; members with the
+    same template share the function."""
+    from cryknn import models
+
+    shared: dict = {}
+    out = []
+    for member in members:
+        template, stats = models.split_input_statistics(member.model)
+        if template not in shared:
+            shared[template] = _jit_probs(template)
+        weights = (member.params, None if stats is None else
+                   tuple(np.asarray(v, np.float32) for v in stats))
+        out.append((shared[template], weights))
+    return out
 
 
 class Model:
@@ -185,8 +212,8 @@ class Model:
         self.spec = config_lib.input_spec(saved.config)
         self.temperature = calibration.temperature_of(saved.info)  # 1: not calibrated
         self.domain = calibration.domain_of(saved.info, saved.folder)  # None: not fitted
-        # (forward function, params) of each member; a single model is its only member.
-        self._forward = [(_jit_probs(m.model), m.params) for m in saved.members or [saved]]
+        # (forward function, weights) of each member; a single model is its only member.
+        self._forward = _member_forwards(saved.members or [saved])
 
     @property
     def rule(self) -> CheckRule:
@@ -303,7 +330,7 @@ class Model:
             return mean.astype(np.float32)
         return calibration.apply_temperature(mean, self.temperature)
 
-    def _predict_rows(self, probs_fn, params, table: features.AtomTable, rows: np.ndarray,
+    def _predict_rows(self, probs_fn, weights, table: features.AtomTable, rows: np.ndarray,
                       batch_size: int, temperature: float) -> np.ndarray:
         """One member's (R, C) probabilities, each atom's inputs gathered on the host."""
         out = []
@@ -312,11 +339,11 @@ class Model:
             size = min(batch_size, 1 << max(0, int(len(chunk) - 1).bit_length()))
             padded = np.pad(chunk, (0, size - len(chunk)), mode="edge")  # few shapes to compile
             inputs = input_pipeline.gather_inputs(table, padded, self.spec)
-            out.append(np.asarray(probs_fn(params, inputs,
+            out.append(np.asarray(probs_fn(weights, inputs,
                                            np.float32(temperature)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
 
-    def _predict_graph(self, probs_fn, params, table: features.AtomTable, rows: np.ndarray,
+    def _predict_graph(self, probs_fn, weights, table: features.AtomTable, rows: np.ndarray,
                        batch_size: int, temperature: float) -> np.ndarray:
         """One member's probabilities from whole structures (crops of big ones) in packs of
         at most `batch_size` slots: one forward pass per pack, every atom's state computed
@@ -328,7 +355,7 @@ class Model:
                 table, rows, self.spec.receptive_hops, batch_size,
                 with_elements=self.spec.neighbour_elements):
             inputs = graph_batch.stack([pack])[0]
-            out = np.asarray(probs_fn(params, inputs, np.float32(temperature)))[0]
+            out = np.asarray(probs_fn(weights, inputs, np.float32(temperature)))[0]
             keep = pack.loss_position >= 0
             probs[pack.loss_position[keep]] = out[keep]
         return probs
