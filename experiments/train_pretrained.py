@@ -80,11 +80,25 @@ def ship_ensemble(target: Path, workdirs: list[str], data_dir: str | None) -> No
     shutil.rmtree(target, ignore_errors=True)
     saved_model.save_ensemble(str(target), [os.path.join(w, checkpoints.MODEL_FOLDER)
                                             for w in workdirs])
+    drop_machine_paths(target)
     path = target / saved_model.MODEL_JSON
     info = json.loads(path.read_text())
     metrics = ensemble_test_metrics(str(target), data_dir)
     util.write_json(str(path), {**info, "test_metrics": metrics})
     checking.calibrate_saved_model(str(target), data_dir)
+
+
+def drop_machine_paths(target: Path) -> None:
+    """Every model.json under target (members included) records no folder of the machine
+    that trained it: the run's data_dir and manual_dir become null."""
+    from cryknn import saved_model, util
+
+    for path in target.rglob(saved_model.MODEL_JSON):
+        info = json.loads(path.read_text())
+        config = info.get("run", {}).get("config", {})
+        if any(config.get(key) for key in ("data_dir", "manual_dir")):
+            config.update(data_dir=None, manual_dir=None)
+            util.write_json(str(path), info)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -105,6 +119,7 @@ def main(argv: Sequence[str]) -> int:
     target.mkdir(parents=True)
     for name in (saved_model.MODEL_JSON, saved_model.PARAMS):
         shutil.copy2(os.path.join(source, name), target / name)
+    drop_machine_paths(target)
     # Temperature, domain and checking threshold, fitted on the validation split.
     checking.calibrate_saved_model(str(target), FLAGS.data_dir, FLAGS.dataset)
     return report(target, metrics)
