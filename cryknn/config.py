@@ -88,6 +88,10 @@ class Config:
     angular_channels: int | None = _field(None, "graph with directions: message channels "
                                           "whose shell shape each layer reads (default: the "
                                           "model's, MODEL_DEFAULTS).", defines_run=True)
+    element_states: bool = _field(False, "Masked-atom graph: each neighbour's element meets "
+                                  "its geometry state in a small MLP before the element "
+                                  "context pools it (exploratory; docs/results.md A0.7).",
+                                  defines_run=True)
     # Optimisation.
     class_weighting: str = _field("sqrt_inverse_frequency", "Loss weight per element: none, "
                                   "inverse_frequency or sqrt_inverse_frequency.",

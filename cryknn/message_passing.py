@@ -180,9 +180,11 @@ class ElementContext(nn.Module):
     width: int
 
     @nn.compact
-    def __call__(self, inputs, index, edge_features, *, packed: bool):
-        """index ([G,] N, k), edge_features ([G,] N, k, E) -> ([G,] N, W) element context of
-        every node (the pack axis G only where `packed`)."""
+    def __call__(self, inputs, index, edge_features, states=None, *, packed: bool):
+        """index ([G,] N, k), edge_features ([G,] N, k, E), states ([G,] N, W) geometry
+        states or None -> ([G,] N, W) element context of every node (the pack axis G only
+        where `packed`). With states, each neighbour's element terms and its geometry
+        state pass a small MLP together; states carry no element, so nothing leaks."""
         site = inputs.site
         own = site[..., None]
         gather = lambda values, at: gather_nodes(values, at, packed)  # noqa: E731
@@ -195,6 +197,9 @@ class ElementContext(nn.Module):
         second_filter = gather(edge_filter, index)  # ([G,] N, k, k, W): edge j -> l
         shell2 = (embed(second) * second_filter).mean(axis=-2)
         pair = embed(first) + dense(self.width, "second_shell", shell2)
+        if states is not None:
+            pair = jnp.concatenate([pair, gather(states, index)], axis=-1)
+            pair = dense(self.width, "pair_out", nn.gelu(dense(self.width, "pair_in", pair)))
         return (pair * edge_filter).mean(axis=-2)
 
 
@@ -215,6 +220,7 @@ class GraphModel(NeighbourhoodModel):
     num_rbf: int = 24
     edge_width: int = 16
     d_max: float = 6.0
+    element_states: bool = False
 
     @nn.compact
     def __call__(self, inputs, *, train: bool = False) -> dict:
@@ -242,7 +248,8 @@ class GraphModel(NeighbourhoodModel):
                 h, inputs.neighbour_index, edges, kernels, train=train, packed=packed)
         if self.neighbour_elements:
             context = ElementContext(self.width, name="elements")(
-                inputs, inputs.neighbour_index, edges, packed=packed)
+                inputs, inputs.neighbour_index, edges, h if self.element_states else None,
+                packed=packed)
             h = h + dense(self.width, "context", nn.gelu(context))
         x = nn.gelu(layer_norm(h, "final_norm"))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

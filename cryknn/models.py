@@ -56,6 +56,7 @@ class ModelSettings(Protocol):
     neighbour_elements: bool
     directions: bool
     angular_channels: int
+    element_states: bool
 
 
 INPUT_MAPS = ("raw", "inverse_log_diff")
@@ -188,7 +189,8 @@ class ModelKind:
 
 MODELS = {
     "graph": ModelKind(GraphModel, ("width", "hops", "dropout", "neighbour_elements",
-                                    "directions", "angular_channels"), "graph"),
+                                    "directions", "angular_channels", "element_states"),
+                       "graph"),
     "mlp": ModelKind(MLPModel, ("width", "depth", "dropout", "input_map"), "atoms"),
     "two_stage": ModelKind(TwoStageModel, (), "atoms"),
     "tree": ModelKind(TreeModel, ("width", "hops", "dropout", "neighbour_elements"), "tree"),
@@ -231,6 +233,9 @@ def check_model_config(config: ModelSettings) -> None:
         raise errors.ConfigError(f"--hops must be 1 to 4, got {config.hops}")
     if config.neighbour_elements and "neighbour_elements" not in fields:
         raise errors.ConfigError("--neighbour_elements needs --model=graph (or tree)")
+    if config.element_states and not ("element_states" in fields
+                                      and config.neighbour_elements):
+        raise errors.ConfigError("--element_states needs --model=graph --neighbour_elements")
 
 
 def needs_input_statistics(config: ModelSettings) -> bool:

@@ -51,3 +51,13 @@ def test_saved_configurations_of_older_versions_load():
 def test_angular_channels_must_be_positive():
     with pytest.raises(errors.ConfigError, match="--angular_channels must be >= 1, got 0"):
         config_lib.validate(config_lib.Config(model="graph", angular_channels=0))
+
+
+def test_element_states_needs_the_masked_graph_model():
+    for config in (config_lib.Config(model="graph", element_states=True),
+                   config_lib.Config(model="tree", neighbour_elements=True,
+                                     element_states=True)):
+        with pytest.raises(errors.ConfigError, match="--element_states needs"):
+            config_lib.validate(config)
+    config_lib.validate(config_lib.Config(model="graph", neighbour_elements=True,
+                                          element_states=True))

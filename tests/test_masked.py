@@ -81,15 +81,17 @@ def _masked_logits(table, rows, params, model, spec, apply):
     return np.asarray(apply({"params": params}, inputs)["logits"])
 
 
-@pytest.mark.parametrize("model_name,hops", [("graph", 1), ("graph", 2), ("graph", 3),
-                                             ("tree", 2)])
-def test_an_atoms_own_element_and_its_copies_never_reach_its_logits(model_name, hops):
+@pytest.mark.parametrize("model_name,hops,element_states",
+                         [("graph", 1, False), ("graph", 2, False), ("graph", 3, False),
+                          ("graph", 2, True), ("tree", 2, False)])
+def test_an_atoms_own_element_and_its_copies_never_reach_its_logits(model_name, hops,
+                                                                     element_states):
     """Changing only atom 0's element and its site copies' leaves its logits bit-identical;
     changing another site's element changes them."""
     found = _read(P1BAR_CIF)
     table = features.featurize_examples(_examples(found), 5)
     config = config_lib.Config(model=model_name, k=5, hops=hops, width=16,
-                               neighbour_elements=True)
+                               neighbour_elements=True, element_states=element_states)
     spec = config_lib.input_spec(config)
     model = models.create_model(config, 4)
     params = models.init_params(model, 5, jax.random.key(0),
