@@ -1,8 +1,10 @@
 """Shared helpers of the research scripts in experiments/ (distances, k sweep, warm start,
 confusions): where the data lives, reading a capped number of structures, element groups,
-a covalent-radius table, markdown tables and the best-k criterion.
+a covalent-radius table, markdown tables, the best-k criterion and a saved model's test
+split.
 
-Everything here is pure Python/numpy (no JAX, no TFDS) so tests can import it cheaply.
+Everything here is pure Python/numpy at import (no JAX, no TFDS; functions that need them
+import them when called) so tests can import it cheaply.
 The training experiments take every field of `cryknn.config.Config` as a flag, exactly as
 `python -m cryknn.main` does, with the same defaults (`define_run_flags`).
 """
@@ -125,6 +127,22 @@ def read_structures(source: str, limit: int | None, cod_dir: str | os.PathLike =
         if limit is not None and len(kept) >= limit:
             break
     return kept, skips
+
+
+def saved_model_test_split(folder: str, data_dir: str | None):
+    """(model, table, rows, labels): the saved model in folder (a `scoring.Model`), its
+    dataset's test split from the feature cache of the build it was trained on, and the
+    rows of the atoms whose element it models with their classes, in table order (the
+    atoms a training run evaluates)."""
+    from cryknn import features, input_pipeline, saved_model, scoring
+
+    model = scoring.Model(saved_model.load(folder), folder)
+    table = features.load_features(model.saved.config.dataset, "test", model.k,
+                                   data_dir=data_dir,
+                                   fingerprint=model.saved.info["dataset_fingerprint"])
+    labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
+    rows = np.flatnonzero(labels >= 0)
+    return model, table, rows, labels[rows]
 
 
 def load_json(path: str | os.PathLike) -> dict | None:

@@ -45,19 +45,14 @@ def load_predictions(path: str) -> dict:
 def predictions_of_export(folder: str, reference: dict, data_dir: str | None) -> dict:
     """test_predictions.npz contents for a saved model: its predicted classes on the atoms
     `reference` (a run's test_predictions) lists, in the same order."""
-    from cryknn import errors, features, input_pipeline, saved_model, scoring
+    from cryknn import errors
 
-    model = scoring.Model(saved_model.load(folder), folder)
+    model, table, rows, labels = common.saved_model_test_split(folder, data_dir)
     if list(model.elements) != [str(e) for e in reference["elements"]]:
         raise errors.ConfigError(f"{folder} predicts {model.elements}, the runs "
-                         f"{list(reference['elements'])}")
-    table = features.load_features(model.saved.config.dataset, "test", model.k,
-                                   data_dir=data_dir,
-                                   fingerprint=model.saved.info["dataset_fingerprint"])
-    labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
-    rows = np.flatnonzero(labels >= 0)
+                                 f"{list(reference['elements'])}")
     if not (np.array_equal(table.atom_structure_ids(rows), reference["structure_id"])
-            and np.array_equal(labels[rows], reference["label"])):
+            and np.array_equal(labels, reference["label"])):
         raise errors.ConfigError(f"{folder}: its dataset build lists other test atoms "
                                  "than the runs")
     probs = model.predict_table(table, rows)

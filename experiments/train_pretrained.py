@@ -54,21 +54,16 @@ def ensemble_test_metrics(folder: str, data_dir: str | None) -> dict:
     training run stores them (num_atoms, accuracies, per element, intervals)."""
     import numpy as np
 
-    from cryknn import evaluate, families, features, input_pipeline, saved_model, scoring
+    from cryknn import evaluate, families, input_pipeline
 
-    model = scoring.Model(saved_model.load(folder), folder)
-    dataset = model.saved.config.dataset
-    table = features.load_features(dataset, "test", model.k, data_dir=data_dir,
-                                   fingerprint=model.saved.info["dataset_fingerprint"])
-    labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
-    rows = np.flatnonzero(labels >= 0)
+    model, table, rows, labels = common.saved_model_test_split(folder, data_dir)
     probs = model.predict_table(table, rows)
-    metrics, _ = evaluate.split_metrics(probs, labels[rows], model.elements)
-    groups = input_pipeline.structure_groups(dataset, data_dir)
+    metrics, _ = evaluate.split_metrics(probs, labels, model.elements)
+    groups = input_pipeline.structure_groups(model.saved.config.dataset, data_dir)
     per_structure = np.asarray([groups.get(sid) or families.family_of(sid)
                                 for sid in table.structure_id.tolist()], dtype=str)
     metrics["intervals"] = evaluate.bootstrap_intervals(
-        labels[rows], probs, per_structure[table.structure_index[rows]], len(model.elements))
+        labels, probs, per_structure[table.structure_index[rows]], len(model.elements))
     keep = ("num_atoms", "accuracy", "balanced_accuracy", "top3_accuracy", "per_element",
             "intervals")
     return {key: metrics[key] for key in keep if key in metrics}
