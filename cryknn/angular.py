@@ -12,6 +12,7 @@ definition the pair form is tested against."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,8 +108,61 @@ def pair_kernels(vectors: jnp.ndarray, degree: int, first: int = 1) -> jnp.ndarr
 def power_spectra(kernels: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     """kernels (..., L, P) of `pair_kernels`, weights (..., k, C) -> (..., L * C): per degree
     and channel, sum_m (sum_j w_jc Y_lm(u_j))**2, degree-major as `angular_invariants` of
-    those moments (one small matmul per node instead of harmonics and squares)."""
+    those moments: sum_p kernels_lp w_jc w_j'c over the pairs p = (j, j').
+
+    Written as L * P multiply-adds over (..., C) slices, with the gradient by hand
+    (`_power_spectra_vjp`): on XLA's CPU backend the batched (L, P) x (P, C) matmul per
+    node and its autodiff transpose took 6x as long forward and backward, about 3 ms of a
+    50 ms training step (experiments/bench_power_spectra.py)."""
+    return _power_spectra(kernels, weights)
+
+
+def einsum_power_spectra(kernels: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """`power_spectra` in its plain form, a batched (L, P) x (P, C) matmul per node with
+    JAX's own gradient: the reference its hand-written gradient is tested against and the
+    baseline of experiments/bench_power_spectra.py."""
     j, jp = pair_indices(weights.shape[-2])
-    products = weights[..., j, :] * weights[..., jp, :]  # (..., P, C)
-    spectra = jnp.einsum("...lp,...pc->...lc", kernels, products)
+    spectra = jnp.einsum("...lp,...pc->...lc", kernels, weights[..., j, :] * weights[..., jp, :])
     return spectra.reshape(*spectra.shape[:-2], -1)
+
+
+def _pair_products(weights: jnp.ndarray) -> list[jnp.ndarray]:
+    """weights (..., k, C) -> the P (..., C) products w_j * w_j' over `pair_indices`."""
+    j, jp = pair_indices(weights.shape[-2])
+    return [weights[..., a, :] * weights[..., b, :] for a, b in zip(j, jp)]
+
+
+@jax.custom_vjp
+def _power_spectra(kernels: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    products = _pair_products(weights)
+    degrees = [sum(kernels[..., l, p, None] * product for p, product in enumerate(products))
+               for l in range(kernels.shape[-2])]
+    return jnp.concatenate(degrees, axis=-1)
+
+
+def _power_spectra_forward(kernels, weights):
+    return _power_spectra(kernels, weights), (kernels, weights)
+
+
+def _power_spectra_vjp(residuals, grad):
+    """grad (..., L * C) -> (d kernels (..., L, P), d weights (..., k, C))."""
+    kernels, weights = residuals
+    num_degrees, k = kernels.shape[-2], weights.shape[-2]
+    grad = grad.reshape(*grad.shape[:-1], num_degrees, -1)  # (..., L, C)
+    products = _pair_products(weights)
+    d_products = [sum(kernels[..., l, p, None] * grad[..., l, :] for l in range(num_degrees))
+                  for p in range(len(products))]  # (..., C) per pair
+    d_kernels = jnp.stack([jnp.stack([jnp.sum(grad[..., l, :] * product, axis=-1)
+                                      for product in products], axis=-1)
+                           for l in range(num_degrees)], axis=-2)
+    # d (w_j w_j') / d w_a: w_j' where j = a, w_j where j' = a (2 w_a on the diagonal).
+    pair_of = {}
+    for p, (a, b) in enumerate(zip(*pair_indices(k))):
+        pair_of[a, b] = pair_of[b, a] = p
+    d_weights = jnp.stack([sum((2.0 if a == b else 1.0) * d_products[pair_of[a, b]]
+                               * weights[..., b, :] for b in range(k)) for a in range(k)],
+                          axis=-2)
+    return d_kernels.astype(kernels.dtype), d_weights.astype(weights.dtype)
+
+
+_power_spectra.defvjp(_power_spectra_forward, _power_spectra_vjp)

@@ -229,6 +229,10 @@ def report(todo: list[Case], total_s: float, num_atoms: int, fill: dict) -> None
     print(f"tree {result['tree_atoms_per_s']:,.0f} atoms/s; graph {base:,.0f} "
           f"({result['speedup']:.1f}x); graph with the cap (crops) "
           f"{result['graph_capped_atoms_per_s']:,.0f} ({result['speedup_capped']:.1f}x)")
+    if result["graph_directions_atoms_per_s"]:  # the graph model's default
+        print(f"graph with directions (its default) "
+              f"{result['graph_directions_atoms_per_s']:,.0f} "
+              f"({result['directions_speedup']['graph_directions']:.2f}x the tree)")
     print("MFLOP per loss atom (XLA's count): " + ", ".join(
         f"{c.name} {c.flops_per_atom / 1e6:.2f}" for c in todo))
     print(common.markdown_table(cost, ["k", "hops", "atoms_per_s", "us_per_atom",

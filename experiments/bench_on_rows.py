@@ -12,9 +12,13 @@ edges (512, 5, 5, 24) -> 64.
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 flags.DEFINE_integer("repeats", 50, "Timed calls per shape and form (best of 3 rounds).")
 CASES = (("LayerNorm", (1, 4096, 192), None), ("LayerNorm", (1, 4096, 64), None),
@@ -39,15 +43,7 @@ def step_ms(kind: str, shape: tuple, features: int | None, flat: bool) -> float:
         return y.reshape(*v.shape[:-1], y.shape[-1])
 
     grad = jax.jit(jax.grad(lambda p, v: (apply(p, v) ** 2).sum(), argnums=(0, 1)))
-    jax.block_until_ready(grad(params, x))
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(flags.FLAGS.repeats):
-            out = grad(params, x)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / flags.FLAGS.repeats * 1e3)
-    return best
+    return common.best_ms(grad, (params, x), flags.FLAGS.repeats)
 
 
 def main(argv):

@@ -18,8 +18,9 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -143,6 +144,22 @@ def saved_model_test_split(folder: str, data_dir: str | None):
     labels = input_pipeline.label_table(model.saved.atomic_numbers)[table.atomic_number]
     rows = np.flatnonzero(labels >= 0)
     return model, table, rows, labels[rows]
+
+
+def best_ms(fn: Callable, args: Sequence, repeats: int, rounds: int = 3) -> float:
+    """Best mean milliseconds per call of fn(*args) over `rounds` rounds of `repeats`
+    calls, after one untimed call (compilation); waits for JAX's results."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / repeats * 1e3)
+    return best
 
 
 def load_json(path: str | os.PathLike) -> dict | None:
