@@ -46,3 +46,21 @@ def test_domain_reference_round_trip(tmp_path):
     assert back.cutoff == pytest.approx(ref.cutoff)
     np.testing.assert_allclose(back.score(validation[:20]), ref.score(validation[:20]),
                                atol=2e-3)
+
+
+def test_nearest_distances_match_a_kd_tree():
+    """The domain score's brute-force nearest neighbour against scipy's k-d tree, with
+    duplicate reference points, queries on reference points (distance 0), far queries,
+    fewer references than one chunk and several chunks."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(4)
+    reference = rng.normal(size=(700, 11))
+    reference[50] = reference[49]
+    queries = np.concatenate([rng.normal(size=(600, 11)), reference[:40],
+                              rng.normal(size=(5, 11)) * 50])
+    for refs in (reference[:3], reference):
+        want = cKDTree(refs).query(queries, k=1)[0]
+        got = calibration.nearest_distances(refs, queries, chunk=128)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert calibration.nearest_distances(reference, queries[:0]).shape == (0,)

@@ -112,3 +112,22 @@ def test_a_table_of_a_structure_that_cannot_be_featurised_names_it():
                                      id="flat:flat")
     with pytest.raises(errors.FeaturizeError, match="degenerate lattice"):
         features.atom_table([flat], 3)
+
+
+def test_connected_components_match_scipy():
+    """Sites join through coincident atoms: the numpy components against scipy's, on
+    random graphs with isolated nodes, self loops, repeated edges and long chains."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(5)
+    chain = np.arange(199)
+    for n, a, b in [(200, rng.integers(0, 200, 120), rng.integers(0, 200, 120)),
+                    (200, chain[::-1], chain[::-1] + 1),  # one component, labels far apart
+                    (7, np.array([3, 3, 5]), np.array([3, 6, 6])),
+                    (4, np.zeros(0, np.int64), np.zeros(0, np.int64))]:
+        graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+        want = connected_components(graph, directed=False)[1]
+        got = features.connected_components(n, a, b)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
