@@ -200,6 +200,8 @@ class DomainReference:
 
     def score(self, found: np.ndarray) -> np.ndarray:
         """(A,) distance of each (A, F) environment to its nearest training environment."""
+        if len(found) == 0:
+            return np.zeros(0, np.float32)
         if self._sample64 is None:
             self._sample64 = self.sample.astype(np.float64)
         queries = (np.asarray(found, np.float32) - self.mean) / self.std
