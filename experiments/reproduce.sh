@@ -114,8 +114,9 @@ graph() {
   # The on-device graph model against the tree model (docs/results.md A0.6): throughput,
   # then the graph model with and without directions at its default budget, compared with
   # the tree runs of headline() (the default model, in default/graph_s*: their old name).
-  python experiments/bench_model.py --num_structures=300 --steps=10 --rounds=2 \
+  python experiments/bench_model.py --num_structures=300 --steps=10 --rounds=3 \
     --json=docs/runs/bench_model.json
+  python experiments/bench_power_spectra.py
   for s in $SEEDS; do
     python -m cryknn.main --model=graph --seed="$s" --workdir="$ROOT/graph_device/graphdir_s$s"
   done
@@ -126,6 +127,18 @@ graph() {
   for s in $SEEDS; do ln -sfn "$ROOT/default/graph_s$s" "$ROOT/graph_device/tree_s$s"; done
   python experiments/headline.py --workroot="$ROOT/graph_device" --models=tree,graphdir,graph \
     --json=docs/runs/graph_device_headline.json
+  # 5 epochs at width 64 (seed 0: the shipped default's run, from pretrained()) and at
+  # width 128 (A0.8).
+  local p="$ROOT/pretrained"
+  for s in 1 2; do
+    python -m cryknn.main --model=graph --epochs=5 --seed="$s" --workdir="$p/g5_s$s"
+  done
+  for s in $SEEDS; do
+    python -m cryknn.main --model=graph --width=128 --epochs=5 --seed="$s" \
+      --workdir="$p/gw128_s$s"
+  done
+  python experiments/headline.py --workroot="$p" --models=g5,gw128 \
+    --json=docs/runs/graph_width128.json
 }
 
 case "$what" in
