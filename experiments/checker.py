@@ -4,6 +4,9 @@ caught, calibration, on the test split and on held-out COD.
     python experiments/checker.py [--data_dir=D] [--cifs=../shared/data/cod]
         [--json=docs/runs/checker.json] [--figures=docs/figures] [--max_structures=N]
         [--validation]
+    python experiments/checker.py --cifs=FOLDER --cifs_name=core_mof_2014 \
+        --json=docs/runs/checker_core_mof_2014.json --figures=docs/figures/core_mof_2014
+        # FOLDER from experiments/core_mof_2014_only.py: fresh CoRE MOF frameworks
 
 For each shipped model (`default`, `masked`, `masked_ensemble`; calibrated by
 experiments/calibrate.py or train_pretrained.py, which also chose each one's checking
@@ -51,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Where the models' dataset is built (its test "
                         "split's feature cache, fingerprints.npz).")
     flags.DEFINE_string("cifs", str(common.DEFAULT_COD), "Held-out CIF folder ('' to skip).")
+    flags.DEFINE_string("cifs_name", "cod", "The held-out set's name in the output (e.g. "
+                        "core_mof_2014 for experiments/core_mof_2014_only.py's folder).")
     flags.DEFINE_string("json", None, "Write the results here.")
     flags.DEFINE_string("figures", str(common.FIGURES), "Folder for the figures.")
     flags.DEFINE_integer("max_structures", None, "Draw at most this many structures of each "
@@ -268,7 +273,7 @@ def main(argv: Sequence[str]) -> int:
     left_out = {}
     if FLAGS.cifs:
         table, left_out = cod_table(first, FLAGS.cifs, FLAGS.data_dir)
-        sets["cod"] = subset(table, FLAGS.max_structures, FLAGS.seed)
+        sets[FLAGS.cifs_name] = subset(table, FLAGS.max_structures, FLAGS.seed)
     results, curves = {}, {}
     for where, table in sets.items():
         for name, model in models.items():

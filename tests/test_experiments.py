@@ -329,3 +329,22 @@ def test_paired_models_rows_compare_two_runs_on_the_same_atoms():
     assert rows[0]["a_value"] == 1.0 and rows[0]["difference"] == pytest.approx(-2 / 6)
     with pytest.raises(ValueError, match="same atoms"):
         paired_models.paired_rows("A", "B", a, {**b, "label": labels[::-1].copy()})
+
+
+def test_core_mof_2014_only_keeps_the_files_of_unknown_families(tmp_path):
+    """A CoRE MOF 2014 file is fresh when no structure of the build shares its family
+    (refcode): suffixes such as 01 or _clean do not make a new family."""
+    module = _load("core_mof_2014_only")
+    splits = tmp_path / "splits.csv"
+    with open(splits, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["structure_id", "family", "group", "split"])
+        writer.writerow(["ABAVIJ_clean:image0", "ABAVIJ", "ABAVIJ", "train"])
+        writer.writerow(["1499489-acs_clean:image0", "1499489", "1499489", "test"])
+    known = module.families_in(splits)
+    members = [("x/ABAVIJ01_clean.cif", b"a"), ("x/ABAVOP_clean.cif", b"b"),
+               ("x/ABAVIJ_charged.cif", b"c"), ("x/ZZZZZZ.cif", b"d")]
+    seen = [0]
+    kept = list(module.absent(members, known, seen))
+    assert [name for name, _ in kept] == ["x/ABAVOP_clean.cif", "x/ZZZZZZ.cif"]
+    assert seen == [4]
