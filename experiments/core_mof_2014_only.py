@@ -66,11 +66,15 @@ def main(argv: Sequence[str]) -> int:
         raise errors.DataError(f"{splits} not found: build {FLAGS.dataset} first "
                                f"(python -m cryknn.data build)")
     known, seen = families_in(splits), [0]
-    out.mkdir(parents=True)
+    # Written under a temporary name, renamed when complete: a stopped run leaves no
+    # folder that looks finished.
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True)
     written = 0
     for name, data in absent(cif.iter_tar_cifs(cif.core_mof_archive("2014")), known, seen):
-        (out / os.path.basename(name)).write_bytes(data)
+        (partial / os.path.basename(name)).write_bytes(data)
         written += 1
+    partial.rename(out)
     print(f"{written} of {seen[0]} CoRE MOF 2014 CIFs belong to no family of "
           f"{FLAGS.dataset}; written to {out}")
     return 0
