@@ -6,9 +6,9 @@ the validation split of each model's dataset.
 MODEL_DIR: a saved model folder (model.json + params.msgpack): `<workdir>/model` of a
 training run, or `cryknn/pretrained/default` and `cryknn/pretrained/masked` for the shipped
 ones. Each gets in its model.json `calibration` (temperature, its fit, the domain
-reference's cutoff) and `checking` (the rule that catches the most single Z+-1 swaps
-while at most 5 % of the real validation structures are flagged, `checking.choose_rule`,
-and the rates there), and
+reference's cutoff) and `checking` (the rule with equal margins to the two targets, at
+most 5 % of the real validation structures flagged and at least 90 % of single Z+-1 swaps
+caught, `checking.choose_rule`, and the rates there), and
 `domain.npz` beside it (`cryknn.checking.calibrate_saved_model`). The model's dataset
 must be built in --data_dir, with its feature cache or the time to compute it.
 """

@@ -6,7 +6,7 @@ caught, calibration, on the test split and on held-out COD.
         [--validation]
     python experiments/checker.py --cifs=FOLDER --cifs_name=core_mof_2014 \
         --json=docs/runs/checker_core_mof_2014.json --figures=docs/figures/core_mof_2014
-        # FOLDER from experiments/core_mof_2014_only.py: fresh CoRE MOF frameworks
+        # FOLDER from experiments/core_mof_unseen.py: fresh CoRE MOF frameworks
 
 For each shipped model (`default`, `masked`, `masked_ensemble`; calibrated by
 experiments/calibrate.py or train_pretrained.py, which also chose each one's checking
@@ -55,7 +55,7 @@ def define_flags() -> None:
                         "split's feature cache, fingerprints.npz).")
     flags.DEFINE_string("cifs", str(common.DEFAULT_COD), "Held-out CIF folder ('' to skip).")
     flags.DEFINE_string("cifs_name", "cod", "The held-out set's name in the output (e.g. "
-                        "core_mof_2014 for experiments/core_mof_2014_only.py's folder).")
+                        "core_mof_2014 for experiments/core_mof_unseen.py's folder).")
     flags.DEFINE_string("json", None, "Write the results here.")
     flags.DEFINE_string("figures", str(common.FIGURES), "Folder for the figures.")
     flags.DEFINE_integer("max_structures", None, "Draw at most this many structures of each "

@@ -190,6 +190,37 @@ def test_choose_rule_keeps_the_floor_and_meets_the_target_on_the_run():
     assert rates["adjacent_threshold"] == rule.adjacent_threshold
 
 
+
+def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets():
+    """Where swaps overlap the real sites, fitting to 5 % flagged spends all the room on
+    detection; with a detection target the rule takes the point whose smaller margin is
+    largest (checked against every threshold), flagging fewer real structures while
+    still catching at least 90 %."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    structures, per = 2000, 4
+    sites = structures * per
+    site_ratio = rng.uniform(0.02, 1, sites)
+    swapped_site = np.arange(structures) * per
+    swapped_ratio = site_ratio.copy()
+    swapped_ratio[swapped_site] = rng.uniform(0.0, 0.05, structures) ** 1.5
+    site_p = np.ones(sites)  # the floor flags nothing: only the ratio decides
+    numbers = np.full(sites, 6)
+    run = checking.CheckRun(site_p, numbers, site_p, numbers, np.ones(sites, bool),
+                            np.ones(sites, bool), np.repeat(np.arange(structures), per),
+                            swapped_site, np.arange(structures), site_ratio, swapped_ratio)
+    at_target = run.rates(checking.choose_rule(run))
+    balanced = run.rates(checking.choose_rule(run, detection_target=0.9))
+    margin = lambda r: min(0.05 - r["real_structures_flagged"],  # noqa: E731
+                           r["swap_detection"] - 0.9)
+    assert at_target["real_structures_flagged"] > 0.045
+    assert balanced["real_structures_flagged"] < at_target["real_structures_flagged"] - 0.01
+    assert balanced["swap_detection"] >= 0.9
+    best = max(margin(run.rates(checking.choose_rule(run, thresholds=np.array([a]))))
+               for a in checking.THRESHOLDS[::7])
+    assert margin(balanced) >= best - 1e-12 and margin(balanced) > margin(at_target)
+
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
     import jax

@@ -331,10 +331,10 @@ def test_paired_models_rows_compare_two_runs_on_the_same_atoms():
         paired_models.paired_rows("A", "B", a, {**b, "label": labels[::-1].copy()})
 
 
-def test_core_mof_2014_only_keeps_the_files_of_unknown_families(tmp_path):
+def test_core_mof_unseen_keeps_the_files_of_unknown_families(tmp_path):
     """A CoRE MOF 2014 file is fresh when no structure of the build shares its family
     (refcode): suffixes such as 01 or _clean do not make a new family."""
-    module = _load("core_mof_2014_only")
+    module = _load("core_mof_unseen")
     splits = tmp_path / "splits.csv"
     with open(splits, "w", newline="") as f:
         writer = csv.writer(f)

@@ -1,14 +1,18 @@
-"""A fresh held-out set of real MOFs: the CoRE MOF 2014 CIFs (embedded core-mof archive)
-whose family (CSD refcode, `cryknn.families.family_of`) has no structure in the build of
-the training dataset (CoRE MOF 2019-ASR: its splits.csv), written to a folder for
-experiments/checker.py --cifs (which also leaves out near-copies of any structure of the
-build) or heldout.py.
+"""Fresh held-out sets of real MOFs: the CIFs of another CoRE MOF archive (embedded
+core-mof package) whose family (CSD refcode, `cryknn.families.family_of`) has no structure
+in the build of the training dataset (CoRE MOF 2019-ASR: its splits.csv), nor in the
+archives named by --exclude_archives; written to a folder for experiments/checker.py
+--cifs (which also leaves out near-copies of any structure of the build) or heldout.py.
 
-    python experiments/core_mof_2014_only.py [--data_dir=D] --out=FOLDER
+    python experiments/core_mof_unseen.py [--data_dir=D] --out=FOLDER            # 2014
+    python experiments/core_mof_unseen.py --archive=2019-FSR --exclude_archives=2014 \
+        --out=FOLDER    # frameworks only in 2019's all-solvent-removed set, not in 2014
 
-Same kind of structure as the training data, none seen by any model or choice here. One
-bias to keep in mind: CoRE MOF 2019 was curated again from the CSD, so some of these
-frameworks may be absent from it for a reason (a structure its curation rejected).
+Same kind of structure as the training data, none seen by any model or choice here. Biases
+to keep in mind: CoRE MOF 2019 was curated again from the CSD, so some 2014 frameworks may
+be absent from it for a reason (a structure its curation rejected); the 2019-FSR files
+have every solvent removed, bound ones too, so their metals can lack ligands that a
+2019-ASR structure keeps.
 """
 
 from __future__ import annotations
@@ -41,8 +45,20 @@ def absent(members: Iterable[tuple[str, bytes]], known: set[str], seen: list[int
             yield name, data
 
 
+def families_of_archive(version: str) -> set[str]:
+    """The families of every CIF in a CoRE MOF archive (file names only, no parsing)."""
+    from cryknn import cif, families
+
+    return {families.family_of(families.file_stem(name))
+            for name, _ in cif.iter_tar_cifs(cif.core_mof_archive(version))}
+
+
 def define_flags() -> None:
     from absl import flags
+
+    flags.DEFINE_string("archive", "2014", "The CoRE MOF archive to take fresh CIFs from.")
+    flags.DEFINE_list("exclude_archives", [], "CoRE MOF archives whose families are left "
+                      "out too (sets already looked at).")
 
     flags.DEFINE_string("dataset", "crystal_structures/core_mof_2019_asr",
                         "The training dataset whose families are left out.")
@@ -66,22 +82,25 @@ def main(argv: Sequence[str]) -> int:
         raise errors.DataError(f"{splits} not found: build {FLAGS.dataset} first "
                                f"(python -m cryknn.data build)")
     known, seen = families_in(splits), [0]
+    for version in FLAGS.exclude_archives:
+        known |= families_of_archive(version)
     # Written under a temporary name, renamed when complete: a stopped run leaves no
     # folder that looks finished.
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     written = 0
-    for name, data in absent(cif.iter_tar_cifs(cif.core_mof_archive("2014")), known, seen):
+    for name, data in absent(cif.iter_tar_cifs(cif.core_mof_archive(FLAGS.archive)), known, seen):
         (partial / os.path.basename(name)).write_bytes(data)
         written += 1
     partial.rename(out)
-    print(f"{written} of {seen[0]} CoRE MOF 2014 CIFs belong to no family of "
-          f"{FLAGS.dataset}; written to {out}")
+    left_out = " or ".join([FLAGS.dataset, *FLAGS.exclude_archives])
+    print(f"{written} of {seen[0]} CoRE MOF {FLAGS.archive} CIFs belong to no family of "
+          f"{left_out}; written to {out}")
     return 0
 
 
 if __name__ == "__main__":
     from cryknn.cli import command
 
-    command.run_tool(main, usage=__doc__, module="experiments/core_mof_2014_only.py",
+    command.run_tool(main, usage=__doc__, module="experiments/core_mof_unseen.py",
                      define_flags=define_flags)
