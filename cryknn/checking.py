@@ -304,15 +304,21 @@ def choose_rule(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
     then an adjacent threshold: without `detection_target`, the largest with which both
     together flag at most `target`; with it, the one whose smaller margin to the two
     targets (target - share flagged, detection - detection_target) is largest (the
-    largest such threshold on a tie), so that neither target is met with no room left."""
+    largest such threshold on a tie), so that neither target is met with no room left.
+    Where no threshold meets both on the run, the false-alarm target wins: the rule is
+    the one without `detection_target` (a false alarm costs every user, a missed swap
+    only the checks of a weaker model)."""
     base = scoring.CheckRule(choose_threshold(run, floor, thresholds))
     rules = [dataclasses.replace(base, adjacent_threshold=float(a)) for a in thresholds]
     flagged = np.array([np.mean(run.structure_min(rule) < 1) for rule in rules])
+    within = np.flatnonzero(flagged <= target)
+    at_target = rules[within.max()] if len(within) else base
     if detection_target is None or len(run.swapped_site) == 0:
-        ok = np.flatnonzero(flagged <= target)
-        return rules[ok.max()] if len(ok) else base
+        return at_target
     detected = np.array([np.mean(run.swapped_min(rule) < 1) for rule in rules])
     margin = np.minimum(target - flagged, detected - detection_target)
+    if margin.max() < 0:
+        return at_target
     return rules[np.flatnonzero(margin == margin.max()).max()]
 
 

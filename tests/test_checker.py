@@ -4,6 +4,7 @@ inorganic crystals the shipped checker must not call implausible."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import shutil
 
@@ -220,6 +221,12 @@ def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets()
     best = max(margin(run.rates(checking.choose_rule(run, thresholds=np.array([a]))))
                for a in checking.THRESHOLDS[::7])
     assert margin(balanced) >= best - 1e-12 and margin(balanced) > margin(at_target)
+    # A model that cannot meet both (swaps hidden among the real sites) keeps the
+    # false-alarm target rather than trading it for detection it cannot reach.
+    hidden = dataclasses.replace(run, swapped_ratio=np.where(
+        np.isin(np.arange(sites), swapped_site), rng.uniform(0.02, 1, sites), site_ratio))
+    assert (checking.choose_rule(hidden, detection_target=0.9)
+            == checking.choose_rule(hidden))
 
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
