@@ -322,6 +322,17 @@ def choose_rule(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
     return rules[np.flatnonzero(margin == margin.max()).max()]
 
 
+def operating_point(rates: dict) -> str:
+    """How `choose_rule(..., detection_target=TARGET_SWAP_DETECTION)` placed a rule, from
+    its rates on the run it was fitted to: both targets met means equal margins."""
+    caught = rates["swap_detection"]
+    if (rates["real_structures_flagged"] <= TARGET_STRUCTURE_FALSE_ALARMS
+            and caught is not None and caught >= TARGET_SWAP_DETECTION):
+        return "equal margins"
+    return (f"at most {TARGET_STRUCTURE_FALSE_ALARMS:.0%} flagged (both targets out of reach "
+            f"on validation)")
+
+
 def _sample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size, replace=False)) if n > size else np.arange(n)
 
@@ -390,7 +401,7 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
                    "cutoff": model.domain.cutoff}},
              "checking": {"chosen_on": "validation", "target_structures_flagged":
                           TARGET_STRUCTURE_FALSE_ALARMS, "target_swap_detection":
-                          TARGET_SWAP_DETECTION, "operating_point": "equal margins",
+                          TARGET_SWAP_DETECTION, "operating_point": operating_point(run.rates(rule)),
                           "floor_structures_flagged": FLOOR_STRUCTURES,
                           **run.summary(rule)}}
     model.domain.save(os.path.join(model_dir, calibration.DOMAIN_FILE))

@@ -82,10 +82,16 @@ checker() {
     cryknn/pretrained/masked_ensemble
   python experiments/checker.py --validation --json=docs/runs/checker.json
   # The same on fresh CoRE MOF 2014 frameworks (no family in the 2019 build).
-  rm -rf "$ROOT/core_mof_unseen"
-  python experiments/core_mof_unseen.py --out="$ROOT/core_mof_unseen"
-  python experiments/checker.py --cifs="$ROOT/core_mof_unseen" --cifs_name=core_mof_2014 \
+  rm -rf "$ROOT/core_mof_2014_unseen" "$ROOT/core_mof_fsr_unseen"
+  python experiments/core_mof_unseen.py --out="$ROOT/core_mof_2014_unseen"
+  python experiments/checker.py --cifs="$ROOT/core_mof_2014_unseen" --cifs_name=core_mof_2014 \
     --json=docs/runs/checker_core_mof_2014.json --figures=docs/figures/core_mof_2014
+  # Frameworks only in CoRE MOF 2019-FSR (neither in the 2019-ASR build nor in 2014).
+  python experiments/core_mof_unseen.py --archive=2019-FSR --exclude_archives=2014 \
+    --out="$ROOT/core_mof_fsr_unseen"
+  python experiments/checker.py --cifs="$ROOT/core_mof_fsr_unseen" \
+    --cifs_name=core_mof_2019_fsr_only --json=docs/runs/checker_core_mof_2019_fsr_only.json \
+    --figures=docs/figures/core_mof_2019_fsr_only
   python experiments/mofchecker_compare.py --structures=50 --max_atoms=200 \
     --mofchecker_python="${MOFCHECKER_PYTHON:-/work/venv_mofchecker/bin/python}" \
     --json=docs/runs/mofchecker_compare.json

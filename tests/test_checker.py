@@ -225,8 +225,10 @@ def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets()
     # false-alarm target rather than trading it for detection it cannot reach.
     hidden = dataclasses.replace(run, swapped_ratio=np.where(
         np.isin(np.arange(sites), swapped_site), rng.uniform(0.02, 1, sites), site_ratio))
-    assert (checking.choose_rule(hidden, detection_target=0.9)
-            == checking.choose_rule(hidden))
+    kept = checking.choose_rule(hidden, detection_target=0.9)
+    assert kept == checking.choose_rule(hidden)
+    assert checking.operating_point(balanced) == "equal margins"
+    assert checking.operating_point(hidden.rates(kept)).startswith("at most 5% flagged")
 
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
