@@ -92,6 +92,11 @@ checker() {
   python experiments/checker.py --cifs="$ROOT/core_mof_fsr_unseen" \
     --cifs_name=core_mof_2019_fsr_only --json=docs/runs/checker_core_mof_2019_fsr_only.json \
     --figures=docs/figures/core_mof_2019_fsr_only
+  # Real crystals of another kind: pyxtal's 100 CSD molecular crystals.
+  rm -rf "$ROOT/pyxtal_cifs"
+  python experiments/corpus_cifs.py --source=pyxtal --out="$ROOT/pyxtal_cifs"
+  python experiments/checker.py --cifs="$ROOT/pyxtal_cifs" --cifs_name=pyxtal_csd \
+    --json=docs/runs/checker_pyxtal_csd.json --figures=docs/figures/pyxtal_csd
   python experiments/mofchecker_compare.py --structures=50 --max_atoms=200 \
     --mofchecker_python="${MOFCHECKER_PYTHON:-/work/venv_mofchecker/bin/python}" \
     --json=docs/runs/mofchecker_compare.json
