@@ -367,8 +367,9 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
     """Fits, on the validation split of the model's dataset (or `dataset`, built in
     `data_dir`), the temperature, the domain (reference sample from the training split)
     and the checking rule (`choose_rule`: equal margins to both targets, at most 5 % of
-    real structures flagged and at least 90 % of Z+-1 swaps caught), and adds them to model_dir's model.json (`calibration`, `checking`) and
-    domain.npz. Returns what it added. Refitting replaces an earlier fit."""
+    real structures flagged and at least 90 % of Z+-1 swaps caught), and adds them to
+    model_dir's model.json (`calibration`, `checking`) and domain.npz. Returns what it
+    added. Refitting replaces an earlier fit."""
     model = _uncalibrated(model_dir)
     saved = model.saved
     dataset = dataset or saved.config.dataset
@@ -401,7 +402,8 @@ def calibrate_saved_model(model_dir: str, data_dir: str | None = None,
                    "cutoff": model.domain.cutoff}},
              "checking": {"chosen_on": "validation", "target_structures_flagged":
                           TARGET_STRUCTURE_FALSE_ALARMS, "target_swap_detection":
-                          TARGET_SWAP_DETECTION, "operating_point": operating_point(run.rates(rule)),
+                          TARGET_SWAP_DETECTION,
+                          "operating_point": operating_point(run.rates(rule)),
                           "floor_structures_flagged": FLOOR_STRUCTURES,
                           **run.summary(rule)}}
     model.domain.save(os.path.join(model_dir, calibration.DOMAIN_FILE))

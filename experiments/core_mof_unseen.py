@@ -59,7 +59,6 @@ def define_flags() -> None:
     flags.DEFINE_string("archive", "2014", "The CoRE MOF archive to take fresh CIFs from.")
     flags.DEFINE_list("exclude_archives", [], "CoRE MOF archives whose families are left "
                       "out too (sets already looked at).")
-
     flags.DEFINE_string("dataset", "crystal_structures/core_mof_2019_asr",
                         "The training dataset whose families are left out.")
     flags.DEFINE_string("data_dir", None, "Where the training dataset is built.")

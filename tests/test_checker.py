@@ -191,7 +191,6 @@ def test_choose_rule_keeps_the_floor_and_meets_the_target_on_the_run():
     assert rates["adjacent_threshold"] == rule.adjacent_threshold
 
 
-
 def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets():
     """Where swaps overlap the real sites, fitting to 5 % flagged spends all the room on
     detection; with a detection target the rule takes the point whose smaller margin is
@@ -229,6 +228,7 @@ def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets()
     assert kept == checking.choose_rule(hidden)
     assert checking.operating_point(balanced) == "equal margins"
     assert checking.operating_point(hidden.rates(kept)).startswith("at most 5% flagged")
+
 
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
