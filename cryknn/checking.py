@@ -244,6 +244,30 @@ class CheckRun:
                                     -self.scores(rule)[self.modelled]),
                 "structure_auc": roc_auc(-self.swapped_min(rule), -self.structure_min(rule))}
 
+    def least_parts(self, swapped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """((S,) or (W,)) least p(given) and least p_vs_adjacent (inf: none) over each real
+        (or swapped) structure's checkable sites: under any rule a structure is flagged
+        exactly when the first is below its threshold or the second below its adjacent
+        threshold."""
+        p, ratio = ((self.swapped_p, self.swapped_ratio) if swapped else
+                    (self.site_p, self.site_ratio))
+        parts = tuple(least_per_structure(v, self.checkable, self.site_structure,
+                                          self.structures)
+                      for v in (p, np.nan_to_num(ratio, nan=np.inf)))
+        return parts if not swapped else tuple(v[self.swapped_structure] for v in parts)
+
+    def subset(self, keep: np.ndarray) -> "CheckRun":
+        """The run restricted to the structures `keep` (S,) bool, renumbered in order."""
+        sites = keep[self.site_structure]
+        new_structure = np.cumsum(keep) - 1
+        new_site = np.cumsum(sites) - 1
+        swaps = keep[self.swapped_structure]
+        per_site = {f.name: getattr(self, f.name)[sites] for f in dataclasses.fields(self)
+                    if f.name not in ("site_structure", "swapped_site", "swapped_structure")}
+        return CheckRun(**per_site, site_structure=new_structure[self.site_structure[sites]],
+                        swapped_site=new_site[self.swapped_site[swaps]],
+                        swapped_structure=new_structure[self.swapped_structure[swaps]])
+
     def curve(self, rule: scoring.CheckRule | float, factors: np.ndarray = RULE_FACTORS) -> dict:
         """Structure false-alarm rate and swap detection with the rule's thresholds all
         multiplied by each factor (for a bare threshold: at factor x threshold)."""
@@ -291,9 +315,19 @@ def choose_threshold(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARM
                      thresholds: np.ndarray = THRESHOLDS) -> float:
     """The largest threshold on p(given) (most swaps caught) at which at most `target` of
     the real structures have a flagged site."""
-    real = run.structure_min(1.0)
-    ok = [t for t in thresholds if np.mean(real < t) <= target]
-    return float(max(ok)) if ok else float(thresholds[0])
+    flagged = _shares_below(run.least_parts()[0], thresholds)
+    ok = thresholds[flagged <= target]
+    return float(ok.max()) if len(ok) else float(thresholds[0])
+
+
+def _shares_below(least: np.ndarray, thresholds: np.ndarray,
+                  already: np.ndarray | None = None) -> np.ndarray:
+    """(T,) share of the structures whose least score (N,) is below each threshold (T,),
+    or already (N,) flagged."""
+    below = least[:, None] < np.asarray(thresholds)[None, :]
+    if already is not None:
+        below |= already[:, None]
+    return below.mean(axis=0) if len(least) else np.zeros(len(thresholds))
 
 
 def choose_rule(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
@@ -308,18 +342,22 @@ def choose_rule(run: CheckRun, target: float = TARGET_STRUCTURE_FALSE_ALARMS,
     Where no threshold meets both on the run, the false-alarm target wins: the rule is
     the one without `detection_target` (a false alarm costs every user, a missed swap
     only the checks of a weaker model)."""
+    thresholds = np.asarray(thresholds, float)
     base = scoring.CheckRule(choose_threshold(run, floor, thresholds))
-    rules = [dataclasses.replace(base, adjacent_threshold=float(a)) for a in thresholds]
-    flagged = np.array([np.mean(run.structure_min(rule) < 1) for rule in rules])
+    least_p, least_ratio = run.least_parts()
+    flagged = _shares_below(least_ratio, thresholds, least_p < base.threshold)
     within = np.flatnonzero(flagged <= target)
-    at_target = rules[within.max()] if len(within) else base
+    adjacent = lambda i: dataclasses.replace(  # noqa: E731
+        base, adjacent_threshold=float(thresholds[i]))
+    at_target = adjacent(within.max()) if len(within) else base
     if detection_target is None or len(run.swapped_site) == 0:
         return at_target
-    detected = np.array([np.mean(run.swapped_min(rule) < 1) for rule in rules])
+    swapped_p, swapped_ratio = run.least_parts(swapped=True)
+    detected = _shares_below(swapped_ratio, thresholds, swapped_p < base.threshold)
     margin = np.minimum(target - flagged, detected - detection_target)
     if margin.max() < 0:
         return at_target
-    return rules[np.flatnonzero(margin == margin.max()).max()]
+    return adjacent(np.flatnonzero(margin == margin.max()).max())
 
 
 def operating_point(rates: dict) -> str:

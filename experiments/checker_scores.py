@@ -6,6 +6,7 @@ flagged at 90 % detection, and the structure ROC AUC, for each combination.
         --masked_workdirs=runs/masked_s0,runs/masked_s1,runs/masked_s2 [--max_structures=N]
     python experiments/checker_scores.py --data_dir=D --masked_workdirs=T0,T1,T2,G0,G1,G2 \
         --groups=tree:0+1+2,graph:3+4+5    # ensembles of some of the runs, side by side
+        [--out_of_fold=20]                 # each one's rule fitted and measured apart
 
 Models: the masked-atom runs given (uncalibrated, as trained) and the shipped `default`.
 Scores of a site: p(given) from the mean (or geometric mean) of the models'
@@ -19,8 +20,11 @@ floor that alone flags a given share of the structures, or p(given) / (p(given) 
 neighbour)) below a threshold) fitted by `checking.choose_rule` for several floors. The
 swaps are `checking.pick_swaps` (seed 0), as in experiments/checker.py. The rule rows
 also give the point fitted for equal margins to both of issue 20's targets (at most 5 %
-flagged, at least 90 % caught; `checking.choose_rule` with detection_target). The tables in
-docs/results.md A0.5 came from this.
+flagged, at least 90 % caught; `checking.choose_rule` with detection_target). With
+--out_of_fold, each named ensemble's rule is also fitted on a random half of validation's
+near-copy groups and measured on the other half (`out_of_fold`): what a fit on validation
+leaves for new structures, the criterion of docs/runs/checker_more_members_plan.md. The
+tables in docs/results.md A0.5 and A0.10 came from this.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_structures", None, "Draw this many validation structures.")
     flags.DEFINE_list("groups", [], "Ensembles of some of the runs, NAME:I+J+... (indices "
                       "into --masked_workdirs), scored like the mean of all of them.")
+    flags.DEFINE_integer("out_of_fold", 0, "Also fit the checking rule on one half of "
+                         "validation's near-copy groups and measure it on the other, over "
+                         "this many random halvings (each half in turn), per ensemble.")
 
 
 def parse_groups(specs: Sequence[str], runs: int) -> dict[str, list[int]]:
@@ -149,20 +156,27 @@ def main(argv: Sequence[str]) -> int:
     if len(masked) > 1:
         table_rows += disagreement_rows([probs[n] for n in masked], table, swaps, rows,
                                         p_given, least, thresholds)
-    for label, names in named.items():
-        table_rows += rule_rows([probs[n] for n in names], table, swaps, rows, shipped,
-                                checkable, label)
+    runs = {label: ensemble_run([probs[n] for n in names], table, swaps, rows, shipped,
+                                checkable) for label, names in named.items()}
+    for label, run in runs.items():
+        table_rows += rule_rows(run, label)
     print(common.markdown_table(table_rows, list(dict.fromkeys(
         key for row in table_rows for key in row))))
+    if FLAGS.out_of_fold and runs:
+        groups = checker.structure_groups(shipped, table, FLAGS.data_dir)
+        fold_rows = [{"models": label, "members": len(named[label]),
+                      **out_of_fold(run, groups, FLAGS.out_of_fold)}
+                     for label, run in runs.items()]
+        print(f"\nOut of fold: the rule fitted at equal margins on one half of validation's "
+              f"near-copy groups, measured on the other ({FLAGS.out_of_fold} random "
+              f"halvings, each half in turn; means)")
+        print(common.markdown_table(fold_rows, list(fold_rows[0])))
     return 0
 
 
-def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable,
-              label: str = "masked mean") -> list[dict]:
-    """The masked runs' mean (named `label`) checked by `checking.choose_rule` with
-    p(given) floors that alone flag 0-3 % of the real structures: detection at 5 %
-    flagged, the share flagged at 90 % detection (the rule's two thresholds scaled
-    together), and the rule fitted for equal margins to both targets."""
+def ensemble_run(members: list[tuple], table, swaps, rows, shipped, checkable):
+    """The `checking.CheckRun` of the members' mean probabilities (each member's (clean
+    (A, C), swapped rows (R, C))), sites checkable as `checkable` (sites,)."""
     from cryknn import checking, scoring
 
     site = checking.atom_sites(table)
@@ -177,10 +191,46 @@ def rule_rows(members: list[tuple], table, swaps, rows, shipped, checkable,
         checking.p_given_atoms(shipped, p, z), nan=1.0), site, sites)
     ratio = lambda p, z: scoring.p_vs_adjacent(  # noqa: E731
         checking.site_probs(p, site, sites), z[first], numbers)
-    run = checking.CheckRun(
+    return checking.CheckRun(
         mean(clean, before), before[first], mean(swapped, after), after[first], checkable,
         checkable, table.structure_index[first].astype(np.int64), swaps.site,
         swaps.structure, ratio(clean, before), ratio(swapped, after))
+
+
+def out_of_fold(run, groups: np.ndarray, repeats: int, seed: int = 0) -> dict:
+    """The checking rule (`checking.choose_rule` at equal margins) fitted on a random half
+    of the near-copy groups (S,) and measured on the other half, each half in turn, over
+    `repeats` halvings: mean shares flagged and caught, the mean smaller margin to the two
+    targets, and how often the held-out half flagged more than the target."""
+    from cryknn import checking
+
+    rng = np.random.default_rng(seed)
+    names = np.unique(groups)
+    measured = []
+    for _ in range(repeats):
+        half = np.isin(groups, rng.choice(names, len(names) // 2, replace=False))
+        for fit in (half, ~half):
+            rule = checking.choose_rule(run.subset(fit),
+                                        detection_target=checking.TARGET_SWAP_DETECTION)
+            rates = run.subset(~fit).rates(rule)
+            measured.append((rates["real_structures_flagged"], rates["swap_detection"]))
+    flagged, caught = np.asarray(measured).T
+    margin = np.minimum(checking.TARGET_STRUCTURE_FALSE_ALARMS - flagged,
+                        caught - checking.TARGET_SWAP_DETECTION)
+    over = np.mean(flagged > checking.TARGET_STRUCTURE_FALSE_ALARMS)
+    return {"held-out flagged": f"{flagged.mean():.2%}",
+            "held-out caught": f"{caught.mean():.2%}", "margin": f"{margin.mean():+.3%}",
+            "halves flagging over 5 %": f"{over:.0%}"}
+
+
+def rule_rows(run, label: str = "masked mean") -> list[dict]:
+    """The masked runs' mean (named `label`, its `checking.CheckRun`) checked by
+    `checking.choose_rule` with p(given) floors that alone flag 0-3 % of the real
+    structures: detection at 5 % flagged, the share flagged at 90 % detection (the rule's
+    two thresholds scaled together), and the rule fitted for equal margins to both
+    targets."""
+    from cryknn import checking
+
     out = []
     for floor in (0.0, 0.005, 0.01, 0.02, 0.03):
         rule = checking.choose_rule(run, floor=floor)

@@ -230,6 +230,40 @@ def test_choose_rule_with_a_detection_target_leaves_equal_room_to_both_targets()
     assert checking.operating_point(hidden.rates(kept)).startswith("at most 5% flagged")
 
 
+def test_least_parts_and_subset_agree_with_the_site_scores():
+    """A structure is flagged under any rule exactly when its least p(given) or least
+    p_vs_adjacent (over checkable sites) is below the rule's threshold: what choose_rule
+    fits with. And a run restricted to some structures rates them as the whole run does."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    structures = 300
+    per = rng.integers(1, 7, structures)
+    site_structure = np.repeat(np.arange(structures), per)
+    sites = len(site_structure)
+    first = np.r_[0, np.cumsum(per)[:-1]]
+    swapped_site = first + rng.integers(0, per)
+    ratio = np.where(rng.random(sites) < 0.2, np.nan, rng.uniform(0, 1, sites))
+    run = checking.CheckRun(
+        rng.uniform(0, 1, sites) ** 3, np.full(sites, 6), rng.uniform(0, 1, sites) ** 3,
+        np.full(sites, 7), rng.random(sites) < 0.9, np.ones(sites, bool), site_structure,
+        swapped_site, np.arange(structures), ratio, rng.uniform(0, 1, sites))
+    for rule in (scoring.CheckRule(0.01, 0.1), scoring.CheckRule(0.2), 0.05):
+        rule = checking.as_rule(rule)
+        adjacent = rule.adjacent_threshold or 0.0
+        for swapped, least in ((False, run.structure_min(rule)),
+                               (True, run.swapped_min(rule))):
+            p, r = run.least_parts(swapped)
+            assert np.array_equal(least < 1, (p < rule.threshold) | (r < adjacent))
+    keep = rng.random(structures) < 0.4
+    part = run.subset(keep)
+    rule = scoring.CheckRule(0.01, 0.1)
+    assert part.structures == keep.sum() == len(part.swapped_site)
+    assert part.rates(rule)["real_structures_flagged"] == np.mean(
+        run.structure_min(rule)[keep] < 1)
+    assert part.rates(rule)["swap_detection"] == np.mean(run.swapped_min(rule)[keep] < 1)
+
+
 def _perturbed_copy(source: str, target: str, scale: float) -> str:
     """A saved model like source with every parameter scaled (another 'seed')."""
     import jax

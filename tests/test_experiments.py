@@ -317,6 +317,37 @@ def test_checker_scores_groups_name_subsets_of_the_runs():
             checker_scores.parse_groups([bad], 6)
 
 
+def test_checker_scores_out_of_fold_measures_the_rule_on_groups_it_was_not_fitted_on():
+    """Where real and swapped structures separate, every held-out half is clean and
+    caught. Where some near-copy groups look swapped, a rule fitted to flag at most 5 %
+    of one half flags more than that on some held-out halves, which the fit on the whole
+    run never shows."""
+    from cryknn import checking
+
+    checker_scores = _load("checker_scores")
+    rng = np.random.default_rng(0)
+    structures = 400
+    groups = np.asarray([f"g{i // 4}" for i in range(structures)])
+    ones = np.ones(structures)
+
+    def run_of(site_ratio):
+        return checking.CheckRun(ones, np.full(structures, 6), ones, np.full(structures, 7),
+                                 ones > 0, ones > 0, np.arange(structures),
+                                 np.arange(structures), np.arange(structures), site_ratio,
+                                 rng.uniform(0.0, 0.05, structures))
+
+    clean = checker_scores.out_of_fold(run_of(rng.uniform(0.2, 1, structures)), groups, 5)
+    assert float(clean["held-out flagged"].rstrip("%")) < 1  # at most the edge of a tie
+    assert clean["held-out caught"] == "100.00%" and clean["halves flagging over 5 %"] == "0%"
+    hard = np.isin(groups, [f"g{i}" for i in range(0, 100, 10)])  # 10 of 100 groups
+    run = run_of(np.where(hard, rng.uniform(0.0, 0.05, structures),
+                          rng.uniform(0.2, 1, structures)))
+    in_sample = run.rates(checking.choose_rule(run, detection_target=0.9))
+    assert in_sample["real_structures_flagged"] <= 0.05
+    found = checker_scores.out_of_fold(run, groups, 10)
+    assert found["halves flagging over 5 %"] != "0%"
+
+
 def test_paired_models_rows_compare_two_runs_on_the_same_atoms():
     paired_models = _load("paired_models")
     labels = np.array([0, 0, 1, 1, 1, 0], np.int16)
