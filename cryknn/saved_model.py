@@ -4,9 +4,9 @@
                            dataset build it was trained on, its test metrics, code version
   <folder>/params.msgpack  the parameters only (flax.serialization), no optimiser state
 
-An ensemble (models trained alike with different seeds, whose probabilities are averaged)
-has no params.msgpack: its model.json names member folders beside it (`members`), each a
-saved model as above (`save_ensemble`).
+An ensemble (models of the same elements, k and mode, e.g. other seeds or architectures,
+whose probabilities are averaged) has no params.msgpack: its model.json names member
+folders beside it (`members`), each a saved model as above (`save_ensemble`).
 
 Every finished training run exports one to `<workdir>/model/`; the package ships its
 pretrained models the same way in `cryknn/pretrained/<name>/`. Loading one needs neither
@@ -143,9 +143,9 @@ def exists(folder: str) -> bool:
 
 
 def save_ensemble(folder: str, member_folders: list[str]) -> None:
-    """Copies saved models trained alike (same elements, k and inputs; other seeds) into
-    `folder/members/<i>` and writes the ensemble's model.json: the first member's, without
-    its calibration, plus `members`."""
+    """Copies saved models of the same elements, k and mode (other seeds, or other
+    architectures) into `folder/members/<i>` and writes the ensemble's model.json: the
+    first member's, without its calibration, plus `members`."""
     import shutil
 
     if len(member_folders) < 2:
@@ -169,16 +169,18 @@ def save_ensemble(folder: str, member_folders: list[str]) -> None:
 
 
 def _check_alike(members: list[SavedModel], where: str) -> None:
-    """ModelError unless the members read the same inputs and predict the same classes."""
+    """ModelError unless the members predict the same classes from the same k in the same
+    mode (geometry only, or masked-atom); their architectures may differ."""
     first = members[0]
     for m in members:
         if m.members:
             raise errors.ModelError(f"{where}: an ensemble member may not be an ensemble")
-        if (m.atomic_numbers != first.atomic_numbers
-                or config_lib.input_spec(m.config) != config_lib.input_spec(first.config)):
+        if (m.atomic_numbers != first.atomic_numbers or m.config.k != first.config.k
+                or m.config.neighbour_elements != first.config.neighbour_elements):
             raise errors.ModelError(
-                f"{where}: ensemble members must predict the same elements from the same "
-                f"inputs; {m.folder} differs from {first.folder}")
+                f"{where}: ensemble members must predict the same elements from the same k "
+                f"in the same mode (geometry only or masked-atom); {m.folder} differs from "
+                f"{first.folder}")
 
 
 def _load_ensemble(folder: str, info: dict) -> SavedModel:

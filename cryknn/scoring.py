@@ -25,6 +25,7 @@ neighbour in reach, occupancies above 1) is scored but flagged with a warning.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -34,12 +35,11 @@ import numpy as np
 
 from cryknn import calibration
 from cryknn import cif
-from cryknn import config as config_lib
 from cryknn import elements as elements_lib
 from cryknn import errors
 from cryknn import extras
 from cryknn import features
-from cryknn import input_pipeline
+from cryknn import member_forward
 from cryknn import neighbours
 from cryknn import saved_model
 from cryknn.site_scores import Scores, SiteScore, StructureScore  # what Model returns
@@ -166,54 +166,19 @@ def _load_export(workdir: str) -> saved_model.SavedModel:
     return saved_model.load(export)
 
 
-def _jit_probs(template):
-    """jit of (weights, inputs, temperature) -> softmax(logits / temperature), where
-    weights = (params, input statistics or None) and `template` is the module without its
-    statistics (`models.split_input_statistics`): the statistics are arguments, so members
-    trained alike share one trace (each trace of an ensemble member cost a one-structure
-    check 0.25 s)."""
-    import jax
-
-    def probs(weights, inputs, t):
-        params, stats = weights
-        module = template if stats is None else template.clone(input_mean=stats[0],
-                                                               input_std=stats[1])
-        logits = module.apply({"params": params}, inputs, train=False)["logits"]
-        return jax.nn.softmax(logits / t, -1)
-
-    return jax.jit(probs)
-
-
-def _member_forwards(members: Sequence[saved_model.SavedModel]) -> list[tuple]:
-    """(forward function, (params, input statistics)) of each member; members with the
-    same template share the function."""
-    from cryknn import models
-
-    shared: dict = {}
-    out = []
-    for member in members:
-        template, stats = models.split_input_statistics(member.model)
-        if template not in shared:
-            shared[template] = _jit_probs(template)
-        weights = (member.params, None if stats is None else
-                   tuple(np.asarray(v, np.float32) for v in stats))
-        out.append((shared[template], weights))
-    return out
-
-
 class Model:
     """A trained element predictor (geometry only, or masked-atom mode), or an ensemble of
-    such models trained alike, whose probabilities are averaged before the ensemble's own
-    temperature scaling."""
+    such models (the same elements, k and mode; architectures may differ), whose
+    probabilities are averaged before the ensemble's own temperature scaling."""
 
     def __init__(self, saved: saved_model.SavedModel, source: str):
         self.saved = saved
         self.source = source
-        self.spec = config_lib.input_spec(saved.config)
         self.temperature = calibration.temperature_of(saved.info)  # 1: not calibrated
         self.domain = calibration.domain_of(saved.info, saved.folder)  # None: not fitted
-        # (forward function, weights) of each member; a single model is its only member.
-        self._forward = _member_forwards(saved.members or [saved])
+        # A single model is its only member.
+        self._forward = member_forward.forwards(saved.members or [saved])
+        self.spec = member_forward.widest_spec([member.spec for member in self._forward])
 
     @property
     def rule(self) -> CheckRule:
@@ -286,8 +251,11 @@ class Model:
         notes = "".join(f"\n{note}" for note in s.info.get("notes", []))
         calibrated = (f"; calibrated on validation, T={self.temperature:.2f}"
                       if calibration.KEY in s.info else "")
-        kind = (f"ensemble of {self.num_members} {s.config.model} models"
-                if self.num_members > 1 else f"model {s.config.model}")
+        kind = f"model {s.config.model}"
+        if self.num_members > 1:
+            counts = collections.Counter(m.config.model for m in s.members)
+            kind = "ensemble of " + " and ".join(f"{n} {name}" for name, n in counts.items())
+            kind += " models"
         return (f"{kind} ({self.mode}; k={self.k}; elements "
                 f"{','.join(self.elements)}{calibrated}) from {self.source}{unfinished}{notes}")
 
@@ -321,44 +289,15 @@ class Model:
                       batch_size: int = 4096) -> np.ndarray:
         """(R, C) probabilities of the atoms at `rows` (default: all) of a feature table."""
         rows = np.arange(len(table)) if rows is None else np.asarray(rows)
-        predict = self._predict_graph if self.spec.reads == "graph" else self._predict_rows
+        classes = len(self.elements)
         if self.num_members == 1:
-            return predict(*self._forward[0], table, rows, batch_size, self.temperature)
-        mean = np.mean([predict(*forward, table, rows, batch_size, 1.0)
-                        for forward in self._forward], axis=0)
+            return member_forward.predict(self._forward[0], table, rows, classes, batch_size,
+                                          self.temperature)
+        mean = np.mean([member_forward.predict(member, table, rows, classes, batch_size)
+                        for member in self._forward], axis=0)
         if self.temperature == 1.0 or len(mean) == 0:
             return mean.astype(np.float32)
         return calibration.apply_temperature(mean, self.temperature)
-
-    def _predict_rows(self, probs_fn, weights, table: features.AtomTable, rows: np.ndarray,
-                      batch_size: int, temperature: float) -> np.ndarray:
-        """One member's (R, C) probabilities, each atom's inputs gathered on the host."""
-        out = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            size = min(batch_size, 1 << max(0, int(len(chunk) - 1).bit_length()))
-            padded = np.pad(chunk, (0, size - len(chunk)), mode="edge")  # few shapes to compile
-            inputs = input_pipeline.gather_inputs(table, padded, self.spec)
-            out.append(np.asarray(probs_fn(weights, inputs,
-                                           np.float32(temperature)))[:len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, len(self.elements)), np.float32)
-
-    def _predict_graph(self, probs_fn, weights, table: features.AtomTable, rows: np.ndarray,
-                       batch_size: int, temperature: float) -> np.ndarray:
-        """One member's probabilities from whole structures (crops of big ones) in packs of
-        at most `batch_size` slots: one forward pass per pack, every atom's state computed
-        once per hop."""
-        from cryknn import graph_batch
-
-        probs = np.zeros((len(rows), len(self.elements)), np.float32)
-        for pack in graph_batch.inference_packs(
-                table, rows, self.spec.receptive_hops, batch_size,
-                with_elements=self.spec.neighbour_elements):
-            inputs = graph_batch.stack([pack])[0]
-            out = np.asarray(probs_fn(weights, inputs, np.float32(temperature)))[0]
-            keep = pack.loss_position >= 0
-            probs[pack.loss_position[keep]] = out[keep]
-        return probs
 
     def check(self, structures, *, per_atom: bool = False, batch_size: int = 4096,
               threshold: float | None = None,

@@ -14,10 +14,11 @@ fingerprint and test metrics, and params.msgpack) to cryknn/pretrained/<name>/, 
 there what checking needs (`checking.calibrate_saved_model`: temperature, domain,
 threshold, on the validation split).
 
-With --members (finished workdirs of runs trained alike with other seeds), it ships their
-exports as one ensemble (`saved_model.save_ensemble`: probabilities averaged), measures its
-test metrics on the dataset's test split (with family-bootstrap intervals), and
-calibrates the ensemble as a whole.
+With --members (finished workdirs of runs of the same elements, k and mode: other seeds,
+or other architectures), it ships their exports as one ensemble
+(`saved_model.save_ensemble`: probabilities averaged), measures its test metrics on the
+dataset's test split (with family-bootstrap intervals), and calibrates the ensemble as a
+whole.
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import shutil
 
 import pytest
 
 import cryknn
-from cryknn import checking, cif, errors, extras, saved_model, scoring, site_scores
+from cryknn import (checking, cif, errors, extras, member_forward, saved_model, scoring,
+                    site_scores)
 from tests.conftest import METHANE_CIF
 
 
@@ -300,6 +302,35 @@ def test_an_ensemble_averages_its_members_then_scales_by_its_own_temperature(
         np.mean(members, axis=0), T), rtol=1e-4, atol=1e-6)
     (score,) = calibrated.check(s)
     assert {t.flag for t in score.sites} <= set(site_scores.FLAGS)
+
+
+def test_an_ensemble_may_mix_architectures_of_one_mode(tmp_path):
+    """A tree member (inputs gathered on the host) and a graph member (whole structures)
+    of the same elements, k and mode average as each predicts alone; the ensemble's
+    receptive field is the wider one. A geometry-only member is refused."""
+    import numpy as np
+
+    from cryknn import features
+
+    tree = os.path.join(scoring.PRETRAINED, "masked_ensemble", "members", "0")
+    graph = os.path.join(scoring.PRETRAINED, "masked")
+    folder = str(tmp_path / "mixed")
+    saved_model.save_ensemble(folder, [tree, graph])
+    mixed = scoring.Model(saved_model.load(folder), "mixed")
+    assert {m.spec.reads for m in mixed._forward} == {"tree", "graph"}
+    assert "1 tree and 1 graph models" in mixed.describe()
+    assert mixed.spec.receptive_hops == max(m.spec.receptive_hops for m in mixed._forward)
+    (s,), _ = cif.read_cif_text(METHANE_CIF, "methane")
+    table = features.atom_table([s], mixed.k)
+    rows = np.arange(len(table))
+    alone = [member_forward.predict(model._forward[0], table, rows, len(model.elements))
+             for model in (scoring.Model(saved_model.load(m), m) for m in (tree, graph))]
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)
+    np.testing.assert_allclose(mixed.predict_table(table), np.mean(alone, axis=0),
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(errors.ModelError, match="same mode"):
+        saved_model.save_ensemble(str(tmp_path / "modes"),
+                                  [graph, os.path.join(scoring.PRETRAINED, "default")])
 
 
 def test_ensembles_refuse_nesting_and_members_outside_their_folder(toy_workdir, tmp_path):

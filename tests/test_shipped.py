@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cryknn import cif
+from cryknn import member_forward
 from cryknn import saved_model
 from cryknn import scoring
 from tests import side_lane
@@ -142,15 +143,15 @@ def test_ensemble_members_share_one_trace_and_keep_their_own_inputs(real_cif):
     from cryknn import features
 
     model = scoring.load_model(name=ENSEMBLE)
-    assert len({id(forward) for forward, _ in model._forward}) == 1
-    assert len({weights[1][0].tobytes() for _, weights in model._forward}) == 3
+    assert len({id(member.probs_fn) for member in model._forward}) == 1
+    assert len({member.weights[1][0].tobytes() for member in model._forward}) == 3
     table = features.atom_table(cif.read_cif(str(real_cif))[0], model.k)
-    rows = np.arange(len(table))
-    for member, (forward, weights) in zip(model.saved.members, model._forward):
-        alone = scoring.Model(member, member.folder)
+    rows, classes = np.arange(len(table)), len(model.elements)
+    for saved, member in zip(model.saved.members, model._forward):
+        alone = scoring.Model(saved, saved.folder)
         np.testing.assert_array_equal(
-            model._predict_rows(forward, weights, table, rows, 4096, 1.0),
-            alone._predict_rows(*alone._forward[0], table, rows, 4096, 1.0))
+            member_forward.predict(member, table, rows, classes),
+            member_forward.predict(alone._forward[0], table, rows, classes))
 
 
 def test_shipped_models_name_no_folder_of_the_training_machine():
