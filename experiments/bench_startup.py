@@ -1,6 +1,7 @@
 """Start-up of `cryknn predict` on one CIF against importing JAX and Flax, side by side.
 
     python experiments/bench_startup.py [--rounds=5] [--cif=FILE] [--model_name=NAME] [--json=F]
+    python experiments/bench_startup.py --workdir=W    # the model saved in W/model
 
 Each round runs, one after another in fresh processes:
   import     python -c "import jax, flax.linen"       (the floor any JAX tool pays)
@@ -9,7 +10,8 @@ Each round runs, one after another in fresh processes:
 The medians over rounds and the ratios warm / import and cold / import are printed (the
 target: warm at most 2x import). FILE defaults to the first CoRE MOF structure of the
 embedded archive; the model to the checking default (`--model_name` picks another
-shipped model, e.g. the graph model `default`).
+shipped model, e.g. the graph model `default`; `--workdir` a model saved in W/model, e.g.
+an ensemble before it is shipped).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def define_flags() -> None:
     flags.DEFINE_string("cif", None, "The CIF to score (default: a CoRE MOF structure).")
     flags.DEFINE_string("model_name", None, "Shipped model to predict with (default: the "
                         "checking default, as `cryknn predict` without --model_name).")
+    flags.DEFINE_string("workdir", None, "Predict with the model saved in this workdir's "
+                        "model/ folder instead (as `cryknn predict --workdir`).")
     flags.DEFINE_string("json", None, "Write the results here.")
 
 
@@ -67,6 +71,8 @@ def main(argv: Sequence[str]) -> int:
     predict = [sys.executable, "-m", "cryknn.cli", "predict", cif]
     if FLAGS.model_name:
         predict.append(f"--model_name={FLAGS.model_name}")
+    if FLAGS.workdir:
+        predict.append(f"--workdir={FLAGS.workdir}")
     times: dict[str, list[float]] = {"import": [], "cold": [], "warm": []}
     for r in range(FLAGS.rounds):
         cache = os.path.join(scratch, f"xla{r}")  # empty: a cold start
@@ -77,7 +83,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
     median = {k: statistics.median(v) for k, v in times.items()}
-    results = {"cif": cif, "model_name": FLAGS.model_name or "checking default",
+    results = {"cif": cif, "model_name": FLAGS.model_name or (
+                   FLAGS.workdir and f"workdir {FLAGS.workdir}") or "checking default",
                "rounds": FLAGS.rounds, "seconds": times, "median_s": median,
                "warm_over_import": median["warm"] / median["import"],
                "cold_over_import": median["cold"] / median["import"]}
