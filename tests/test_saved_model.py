@@ -36,3 +36,40 @@ def test_input_floats_count_the_tree_and_not_the_graph():
     assert saved_model.input_floats(tree) == 5 * (1 + 5 + 25)
     assert saved_model.input_floats(config_lib.Config(model="mlp", k=5)) == 5
     assert saved_model.input_floats(config_lib.Config(model="graph", k=5, hops=2)) == 5
+
+
+def test_parameter_shapes_are_kept_beside_the_xla_cache(tmp_path, monkeypatch):
+    """With an on-disk XLA cache, a load traces each architecture's parameter shapes once
+    and keeps them there: the next process reads them and traces nothing, parameters
+    that do not fit are still refused, and a kept file that does not read is traced
+    again."""
+    import shutil
+
+    from flax import serialization
+
+    source = f"{scoring.PRETRAINED}/{scoring.DEFAULT_MODEL}"
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    monkeypatch.setattr(saved_model, "_SHAPES", {})
+    try:
+        saved_model.load(source)
+        (kept,) = (tmp_path / "xla" / saved_model.SHAPES_FOLDER).glob("*.json")
+        monkeypatch.setattr(saved_model, "_SHAPES", {})  # a new process
+        with monkeypatch.context() as patch:
+            patch.setattr(jax, "eval_shape", lambda *a, **k: pytest.fail("traced again"))
+            saved_model.load(source)
+            damaged = tmp_path / "damaged"
+            shutil.copytree(source, damaged)
+            params = saved_model.load(source).params
+            first = jax.tree_util.tree_leaves(params)[0]
+            cut = jax.tree_util.tree_map(lambda x: x[:1] if x is first else x, params)
+            (damaged / saved_model.PARAMS).write_bytes(serialization.msgpack_serialize(
+                jax.tree_util.tree_map(np.asarray, cut)))
+            with pytest.raises(errors.ModelError, match="does not describe the parameters"):
+                saved_model.load(str(damaged))
+        kept.write_text("not json")
+        monkeypatch.setattr(saved_model, "_SHAPES", {})
+        saved_model.load(source)
+        assert saved_model._read_shapes(str(kept)) is not None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

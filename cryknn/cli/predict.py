@@ -162,9 +162,9 @@ def run_predict(paths: Sequence[str], workdir: str | None, model_name: str | Non
         raise errors.ConfigError(f"--adjacent_threshold must be in [0, 1), got "
                                  f"{adjacent_threshold}")
     reading.require_readers(paths)
+    neighbours.enable_compilation_cache()  # first: loading keeps its traced shapes there
     model = scoring.load_model(workdir, model_name or scoring.checking_default())
     rule = model.rule_with(threshold, adjacent_threshold)
-    neighbours.enable_compilation_cache()
     report = _read(paths, options, stderr)
     if not report.structures:
         print(f"error: nothing to score: no structure read from {report.files} file(s) "
