@@ -219,7 +219,7 @@ def out_of_fold(run, groups: np.ndarray, repeats: int, seed: int = 0) -> dict:
                         caught - checking.TARGET_SWAP_DETECTION)
     over = np.mean(flagged > checking.TARGET_STRUCTURE_FALSE_ALARMS)
     return {"held-out flagged": f"{flagged.mean():.2%}",
-            "held-out caught": f"{caught.mean():.2%}", "margin": f"{margin.mean():+.3%}",
+            "held-out caught": f"{caught.mean():.2%}", "margin": f"{margin.mean():+.4%}",
             "halves flagging over 5 %": f"{over:.0%}"}
 
 

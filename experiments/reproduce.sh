@@ -72,6 +72,26 @@ pretrained() {
     --b="$g/mg5_s0,$g/mg5_s1,$g/mg5_s2" --json=docs/runs/masked_graph_vs_tree.json
   python experiments/checker_scores.py --masked_workdirs="$t,$g/mg5_s0,$g/mg5_s1,$g/mg5_s2" \
     --groups=tree:0+1+2,graph:3+4+5
+  # More members for the checker (docs/results.md A0.10): three more masked graph seeds,
+  # the candidates compared out of fold on validation, the mixed ones' start-up.
+  for s in 3 4 5; do
+    python -m cryknn.main --model=graph --neighbour_elements --epochs=5 --seed="$s" \
+      --workdir="$g/mg5_s$s"
+  done
+  local m="$g/mg5_s0,$g/mg5_s1,$g/mg5_s2,$g/mg5_s3,$g/mg5_s4,$g/mg5_s5"
+  python experiments/checker_scores.py --masked_workdirs="$t,$m" --out_of_fold=20 \
+    --groups=C1:0+1+2,C2:0+1+2+3+4+5,C3:3+4+5+6+7+8,C4:0+1+2+3+4+5+6+7+8
+  local c2="$t,$g/mg5_s0,$g/mg5_s1,$g/mg5_s2" c4="$t,$m"
+  for c in c2 c4; do
+    rm -rf "$g/startup_$c"
+    python -c 'import sys; from cryknn import saved_model
+saved_model.save_ensemble(sys.argv[1], [w + "/model" for w in sys.argv[2].split(",")])' \
+      "$g/startup_$c/model" "${!c}"
+    python experiments/calibrate.py "$g/startup_$c/model"
+    python experiments/bench_startup.py --rounds=5 --workdir="$g/startup_$c" \
+      --json="docs/bench/startup_candidate_$c.json"
+  done
+  python experiments/bench_startup.py --rounds=5 --json=docs/bench/startup_checking_run7.json
 }
 
 checker() {
