@@ -146,7 +146,11 @@ def load_model(workdir: str | None = None, name: str = DEFAULT_MODEL) -> "Model"
     if workdir is not None:
         if not extras.installed("orbax.checkpoint"):  # the core install: exports only
             return Model(_load_export(workdir), f"workdir {workdir}")
-        from cryknn import checkpoints  # orbax: only for a workdir without an export
+        try:  # a finished run's export needs no orbax (whose import costs 0.1 s)
+            return Model(_load_export(workdir), f"workdir {workdir}")
+        except (errors.MissingExtraError, errors.ModelError):
+            pass  # unfinished, or a damaged export: the checkpoints say which
+        from cryknn import checkpoints  # orbax: only for a workdir without a usable export
 
         return Model(checkpoints.load_trained(workdir), f"workdir {workdir}")
     folder = os.path.join(PRETRAINED, name)

@@ -18,7 +18,7 @@ from cryknn import input_pipeline
 from cryknn import saved_model
 from cryknn import scoring
 from cryknn import util
-from tests.conftest import METHANE_CIF, error_lines, make_cif, run_module
+from tests.conftest import METHANE_CIF, error_lines, make_cif, run_module, run_python
 
 
 @pytest.fixture()
@@ -54,6 +54,15 @@ def test_a_model_with_non_finite_parameters_is_refused(workdir, methane):
     assert r.returncode == 2, r.stdout + r.stderr
     lines = error_lines(r)
     assert len(lines) == 1 and "non-finite" in lines[0] and "params.msgpack" in lines[0]
+
+
+def test_a_finished_workdir_loads_its_export_without_orbax(toy_workdir):
+    """orbax (0.1 s to import) is for runs without a usable export only."""
+    r = run_python("import sys; from cryknn import scoring; "
+                   f"m = scoring.load_model({str(toy_workdir)!r}); "
+                   "print(m.source, 'orbax.checkpoint' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "False" and "workdir" in r.stdout
 
 
 def test_a_damaged_export_falls_back_on_the_checkpoints_and_says_so(workdir, methane):
