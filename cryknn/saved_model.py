@@ -16,6 +16,7 @@ orbax nor optax nor TensorFlow, so scoring starts fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -344,21 +345,16 @@ def _shapes_file(template: Any, spec: config_lib.InputSpec) -> str | None:
     return os.path.join(folder, SHAPES_FOLDER, f"{name[:32]}.json")
 
 
+@functools.cache
 def _source_digest() -> str:
     """sha256 of every cryknn source file (once per process)."""
     import hashlib
     from pathlib import Path
 
-    global _SOURCE_DIGEST
-    if _SOURCE_DIGEST is None:
-        digest = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            digest.update(path.read_bytes())
-        _SOURCE_DIGEST = digest.hexdigest()
-    return _SOURCE_DIGEST
-
-
-_SOURCE_DIGEST: str | None = None
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _read_shapes(path: str) -> dict | None:
