@@ -144,12 +144,12 @@ def checking_default() -> str:
 def load_model(workdir: str | None = None, name: str = DEFAULT_MODEL) -> "Model":
     """The model trained in `workdir`, or else the shipped pretrained model `name`."""
     if workdir is not None:
-        if not extras.installed("orbax.checkpoint"):  # the core install: exports only
-            return Model(_load_export(workdir), f"workdir {workdir}")
         try:  # a finished run's export needs no orbax (whose import costs 0.1 s)
             return Model(_load_export(workdir), f"workdir {workdir}")
         except (errors.MissingExtraError, errors.ModelError):
-            pass  # unfinished, or a damaged export: the checkpoints say which
+            if not extras.installed("orbax.checkpoint"):  # the core install: exports only
+                raise
+        # Unfinished, or a damaged export: the checkpoints say which.
         from cryknn import checkpoints  # orbax: only for a workdir without a usable export
 
         return Model(checkpoints.load_trained(workdir), f"workdir {workdir}")
